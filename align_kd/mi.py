@@ -1,0 +1,284 @@
+"""Variational Gaussian mutual-information bounds for every (teacher layer, student layer) pair.
+
+For teacher feature t_i (standardised per channel with running, non-learned statistics) and
+student feature s_j, q(t_i | s_j) is Gaussian with mean mu_ij(s_j) from a small regressor and
+per-channel variance var_c = softplus(alpha_c) + eps. Per element (nats):
+
+    mi_ij = H_gauss(t) + E[log q(t | s)]
+          = 0.5 - 0.5 * log var_c - 0.5 * (t - mu)^2 / var_c          (t standardised: H = 0.5 log 2 pi e)
+
+which equals -0.5 log(1 - rho^2) at the optimum for jointly Gaussian t, s with correlation rho.
+Standardising makes pairs comparable (the dropped entropy H(t_i) is the same for every layer),
+so a learned plan does not drift towards teacher layers of small scale.
+
+Shapes: maps (B, C, H, W), tokens (B, N, D) (laid out as a (D, h, w) grid when N or N - 1 is a
+square, else averaged over tokens) and vectors (B, D) are all viewed as maps (B, C, H, W); a pair
+is compared at the common resolution min(H_i, H_j) x min(W_i, W_j), further capped at ``pool``
+(a pooled target still gives a valid lower bound on the MI, by data processing).
+
+Two regressor layouts:
+
+* ``"shared"`` (default, cheap): per student layer one trunk (two 1x1 linear maps, width
+  ``width``, ReLU), per teacher layer one decoder (width -> C_i), and per pair only a width x width
+  map; all pairs of one teacher layer at the same resolution run as one batched op.
+* ``"full"``: the reference VID regressor per pair (three 1x1 convolutions, middle width C_i) at
+  the full common resolution; expensive, kept as the baseline the shared bank is measured against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BANK_LAYOUTS", "MIBank", "as_map"]
+
+BANK_LAYOUTS = ("shared", "full")
+
+
+def as_map(x: Tensor) -> Tensor:
+    """View any feature as a map (B, C, H, W): tokens (B, N, D) -> (B, D, h, w), vectors -> (B, D, 1, 1)."""
+    if x.dim() == 4:
+        return x
+    if x.dim() == 2:
+        return x[:, :, None, None]
+    if x.dim() == 3:  # tokens (B, N, D)
+        B, N, D = x.shape
+        for drop in (0, 1):  # all tokens on a square grid, or a class token then a square grid
+            side = math.isqrt(N - drop)
+            if N - drop > 1 and side * side == N - drop:
+                return x[:, drop:, :].transpose(1, 2).reshape(B, D, side, side)
+        return x.mean(1)[:, :, None, None]
+    return x.reshape(x.shape[0], -1, 1, 1)
+
+
+def map_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(C, H, W) that :func:`as_map` gives for a per-sample feature shape."""
+    return tuple(as_map(torch.empty(1, *shape, device="meta")).shape[1:])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient of group g by scale[g]: x (G, ...)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (scale,) = ctx.saved_tensors
+        return g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))), None
+
+
+class RunningStandardizer(nn.Module):
+    """Per-channel standardisation with running (EMA) statistics; nothing learned.
+
+    Input (B, P, C); statistics over B and P. In training mode the statistics are updated from the
+    batch first (the first batch sets them), then applied; in eval mode they are only applied.
+    Channels whose variance is negligible are flagged dead and left out of the MI.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+        self.register_buffer("live", torch.ones(channels, dtype=torch.bool))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    @torch.no_grad()
+    def update(self, t: Tensor) -> None:
+        t = t.float().flatten(0, 1)  # (B*P, C)
+        mean, var = t.mean(0), t.var(0, unbiased=False)
+        if not bool(self.initialised):
+            self.mean.copy_(mean)
+            self.var.copy_(var)
+            self.initialised.fill_(True)
+        else:
+            self.mean.lerp_(mean, self.momentum)
+            self.var.lerp_(var, self.momentum)
+        self.live.copy_(self.var > 1e-6 * self.var.mean().clamp_min(1e-12))
+
+    def forward(self, t: Tensor) -> Tensor:
+        if self.training:
+            self.update(t)
+        return (t.float() - self.mean) * torch.rsqrt(self.var + 1e-5)
+
+
+@dataclass
+class _Pair:
+    i: int
+    j: int
+    size: tuple[int, int]  # common (h, w)
+
+
+class MIBank(nn.Module):
+    """All T x S variational MI bounds.
+
+    Args:
+        teacher_shapes: per-sample shapes of the T teacher taps, e.g. [(64, 16, 16), (197, 768), (10,)].
+        student_shapes: the same for the S student taps.
+        layout: "shared" (cheap, default) or "full" (reference VID regressor per pair).
+        pool: cap on the common resolution (None: no cap; "full" layout defaults to None).
+        width: hidden width of the shared trunk and per-pair maps.
+        eps: variance floor, var = softplus(alpha) + eps.
+        init_var: initial variance (targets are standardised, so 1.0 is neutral).
+
+    ``forward(teacher_feats, student_feats, student_grad_weight=None)`` returns the (T, S) MI
+    estimate in nats per element. ``student_grad_weight`` (T, S), typically the plan, scales the
+    gradient that pair (i, j) sends into the student (and its shared trunk); the pair's own
+    regressor and variance always get the full gradient, so every bound stays tight, also for
+    pairs the plan has switched off.
+    """
+
+    def __init__(
+        self,
+        teacher_shapes,
+        student_shapes,
+        *,
+        layout: str = "shared",
+        pool: int | None = 4,
+        width: int = 64,
+        eps: float = 1e-4,
+        init_var: float = 1.0,
+        momentum: float = 0.1,
+    ):
+        super().__init__()
+        if layout not in BANK_LAYOUTS:
+            raise ValueError(f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {layout!r}.")
+        if pool is not None and (not isinstance(pool, int) or pool < 1):
+            raise ValueError(f"Expected `pool` to be a positive int or None but got {pool!r}.")
+        if not (eps > 0 and init_var > eps):
+            raise ValueError(f"Expected 0 < eps < init_var but got eps={eps}, init_var={init_var}.")
+        self.layout, self.pool, self.width, self.eps = layout, pool, width, eps
+        self.teacher_maps = [map_shape(tuple(s)) for s in teacher_shapes]  # (C, H, W) per teacher tap
+        self.student_maps = [map_shape(tuple(s)) for s in student_shapes]
+        T, S = len(self.teacher_maps), len(self.student_maps)
+        self.T, self.S = T, S
+        cap = (lambda n: n) if pool is None else (lambda n: min(n, pool))
+        self.student_sizes = [(cap(h), cap(w)) for _, h, w in self.student_maps]
+        self.pairs = [
+            _Pair(i, j, (min(cap(th), sh), min(cap(tw), sw)))
+            for i, (_, th, tw) in enumerate(self.teacher_maps)
+            for j, (sh, sw) in enumerate(self.student_sizes)
+        ]
+        self.standardizers = nn.ModuleDict()
+        for p in self.pairs:
+            key = self._target_key(p.i, p.size)
+            if key not in self.standardizers:
+                self.standardizers[key] = RunningStandardizer(self.teacher_maps[p.i][0], momentum)
+
+        alpha0 = math.log(math.expm1(init_var - eps))  # softplus^-1
+        # alpha[i]: (S, C_i), one variance per teacher channel per pair; never weight-decayed
+        self.alpha = nn.ParameterList([nn.Parameter(torch.full((S, c), alpha0)) for c, _, _ in self.teacher_maps])
+        if layout == "shared":
+            self.trunks = nn.ModuleList(
+                nn.Sequential(nn.Linear(c, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+                for c, _, _ in self.student_maps
+            )
+            # per pair a (width x width) map, initialised at the identity plus noise
+            self.pair_maps = nn.Parameter(torch.eye(width).repeat(T, S, 1, 1) + torch.randn(T, S, width, width) / width)
+            self.decoders = nn.ModuleList(nn.Linear(width, c) for c, _, _ in self.teacher_maps)
+        else:
+            self.regressors = nn.ModuleList(
+                nn.Sequential(
+                    nn.Conv2d(self.student_maps[p.j][0], ct, 1, bias=False), nn.ReLU(),
+                    nn.Conv2d(ct, ct, 1, bias=False), nn.ReLU(),
+                    nn.Conv2d(ct, ct, 1, bias=False),
+                )
+                for p in self.pairs
+                for ct in [self.teacher_maps[p.i][0]]
+            )
+
+    @staticmethod
+    def _target_key(i: int, size: tuple[int, int]) -> str:
+        return f"t{i}_{size[0]}x{size[1]}"
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Parameters that must not get weight decay (the log-variances)."""
+        return list(self.alpha)
+
+    def variances(self) -> list[Tensor]:
+        """Per teacher layer i, the (S, C_i) variances softplus(alpha) + eps."""
+        return [F.softplus(a.float()) + self.eps for a in self.alpha]
+
+    def _targets(self, teacher_feats: list[Tensor]) -> dict[str, Tensor]:
+        """Standardised, pooled teacher targets (B, P, C_i), computed once per (layer, size)."""
+        out = {}
+        maps = [as_map(t.detach()) for t in teacher_feats]
+        for p in self.pairs:
+            key = self._target_key(p.i, p.size)
+            if key not in out:
+                t = F.adaptive_avg_pool2d(maps[p.i].float(), p.size).flatten(2).transpose(1, 2)  # (B, P, C_i)
+                out[key] = self.standardizers[key](t)
+        return out
+
+    @staticmethod
+    def _mi(t: Tensor, mu: Tensor, var: Tensor, live: Tensor) -> Tensor:
+        """Per-element MI bound, averaged over batch, positions and live channels.
+
+        t: (B, P, C) standardised target; mu: (G, B, P, C); var: (G, C); live: (C,) -> (G,)
+        """
+        var = var[:, None, None, :]  # (G, 1, 1, C)
+        ll = 0.5 - 0.5 * torch.log(var) - 0.5 * (t.float() - mu.float()) ** 2 / var  # (G, B, P, C)
+        ll = ll.mean((1, 2))  # (G, C)
+        w = live.float()
+        return (ll * w).sum(-1) / w.sum().clamp_min(1.0)
+
+    def _check(self, teacher_feats, student_feats) -> None:
+        if len(teacher_feats) != self.T or len(student_feats) != self.S:
+            raise ValueError(
+                f"MIBank was built for T={self.T} teacher and S={self.S} student features "
+                f"but got {len(teacher_feats)} and {len(student_feats)}."
+            )
+        for side, feats, maps in (("teacher", teacher_feats, self.teacher_maps), ("student", student_feats, self.student_maps)):
+            for k, (f, expect) in enumerate(zip(feats, maps)):
+                got = tuple(as_map(f).shape[1:])
+                if got != expect:
+                    raise ValueError(f"{side} feature {k} has map shape {got} but the bank was built for {expect}.")
+
+    def forward(self, teacher_feats: list[Tensor], student_feats: list[Tensor], student_grad_weight: Tensor | None = None) -> Tensor:
+        """(T, S) MI estimates in nats per element (differentiable)."""
+        self._check(teacher_feats, student_feats)
+        weight = None if student_grad_weight is None else student_grad_weight.detach().float()  # (T, S)
+        targets = self._targets(teacher_feats)
+        variances = self.variances()
+        mi = [[None] * self.S for _ in range(self.T)]
+        if self.layout == "shared":
+            self._forward_shared(student_feats, targets, variances, weight, mi)
+        else:
+            self._forward_full(student_feats, targets, variances, weight, mi)
+        return torch.stack([torch.stack(row) for row in mi])  # (T, S)
+
+    def _forward_shared(self, student_feats, targets, variances, weight, mi) -> None:
+        z = []  # per student layer: trunk output (B, width, h_j, w_j)
+        for j, s in enumerate(student_feats):
+            x = F.adaptive_avg_pool2d(as_map(s), self.student_sizes[j])  # (B, C_j, h_j, w_j)
+            h = self.trunks[j](x.flatten(2).transpose(1, 2))  # (B, P_j, width)
+            z.append(h.transpose(1, 2).reshape(x.shape[0], self.width, *self.student_sizes[j]))
+        groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
+        for p in self.pairs:
+            groups.setdefault((p.i, p.size), []).append(p.j)
+        for (i, size), js in groups.items():
+            key = self._target_key(i, size)
+            zs = torch.stack([F.adaptive_avg_pool2d(z[j], size).flatten(2).transpose(1, 2) for j in js])  # (G, B, P, w)
+            if weight is not None:
+                zs = _ScaleGrad.apply(zs, weight[i, js])
+            y = torch.einsum("gbpw,gvw->gbpv", zs, self.pair_maps[i, js])  # (G, B, P, width)
+            mu = self.decoders[i](y)  # (G, B, P, C_i)
+            vals = self._mi(targets[key], mu, variances[i][js], self.standardizers[key].live)  # (G,)
+            for g, j in enumerate(js):
+                mi[i][j] = vals[g]
+
+    def _forward_full(self, student_feats, targets, variances, weight, mi) -> None:
+        maps = [as_map(s) for s in student_feats]
+        for k, p in enumerate(self.pairs):
+            key = self._target_key(p.i, p.size)
+            x = F.adaptive_avg_pool2d(maps[p.j], p.size)  # (B, C_j, h, w)
+            if weight is not None:
+                x = _ScaleGrad.apply(x[None], weight[p.i, p.j].reshape(1))[0]
+            mu = self.regressors[k](x).flatten(2).transpose(1, 2)  # (B, P, C_i)
+            mi[p.i][p.j] = self._mi(targets[key], mu[None], variances[p.i][p.j : p.j + 1], self.standardizers[key].live)[0]

@@ -1,0 +1,463 @@
+"""Layer-alignment plans (lambda) and the log-domain Sinkhorn projection.
+
+Convention everywhere: a plan is a (T, S) tensor, rows are teacher layers, columns are student
+layers, and every column sums to 1 (student layer j spreads one unit of attention over the
+teacher layers). With a teacher-row marginal ``r`` (``sum(r) == S``) rows also sum to ``r``.
+
+``sinkhorn(logits, r, tau=tau)`` is the maximiser of ``<logits, P> + tau * H(P)`` over that
+polytope, ``H(P) = -sum P (log P - 1)``. With no row marginal this is a column softmax of
+``logits / tau`` (exact, no iterations). With one, we run log-domain Sinkhorn sweeps (ending on
+the column update, so columns are exact) and, when they stall (small tau), damped Newton steps on
+the concave semi-dual in the T row potentials. Gradients are exact at convergence by implicit
+differentiation of the fixed point (float64 solve with a tiny ridge), or unrolled on request.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PLAN_STRATEGIES",
+    "SinkhornResult",
+    "make_plan",
+    "pairwise_plan",
+    "sinkhorn",
+    "sinkhorn_solve",
+    "uniform_plan",
+    "validate_plan",
+]
+
+#: strategies that ``fit(strategy=...)`` accepts by name (a (T, S) tensor is accepted too)
+PLAN_STRATEGIES = ("hinton", "pairwise", "uniform", "softmax", "sinkhorn", "exact")
+GRAD_MODES = ("implicit", "unrolled")
+
+
+@dataclass
+class SinkhornResult:
+    """What :func:`sinkhorn_solve` returns.
+
+    plan: (..., T, S) transport plan, columns sum to 1 exactly.
+    row_potential: (..., T) log-domain row potential ``a`` with ``P = colsoftmax(logits/tau + a)``;
+        pass it back as ``init`` to warm-start the next solve.
+    iterations: Sinkhorn sweeps plus Newton steps used.
+    marginal_error: max over the batch of ``|row sums - r|`` (0.0 without a row marginal).
+    converged: whether ``marginal_error <= tol``.
+    """
+
+    plan: Tensor
+    row_potential: Tensor | None
+    iterations: int
+    marginal_error: float
+    converged: bool
+
+
+def _check_inputs(logits: Tensor, row_marginal: Tensor | None, tau: float) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"Expected `logits` to be a torch.Tensor of shape (..., T, S) but got {type(logits).__name__}.")
+    if logits.dim() < 2:
+        raise ValueError(
+            f"Expected `logits` of shape (..., T, S) with at least 2 dimensions but got shape {tuple(logits.shape)}."
+        )
+    if logits.shape[-1] == 0 or logits.shape[-2] == 0:
+        raise ValueError(f"Expected a non-empty (T, S) plan but got logits of shape {tuple(logits.shape)}.")
+    if not logits.is_floating_point():
+        raise TypeError(f"Expected floating-point `logits` but got dtype {logits.dtype}; call .float() first.")
+    if not torch.isfinite(logits).all():
+        raise ValueError("`logits` contain NaN or inf; a plan cannot be computed. Check the learning rate and tau.")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"Expected `tau` to be a finite number > 0 but got {tau!r}; use exact_plan(..., tau=0) for the LP.")
+    if row_marginal is not None:
+        T, S = logits.shape[-2:]
+        if not isinstance(row_marginal, Tensor):
+            raise TypeError(f"Expected `row_marginal` to be a tensor of shape (T,) = ({T},) but got {type(row_marginal).__name__}.")
+        if row_marginal.shape[-1:] != (T,) or row_marginal.dim() > logits.dim() - 1:
+            raise ValueError(
+                f"Expected `row_marginal` of shape (..., T) with T={T} (one entry per teacher layer) "
+                f"but got shape {tuple(row_marginal.shape)}."
+            )
+        try:
+            torch.broadcast_shapes(row_marginal.shape, logits.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"Expected `row_marginal` of shape (T,) = ({T},) or {tuple(logits.shape[:-1])} (one per batch element) "
+                f"but got shape {tuple(row_marginal.shape)}, which does not broadcast against logits {tuple(logits.shape)}."
+            ) from None
+        if not torch.isfinite(row_marginal).all() or (row_marginal <= 0).any():
+            raise ValueError(
+                f"Expected a strictly positive, finite `row_marginal` but got {row_marginal.tolist()}; "
+                "drop teacher layers you want unused instead of giving them zero mass."
+            )
+        total = row_marginal.double().sum(-1)
+        if (total - S).abs().max() > 1e-6 * S:
+            raise ValueError(
+                f"`row_marginal` must sum to S={S} (the number of student layers, since every column sums to 1) "
+                f"but sums to {total.tolist()}; e.g. use torch.full((T,), S / T)."
+            )
+
+
+def _col_softmax_log(K: Tensor, a: Tensor) -> Tensor:
+    """log P for P = column softmax of K + a[:, None]: (..., T, S)."""
+    Z = K + a.unsqueeze(-1)
+    return Z - torch.logsumexp(Z, dim=-2, keepdim=True)
+
+
+def _row_error(logP: Tensor, r: Tensor) -> Tensor:
+    """max |row sums - r| per batch element: (...,)."""
+    return (logP.exp().sum(-1) - r).abs().amax(-1)
+
+
+def _newton_step(K: Tensor, a: Tensor, r: Tensor) -> tuple[Tensor, bool]:
+    """One damped Newton step on the concave semi-dual phi(a) = <r, a> - sum_j LSE_i(K_ij + a_i).
+
+    Returns the new potential and whether any batch element moved (False: stalled).
+    A step is accepted when it increases phi (Armijo) or shrinks the row-marginal error.
+    """
+
+    def phi(a_: Tensor) -> Tensor:  # (...,)
+        return (r * a_).sum(-1) - torch.logsumexp(K + a_.unsqueeze(-1), dim=-2).sum(-1)
+
+    P = _col_softmax_log(K, a).exp()  # (..., T, S)
+    R = P.sum(-1)  # (..., T)
+    grad = r - R  # (..., T), gradient of phi
+    T = a.shape[-1]
+    eye = torch.eye(T, dtype=a.dtype, device=a.device)
+    H = torch.diag_embed(R) - P @ P.transpose(-1, -2)  # (..., T, T), minus the Hessian; null vector 1
+    ridge = 1e-8 * R.amax(-1).clamp_min(1.0)[..., None, None]  # keeps rows with R_i ~ 0 solvable
+    step, info = torch.linalg.solve_ex(H + 1.0 / T + ridge * eye, grad.unsqueeze(-1))
+    step = torch.where((info == 0)[..., None], step.squeeze(-1), grad)  # (..., T); gradient step if singular
+    step = step - step.mean(-1, keepdim=True)  # phi is invariant to a constant shift
+    base, slope, err = phi(a), (grad * step).sum(-1), grad.abs().amax(-1)
+    t = torch.ones_like(base)
+    ok = torch.zeros_like(base, dtype=torch.bool)
+    for _ in range(40):  # backtracking per batch element
+        trial = a + t.unsqueeze(-1) * step
+        ok = (phi(trial) >= base + 1e-4 * t * slope) | (_row_error(_col_softmax_log(K, trial), r) < err)
+        if ok.all():
+            break
+        t = torch.where(ok, t, t / 2)
+    t = torch.where(ok, t, torch.zeros_like(t))  # elements with no acceptable step stay put
+    return a + t.unsqueeze(-1) * step, bool(ok.any())
+
+
+def _solve_stage(
+    K: Tensor, r: Tensor, a: Tensor, tol: float, budget: int, check_every: int, newton_after: int
+) -> tuple[Tensor, int, float]:
+    """Row potential a with rows of colsoftmax(K + a) summing to r (float64, no grad)."""
+    log_r = r.log()
+    it, sweeps = 0, 0
+    err = float(_row_error(_col_softmax_log(K, a), r).max())
+    while err > tol and it < budget:
+        if sweeps < newton_after:
+            for _ in range(min(check_every, budget - it)):
+                b = -torch.logsumexp(K + a.unsqueeze(-1), dim=-2)  # (..., S) column update
+                a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)  # (..., T) row update
+                it, sweeps = it + 1, sweeps + 1
+        else:
+            a, moved = _newton_step(K, a, r)
+            it += 1
+            if not moved:
+                break
+        err = float(_row_error(_col_softmax_log(K, a), r).max())
+    return a, it, err
+
+
+def _solve_potential(
+    L: Tensor, r: Tensor, tau: float, a: Tensor | None, tol: float, max_iter: int, check_every: int, newton_after: int
+) -> tuple[Tensor, int, float]:
+    """Solve for the row potential of logits L (float64) at temperature tau.
+
+    A cold start at small tau first solves at a larger temperature and halves it (epsilon
+    scaling), rescaling the potential between stages, so that Newton always starts close.
+    """
+    span = float((L.amax(-2) - L.amin(-2)).max())  # largest within-column logit gap
+    start = span / 8
+    if a is not None or tau >= start:
+        a = torch.zeros(L.shape[:-1], dtype=L.dtype, device=L.device) if a is None else a
+        return _solve_stage(L / tau, r, a, tol, max_iter, check_every, newton_after)
+    temps = []
+    t = start
+    while t > tau:
+        temps.append(t)
+        t /= 4
+    temps.append(tau)
+    a = torch.zeros(L.shape[:-1], dtype=L.dtype, device=L.device)
+    used, err, prev = 0, math.inf, temps[0]
+    for k, t in enumerate(temps):
+        a = a * (prev / t)  # same potential in logit units
+        last = k == len(temps) - 1
+        a, it, err = _solve_stage(L / t, r, a, tol if last else max(tol, 1e-6), max_iter - used, check_every,
+                                  newton_after if k == 0 else 0)
+        used, prev = used + it, t
+    return a, used, err
+
+
+class _ImplicitSinkhorn(torch.autograd.Function):
+    """P = colsoftmax(K + a*(K)) where a* solves the row constraint; exact implicit gradient."""
+
+    @staticmethod
+    def forward(ctx, K: Tensor, a: Tensor) -> Tensor:
+        P = _col_softmax_log(K, a).exp()
+        ctx.save_for_backward(P)
+        return P
+
+    @staticmethod
+    def backward(ctx, G: Tensor):
+        # dL/dK = P * (G - alpha_i - beta_j) with alpha, beta such that the result has zero row and
+        # column sums (the tangent space of the polytope). Eliminating beta:
+        #   (diag(r) - P P^T) alpha = rowsum(P*G) - P (colsum(P*G))
+        (P,) = ctx.saved_tensors
+        P64, G64 = P.double(), G.double()
+        PG = P64 * G64  # (..., T, S)
+        g_col = PG.sum(-2)  # (..., S)
+        rhs = PG.sum(-1) - (P64 * g_col.unsqueeze(-2)).sum(-1)  # (..., T)
+        T = P.shape[-2]
+        A = torch.diag_embed(P64.sum(-1)) - P64 @ P64.transpose(-1, -2)
+        A = A + 1e-12 * torch.eye(T, dtype=A.dtype, device=A.device) + 1.0 / T  # pin the null direction 1
+        alpha = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)  # (..., T)
+        beta = g_col - (P64 * alpha.unsqueeze(-1)).sum(-2)  # (..., S)
+        dK = P64 * (G64 - alpha.unsqueeze(-1) - beta.unsqueeze(-2))
+        return dK.to(G.dtype), None
+
+
+def sinkhorn_solve(
+    logits: Tensor,
+    row_marginal: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    tol: float = 1e-6,
+    max_iter: int = 2000,
+    check_every: int = 10,
+    newton_after: int = 10,
+    init: Tensor | None = None,
+    grad: str = "implicit",
+    warn: bool = True,
+) -> SinkhornResult:
+    """Project ``logits`` onto the plan polytope; see :func:`sinkhorn` for the maths.
+
+    Args:
+        logits: (..., T, S) scores, rows teacher layers, columns student layers.
+        row_marginal: (T,) or (..., T) positive teacher-row masses summing to S, or None.
+        tau: entropic temperature > 0 (smaller is sharper and harder to solve).
+        tol: target max row-marginal error; columns are always exact.
+        max_iter: budget of Sinkhorn sweeps plus Newton steps.
+        check_every: sweeps between marginal-error checks.
+        newton_after: sweeps after which damped Newton steps on the semi-dual take over
+            (set to ``max_iter`` for pure Sinkhorn).
+        init: (..., T) row potential from a previous solve (warm start).
+        grad: "implicit" (exact at convergence, O(T^3) backward) or "unrolled" (autograd through
+            the Sinkhorn sweeps; no Newton steps).
+        warn: emit a warning naming ``max_iter``/``tau`` when unconverged.
+    """
+    _check_inputs(logits, row_marginal, tau)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"Expected argument `grad` to be one of {list(GRAD_MODES)} but got {grad!r}.")
+    K = logits / tau  # (..., T, S)
+    if row_marginal is None:
+        return SinkhornResult(torch.softmax(K, dim=-2), None, 0, 0.0, True)
+
+    r = row_marginal.to(device=K.device, dtype=torch.float64).expand(K.shape[:-1])  # (..., T)
+    if init is None:
+        a0 = None
+    else:
+        if init.shape != K.shape[:-1]:
+            raise ValueError(f"Expected `init` of shape {tuple(K.shape[:-1])} but got {tuple(init.shape)}.")
+        a0 = init.detach().to(torch.float64)
+
+    if grad == "unrolled" and K.requires_grad:
+        a = torch.zeros(K.shape[:-1], dtype=K.dtype, device=K.device) if a0 is None else a0.to(K.dtype)
+        log_r = r.to(K.dtype).log()
+        it, err = 0, math.inf
+        while it < max_iter:
+            b = -torch.logsumexp(K + a.unsqueeze(-1), dim=-2)
+            a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)
+            it += 1
+            if it % check_every == 0 or it == max_iter:
+                with torch.no_grad():
+                    err = float(_row_error(_col_softmax_log(K, a), r.to(K.dtype)).max())
+                if err <= tol:
+                    break
+        plan = _col_softmax_log(K, a).exp()
+        a_out = a.detach()
+    else:
+        with torch.no_grad():
+            a_out, it, err = _solve_potential(
+                logits.detach().double(), r, tau, a0, tol, max_iter, check_every, newton_after
+            )
+        # evaluate the plan in float64 and cast once: at small tau, K = logits / tau is large and a
+        # float32 softmax leaves column/row errors ~1e-5; this keeps them at float32 rounding
+        plan = _ImplicitSinkhorn.apply(logits.double() / tau, a_out).to(logits.dtype)
+    converged = err <= tol
+    if warn and not converged:
+        warnings.warn(
+            f"sinkhorn did not converge: row-marginal error {err:.2e} > tol={tol:.0e} after {it} iterations "
+            f"(tau={tau}). Raise `max_iter`, raise `tau`, or loosen `tol`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return SinkhornResult(plan, a_out.to(logits.dtype), it, err, converged)
+
+
+def sinkhorn(logits: Tensor, row_marginal: Tensor | None = None, *, tau: float = 1.0, **kwargs) -> Tensor:
+    """Entropic transport plan ``P = diag(u) exp(logits / tau) diag(v)``.
+
+    Every column of ``P`` sums to 1; with ``row_marginal`` r (``sum(r) == S``) rows sum to r.
+    ``P`` maximises ``<logits, P> + tau * H(P)`` over that polytope; with no row marginal it is the
+    column softmax of ``logits / tau``. Batched over leading dimensions, differentiable, computed
+    in the log domain (finite down to tau = 1e-3).
+
+    Args:
+        logits: (..., T, S).
+        row_marginal: (T,) or (..., T), or None.
+        tau: temperature > 0.
+        **kwargs: ``tol``, ``max_iter``, ``check_every``, ``newton_after``, ``init``, ``grad``,
+            ``warn`` as in :func:`sinkhorn_solve`.
+
+    Returns:
+        (..., T, S) plan with the dtype of ``logits``.
+    """
+    return sinkhorn_solve(logits, row_marginal, tau=tau, **kwargs).plan
+
+
+# ----------------------------------------------------------------------------------------------
+# fixed plans
+
+
+def uniform_plan(T: int, S: int) -> Tensor:
+    """(T, S) plan with every entry 1/T: each student layer learns equally from all teacher layers."""
+    return torch.full((T, S), 1.0 / T)
+
+
+def pairwise_plan(T: int, S: int) -> Tensor:
+    """(T, S) one-hot columns pairing student layer j with the teacher layer at the same relative depth."""
+    plan = torch.zeros(T, S)
+    for j in range(S):
+        i = 0 if S == 1 else round(j * (T - 1) / (S - 1))
+        plan[i, j] = 1.0
+    return plan
+
+
+def depth_prior(T: int, S: int, width: float = 0.25) -> Tensor:
+    """(T, S) log-prior -(d_i - d_j)^2 / (2 width^2) on relative depths d in [0, 1]."""
+    dt = torch.linspace(0, 1, T) if T > 1 else torch.zeros(1)
+    ds = torch.linspace(0, 1, S) if S > 1 else torch.ones(1)
+    return -((dt[:, None] - ds[None, :]) ** 2) / (2 * width**2)
+
+
+def validate_plan(plan, T: int, S: int, atol: float = 1e-4) -> Tensor:
+    """Check a user-given fixed plan: shape (T, S), finite, non-negative, columns summing to 1."""
+    if not isinstance(plan, Tensor):
+        raise TypeError(f"Expected a fixed plan as a torch.Tensor of shape (T, S) = ({T}, {S}) but got {type(plan).__name__}.")
+    if tuple(plan.shape) != (T, S):
+        raise ValueError(
+            f"Expected a fixed plan of shape (T, S) = ({T}, {S}) (rows teacher layers, columns student layers) "
+            f"but got {tuple(plan.shape)}."
+        )
+    plan = plan.detach().float()
+    if not torch.isfinite(plan).all() or (plan < 0).any():
+        raise ValueError("Expected a fixed plan with finite, non-negative entries.")
+    colsum = plan.sum(0)
+    if (colsum - 1).abs().max() > atol:
+        raise ValueError(
+            f"Every column of a fixed plan must sum to 1 (one unit per student layer) but the column sums are "
+            f"{[round(c, 4) for c in colsum.tolist()]}; divide by plan.sum(0) to normalise."
+        )
+    return plan
+
+
+class Plan(nn.Module):
+    """A lambda strategy as a module: ``plan()`` returns the current (T, S) plan."""
+
+    learned = False
+
+    def __init__(self, T: int, S: int):
+        super().__init__()
+        self.T, self.S = T, S
+
+    def forward(self) -> Tensor:  # (T, S)
+        raise NotImplementedError
+
+
+class FixedPlan(Plan):
+    """hinton (no feature term), pairwise, uniform, or a user-given tensor."""
+
+    def __init__(self, plan: Tensor):
+        super().__init__(*plan.shape)
+        self.register_buffer("value", plan.clone())
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+class SoftmaxPlan(Plan):
+    """Learned logits Z (T, S), lambda = column softmax of Z / tau."""
+
+    learned = True
+
+    def __init__(self, T: int, S: int, *, tau: float, init: Tensor):
+        super().__init__(T, S)
+        self.tau = tau
+        self.logits = nn.Parameter(init.clone() * tau)
+
+    def forward(self) -> Tensor:
+        return torch.softmax(self.logits / self.tau, dim=0)
+
+
+class SinkhornPlan(Plan):
+    """Learned logits Z (T, S), lambda = sinkhorn(Z, r, tau), warm-started from the last potentials."""
+
+    learned = True
+
+    def __init__(self, T: int, S: int, *, tau: float, init: Tensor, row_marginal: Tensor, tol: float = 1e-6):
+        super().__init__(T, S)
+        self.tau, self.tol = tau, tol
+        self.logits = nn.Parameter(init.clone() * tau)
+        self.register_buffer("row_marginal", row_marginal.float().clone())
+        self.register_buffer("potential", torch.zeros(T))  # warm start, saved with checkpoints
+        self.last_iterations = 0
+
+    def forward(self) -> Tensor:
+        res = sinkhorn_solve(self.logits, self.row_marginal, tau=self.tau, tol=self.tol, init=self.potential)
+        self.potential.copy_(res.row_potential.detach())
+        self.last_iterations = res.iterations
+        return res.plan
+
+
+class ExactPlan(Plan):
+    """lambda solved exactly from MI estimates (see ``align_kd.exact``); held fixed between solves."""
+
+    def __init__(self, T: int, S: int, *, init: Tensor):
+        super().__init__(T, S)
+        self.register_buffer("value", init.clone())
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+def make_plan(strategy, T: int, S: int, *, tau: float, row_marginal: Tensor | None, init: str = "depth") -> Plan:
+    """Build the plan module for ``strategy`` (a name from PLAN_STRATEGIES or a fixed (T, S) tensor)."""
+    if isinstance(strategy, Tensor):
+        return FixedPlan(validate_plan(strategy, T, S))
+    if strategy not in PLAN_STRATEGIES:
+        raise ValueError(
+            f"Expected argument `strategy` to be one of {list(PLAN_STRATEGIES)} or a (T, S) tensor but got {strategy!r}."
+        )
+    if init not in ("depth", "zeros"):
+        raise ValueError(f"Expected argument `plan_init` to be one of ['depth', 'zeros'] but got {init!r}.")
+    prior = depth_prior(T, S) if init == "depth" else torch.zeros(T, S)
+    if strategy == "hinton":
+        return FixedPlan(torch.zeros(T, S))
+    if strategy == "pairwise":
+        return FixedPlan(pairwise_plan(T, S))
+    if strategy == "uniform":
+        return FixedPlan(uniform_plan(T, S))
+    if strategy == "softmax":
+        return SoftmaxPlan(T, S, tau=tau, init=prior)
+    if row_marginal is None:
+        row_marginal = torch.full((T,), S / T)
+    if strategy == "sinkhorn":
+        return SinkhornPlan(T, S, tau=tau, init=prior, row_marginal=row_marginal)
+    return ExactPlan(T, S, init=sinkhorn(prior, row_marginal, tau=1.0))

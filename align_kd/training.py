@@ -1,0 +1,552 @@
+"""``fit()``: distil a teacher into a student with a learned layer-alignment plan.
+
+One training step (rows of every (T, S) matrix are teacher layers, columns student layers):
+
+    t_1..t_T, t_logits = teacher(x)          eval mode, no grad
+    s_1..s_S, s_logits = student(x)
+    lam = plan()                             (T, S), every column sums to 1
+    mi  = bank(t, s, student_grad_weight=lam)  (T, S) nats per element
+    loss = beta * CE + (1 - beta) * (kd_weight * KD - feature_weight * sum(lam * mi))
+
+The student receives sum_ij lam_ij * grad(mi_ij); each pair's variational regressor receives the
+full grad(mi_ij) so that every bound stays tight (and the MI matrix stays meaningful for pairs the
+plan has switched off); the plan's logits receive grad of sum(lam * mi) with mi held fixed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mi import BANK_LAYOUTS, MIBank
+from .plans import PLAN_STRATEGIES, ExactPlan, make_plan
+from .taps import FeatureTap, discover_layers
+
+__all__ = ["FitConfig", "FitResult", "fit"]
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class FitConfig:
+    """Every option of :func:`fit`, with units; validated on construction."""
+
+    strategy: str = "sinkhorn"  # one of PLAN_STRATEGIES; "fixed" when fit() was given a (T, S) tensor
+    epochs: int = 10
+    beta: float = 0.5  # weight of cross-entropy; (1 - beta) weighs the distillation terms
+    kd_weight: float = 1.0  # Hinton logit-KD term inside the (1 - beta) part (0 disables)
+    kd_temperature: float = 4.0
+    feature_weight: float = 1.0  # weight of -sum(lam * mi) inside the (1 - beta) part
+    tau: float = 0.1  # plan temperature (softmax / sinkhorn / exact)
+    row_marginal: list[float] | None = None  # teacher-row masses summing to S; None: uniform S / T
+    plan_init: str = "depth"  # "depth" (soft diagonal by relative depth) or "zeros"
+    plan_lr: float | None = None  # learning rate of the plan logits (None: same as lr)
+    lr: float = 0.05
+    weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
+    momentum: float = 0.9
+    optimizer: str = "sgd"  # "sgd" (nesterov) or "adam"
+    warmup_epochs: float = 0.0  # linear LR warm-up, then cosine decay to 0
+    bank_layout: str = "shared"  # MI bank regressors: "shared" (cheap) or "full" (reference VID)
+    pool: int | None = 4  # cap on the resolution at which pairs are compared
+    width: int = 64  # hidden width of the MI regressors
+    exact_every: int | None = None  # "exact": steps between solves (None: once per epoch)
+    exact_warmup: int = 50  # "exact": first solve after this many steps
+    exact_method: str = "auto"  # "exact": exact_plan method
+    exact_tau: float | None = None  # "exact": entropy weight (None: use tau; 0 for the LP)
+    held_batches: int = 2  # "exact": training batches kept aside to estimate the MI matrix
+    grad_clip: float | None = None  # max gradient norm (None: no clipping)
+    max_bad_steps: int = 10  # consecutive non-finite losses or inputs before stopping
+    amp: bool = False  # bfloat16 autocast (likelihood stays float32)
+    seed: int = 0
+    device: str | None = None  # None: CUDA when available, else CPU
+    progress: bool = True
+
+    def __post_init__(self):
+        def check(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        check(isinstance(self.strategy, str) and self.strategy in PLAN_STRATEGIES + ("fixed",),
+              f"Expected argument `strategy` to be one of {list(PLAN_STRATEGIES)} or a (T, S) tensor but got {self.strategy!r}.")
+        check(isinstance(self.epochs, int) and self.epochs >= 1, f"Expected `epochs` to be an int >= 1 but got {self.epochs!r}.")
+        check(isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
+              f"Expected `beta` in [0, 1] (weight of cross-entropy) but got {self.beta!r}.")
+        for name in ("kd_weight", "feature_weight", "weight_decay", "momentum", "warmup_epochs"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"Expected `{name}` >= 0 but got {v!r}.")
+        for name in ("kd_temperature", "tau", "lr"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"Expected `{name}` > 0 but got {v!r}.")
+        check(self.plan_lr is None or self.plan_lr > 0, f"Expected `plan_lr` > 0 or None but got {self.plan_lr!r}.")
+        check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
+        check(self.bank_layout in BANK_LAYOUTS,
+              f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {self.bank_layout!r}.")
+        check(self.plan_init in ("depth", "zeros"), f"Expected argument `plan_init` to be one of ['depth', 'zeros'] but got {self.plan_init!r}.")
+        check(self.exact_every is None or (isinstance(self.exact_every, int) and self.exact_every >= 1),
+              f"Expected `exact_every` to be an int >= 1 or None but got {self.exact_every!r}.")
+        check(self.exact_tau is None or self.exact_tau >= 0, f"Expected `exact_tau` >= 0 or None but got {self.exact_tau!r}.")
+        check(isinstance(self.max_bad_steps, int) and self.max_bad_steps >= 1, f"Expected `max_bad_steps` >= 1 but got {self.max_bad_steps!r}.")
+        check(self.grad_clip is None or self.grad_clip > 0, f"Expected `grad_clip` > 0 or None but got {self.grad_clip!r}.")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    student: the distilled student (trained in place).
+    plan: (T, S) final plan, columns sum to 1 (all zeros for "hinton": no feature term).
+    mi: (T, S) MI estimates at the end, nats per element (None for "hinton").
+    teacher_layers / student_layers: tap names (rows / columns of plan and mi).
+    teacher_shapes / student_shapes: per-sample feature shapes of the taps.
+    history: one dict per epoch: losses, accuracies, plan, mi, wall time, skipped steps.
+    solves: for "exact", one record per solve (step, method, solver, status, seconds).
+    config: the options used (JSON-able).
+    """
+
+    student: nn.Module | None
+    plan: Tensor
+    mi: Tensor | None
+    teacher_layers: list[str]
+    student_layers: list[str]
+    teacher_shapes: list[list[int]]
+    student_shapes: list[list[int]]
+    history: list[dict] = field(default_factory=list)
+    solves: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def test_acc(self) -> float | None:
+        """Last epoch's test accuracy (None without a test loader)."""
+        return self.history[-1].get("test_acc") if self.history else None
+
+    @property
+    def best_acc(self) -> float | None:
+        accs = [h["test_acc"] for h in self.history if h.get("test_acc") is not None]
+        return max(accs) if accs else None
+
+    def graph(self, threshold: float = 1e-3):
+        """The networkx alignment graph of the final plan (see :func:`align_kd.alignment_graph`)."""
+        from .graph import alignment_graph
+
+        return alignment_graph(self, threshold=threshold)
+
+    def to_dict(self) -> dict:
+        """Everything but the student weights, JSON-able."""
+        return {
+            "plan": self.plan.tolist(),
+            "mi": None if self.mi is None else self.mi.tolist(),
+            "teacher_layers": self.teacher_layers,
+            "student_layers": self.student_layers,
+            "teacher_shapes": self.teacher_shapes,
+            "student_shapes": self.student_shapes,
+            "history": self.history,
+            "solves": self.solves,
+            "config": self.config,
+            "test_acc": self.test_acc,
+            "best_acc": self.best_acc,
+        }
+
+    def save(self, path) -> Path:
+        """Write ``result.json`` (plan, MI, names, history, config) and ``student.pt`` into directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path / "result.json", json.dumps(self.to_dict(), indent=1))
+        if self.student is not None:
+            tmp = path / "student.pt.tmp"
+            torch.save(self.student.state_dict(), tmp)
+            os.replace(tmp, path / "student.pt")
+        return path
+
+    @classmethod
+    def load(cls, path, student: nn.Module | None = None) -> "FitResult":
+        """Read a directory written by :meth:`save`; weights go into ``student`` when given."""
+        path = Path(path)
+        file = path / "result.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"No result.json at {file}; expected a directory written by FitResult.save().")
+        d = json.loads(file.read_text())
+        if student is not None:
+            student.load_state_dict(torch.load(file.parent / "student.pt", map_location="cpu", weights_only=True))
+        return cls(
+            student=student,
+            plan=torch.tensor(d["plan"]),
+            mi=None if d["mi"] is None else torch.tensor(d["mi"]),
+            teacher_layers=d["teacher_layers"],
+            student_layers=d["student_layers"],
+            teacher_shapes=d["teacher_shapes"],
+            student_shapes=d["student_shapes"],
+            history=d["history"],
+            solves=d.get("solves", []),
+            config=d["config"],
+        )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def _split_data(data):
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise ValueError(f"Expected `data` to be a DataLoader or a (train_loader, test_loader) pair but got a sequence of length {len(data)}.")
+        return data[0], data[1]
+    return data, None
+
+
+def _first_batch(loader, role: str):
+    try:
+        batch = next(iter(loader))
+    except TypeError:
+        raise TypeError(f"Expected the {role} data to be an iterable of (inputs, labels) batches (e.g. a DataLoader) but got {type(loader).__name__}.") from None
+    except StopIteration:
+        raise ValueError(f"The {role} loader yielded no batch; is the dataset empty?") from None
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor)):
+        got = type(batch).__name__ if not isinstance(batch, (tuple, list)) else f"a {type(batch).__name__} of {[type(b).__name__ for b in batch]}"
+        raise TypeError(f"Expected the {role} loader to yield (inputs tensor, labels tensor) pairs but it yielded {got}.")
+    x, y = batch[0], batch[1]
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.dim() != 1 or len(y) != len(x):
+        raise TypeError(
+            f"Expected {role} labels as an integer tensor of shape (B,) = ({len(x)},) but got dtype {y.dtype} and shape {tuple(y.shape)}."
+        )
+    return x, y
+
+
+def _num_classes(model: nn.Module, x: Tensor, role: str) -> int:
+    out = _eval_forward(model, x)
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise TypeError(f"Expected the {role} to return logits of shape (B, num_classes) but got {getattr(out, 'shape', type(out).__name__)}.")
+    return out.shape[1]
+
+
+@torch.no_grad()
+def _eval_forward(model: nn.Module, x: Tensor) -> Tensor:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+# ----------------------------------------------------------------------------------------------
+# the training engine
+
+
+def _kd_loss(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton's KD: T^2 * KL(softmax(t / T) || softmax(s / T)), batch mean."""
+    t = F.log_softmax(t_logits.float() / temperature, dim=1)
+    s = F.log_softmax(s_logits.float() / temperature, dim=1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` (eval mode; the training flag is restored)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    correct = total = 0
+    try:
+        for x, y, *_ in loader:
+            x, y = x.to(device), y.to(device)
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    finally:
+        for m, f in flags:
+            m.training = f
+    return correct / max(total, 1)
+
+
+class _Engine:
+    """Holds everything one fit() run trains; one place for the step, the epoch and the MI estimate."""
+
+    def __init__(self, teacher, student, train_loader, test_loader, cfg: FitConfig, fixed_plan, teacher_layers, student_layers):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.teacher, self.student = teacher, student
+        self.train_loader, self.test_loader = train_loader, test_loader
+        x, _ = _first_batch(train_loader, "training")
+        if test_loader is not None:
+            _first_batch(test_loader, "test")
+        x = x[:2].to(self.device)
+        teacher.to(self.device)
+        student.to(self.device)
+        nt, ns = _num_classes(teacher, x, "teacher"), _num_classes(student, x, "student")
+        if nt != ns:
+            raise ValueError(f"Teacher and student must predict the same classes but the teacher has {nt} outputs and the student {ns}.")
+        self.teacher_layers = teacher_layers or discover_layers(teacher, x)
+        self.student_layers = student_layers or discover_layers(student, x)
+        t_info = FeatureTap.check_names(teacher, self.teacher_layers, x, role="teacher")
+        s_info = FeatureTap.check_names(student, self.student_layers, x, role="student")
+        self.teacher_shapes = [list(i.shape) for i in t_info]
+        self.student_shapes = [list(i.shape) for i in s_info]
+        T, S = len(t_info), len(s_info)
+
+        row_marginal = None if cfg.row_marginal is None else torch.tensor(cfg.row_marginal, dtype=torch.float32)
+        if row_marginal is not None and (row_marginal.shape != (T,) or abs(float(row_marginal.sum()) - S) > 1e-4 * S or (row_marginal <= 0).any()):
+            raise ValueError(
+                f"Expected `row_marginal` to have T={T} positive entries summing to S={S} but got {cfg.row_marginal}."
+            )
+        strategy = fixed_plan if fixed_plan is not None else cfg.strategy
+        self.plan = make_plan(strategy, T, S, tau=cfg.tau, row_marginal=row_marginal, init=cfg.plan_init).to(self.device)
+        self.row_marginal = self.plan.row_marginal if hasattr(self.plan, "row_marginal") else (
+            row_marginal if row_marginal is not None else torch.full((T,), S / T))
+        self.uses_features = cfg.strategy != "hinton" or fixed_plan is not None
+        self.uses_features = self.uses_features and cfg.beta < 1 and cfg.feature_weight > 0
+        self.bank = (
+            MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout,
+                   pool=cfg.pool if cfg.bank_layout == "shared" else None, width=cfg.width).to(self.device)
+            if self.uses_features else None
+        )
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = len(train_loader)
+        total = cfg.epochs * self.steps_per_epoch
+        warm = int(cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm))),
+        )
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.history: list[dict] = []
+        self.solves: list[dict] = []
+        self.held: list[tuple[Tensor, Tensor]] = []
+        self.mi_last: Tensor | None = None
+
+    def _make_optimizer(self):
+        cfg = self.cfg
+        groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+        if self.bank is not None:
+            no_decay = {id(p) for p in self.bank.no_decay_parameters()}
+            groups.append({"params": [p for p in self.bank.parameters() if id(p) not in no_decay], "weight_decay": cfg.weight_decay})
+            groups.append({"params": self.bank.no_decay_parameters(), "weight_decay": 0.0})
+        plan_params = list(self.plan.parameters())
+        if plan_params and self.bank is not None:
+            groups.append({"params": plan_params, "weight_decay": 0.0, "lr": cfg.plan_lr or cfg.lr})
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
+
+    def _bad_step(self, what: str) -> None:
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        warnings.warn(f"Skipped training step {self.step}: {what}.", RuntimeWarning, stacklevel=3)
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_in_a_row} training steps in a row were skipped ({what}). Likely causes: a learning rate "
+                f"too high (lr={self.cfg.lr}), a plan temperature too low (tau={self.cfg.tau}), or NaN/inf in the "
+                "input data. Lower `lr`, raise `tau` or check the data."
+            )
+
+    def train_step(self, x: Tensor, y: Tensor, t_tap: FeatureTap, s_tap: FeatureTap) -> dict | None:
+        cfg = self.cfg
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if not torch.isfinite(x).all():
+            self._bad_step("the input batch contains NaN or inf")
+            return None
+        with self._autocast():
+            with torch.no_grad():
+                t_feats, t_logits = t_tap(x)
+            s_feats, s_logits = s_tap(x)
+        ce = F.cross_entropy(s_logits.float(), y.long())
+        kd = _kd_loss(s_logits, t_logits, cfg.kd_temperature) if cfg.kd_weight > 0 else ce.new_zeros(())
+        distil = cfg.kd_weight * kd
+        lam = self.plan()  # (T, S)
+        mi = None
+        if self.bank is not None:
+            with self._autocast():
+                mi = self.bank(t_feats, s_feats, student_grad_weight=lam)  # (T, S)
+            # regressors: full gradient of every bound; student: lam-weighted (inside the bank);
+            # plan logits: gradient of sum(lam * mi) at fixed mi
+            feature = -mi.sum() - (lam * mi.detach()).sum()
+            distil = distil + cfg.feature_weight * feature
+        loss = cfg.beta * ce + (1 - cfg.beta) * distil
+        if not torch.isfinite(loss):
+            self._bad_step(f"the loss is {loss.item()}")
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.bad_in_a_row = 0
+        return {
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "kd": kd.item(),
+            "acc": (s_logits.argmax(1) == y).float().mean().item(),
+            "mi": None if mi is None else mi.detach().float().cpu(),
+            "feature": None if mi is None else float((lam.detach() * mi.detach()).sum()),
+        }
+
+    @torch.no_grad()
+    def estimate_mi(self, t_tap: FeatureTap, s_tap: FeatureTap) -> Tensor:
+        """(T, S) MI on the held batches, everything in eval mode (running statistics untouched)."""
+        flags = [(m, m.training) for m in list(self.student.modules()) + list(self.bank.modules())]
+        self.student.eval()
+        self.bank.eval()
+        try:
+            total = None
+            for x, _ in self.held:
+                with self._autocast():
+                    t_feats, _ = t_tap(x)
+                    s_feats, _ = s_tap(x)
+                    mi = self.bank(t_feats, s_feats).float()
+                total = mi if total is None else total + mi
+            return total / len(self.held)
+        finally:
+            for m, f in flags:
+                m.training = f
+
+    def solve_exact(self, t_tap, s_tap) -> None:
+        from .exact import exact_plan_info
+
+        mi = self.estimate_mi(t_tap, s_tap)
+        tau = self.cfg.tau if self.cfg.exact_tau is None else self.cfg.exact_tau
+        plan, info = exact_plan_info(mi.double().cpu(), self.row_marginal.double().cpu(), tau=tau, method=self.cfg.exact_method)
+        self.plan.value.copy_(plan.to(self.plan.value))
+        self.solves.append({"step": self.step, **info, "tau": tau, "mi": mi.tolist(), "plan": plan.tolist()})
+
+    def run(self) -> None:
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        exact = isinstance(self.plan, ExactPlan)
+        every = cfg.exact_every or self.steps_per_epoch
+        total = cfg.epochs * self.steps_per_epoch
+        bar = tqdm(total=total, disable=not cfg.progress, desc=f"fit[{cfg.strategy}]", unit="step", leave=False)
+        with FeatureTap(self.teacher, self.teacher_layers) as t_tap, FeatureTap(self.student, self.student_layers) as s_tap:
+            for epoch in range(cfg.epochs):
+                if hasattr(self.train_loader, "set_epoch"):
+                    self.train_loader.set_epoch(epoch)
+                self.skipped = 0
+                sums, n, mi_sum, mi_n = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "acc": 0.0, "feature": 0.0}, 0, None, 0
+                start = time.perf_counter()
+                self.student.train()
+                for x, y, *_ in self.train_loader:
+                    if exact and len(self.held) < cfg.held_batches:
+                        self.held.append((x.to(self.device), y.to(self.device)))
+                    out = self.train_step(x, y, t_tap, s_tap)
+                    self.step += 1
+                    bar.update(1)
+                    if out is None:
+                        continue
+                    n += 1
+                    for k in sums:
+                        sums[k] += out[k] or 0.0
+                    if out["mi"] is not None:
+                        mi_sum = out["mi"] if mi_sum is None else mi_sum + out["mi"]
+                        mi_n += 1
+                    bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out['acc']:.3f}")
+                    if exact and (self.step == cfg.exact_warmup or self.step % every == 0):
+                        self.solve_exact(t_tap, s_tap)
+                record = {"epoch": epoch + 1, "step": self.step, **{k: v / max(n, 1) for k, v in sums.items()}}
+                record["train_acc"] = record.pop("acc")
+                record["skipped_steps"] = self.skipped
+                record["lr"] = self.scheduler.get_last_lr()[0]
+                record["wall_s"] = time.perf_counter() - start
+                record["test_acc"] = evaluate(self.student, self.test_loader, self.device) if self.test_loader is not None else None
+                with torch.no_grad():
+                    record["plan"] = self.plan().detach().float().cpu().tolist()
+                self.mi_last = None if mi_sum is None else mi_sum / mi_n
+                record["mi"] = None if self.mi_last is None else self.mi_last.tolist()
+                self.history.append(record)
+                if cfg.progress:
+                    acc = "" if record["test_acc"] is None else f" test_acc {record['test_acc']:.4f}"
+                    bar.write(f"[{cfg.strategy}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
+                              f"train_acc {record['train_acc']:.4f}{acc} ({record['wall_s']:.1f} s)")
+        bar.close()
+
+
+def fit(
+    teacher: nn.Module,
+    student: nn.Module,
+    data,
+    *,
+    strategy="sinkhorn",
+    teacher_layers: list[str] | None = None,
+    student_layers: list[str] | None = None,
+    **options,
+) -> FitResult:
+    """Distil ``teacher`` into ``student`` with a learned (or fixed) layer-alignment plan.
+
+    Args:
+        teacher: trained ``nn.Module`` returning logits (B, K); frozen, run in eval mode.
+        student: ``nn.Module`` returning logits (B, K); trained in place.
+        data: a DataLoader of ``(x, y)`` or a ``(train_loader, test_loader)`` pair.
+        strategy: "hinton" (logit KD only), "pairwise" (one-to-one by relative depth), "uniform"
+            (1/T everywhere), "softmax" (learned, column softmax), "sinkhorn" (learned transport
+            plan, default), "exact" (solved from the MI estimates), or a fixed (T, S) tensor.
+        teacher_layers / student_layers: tap names; default :func:`align_kd.discover_layers`.
+        **options: any field of :class:`FitConfig` (epochs, beta, tau, lr, seed, device, ...).
+
+    Returns:
+        :class:`FitResult` with the student, final plan (T, S), MI (T, S), names and history.
+    """
+    fixed_plan = None
+    if isinstance(strategy, Tensor):
+        fixed_plan, strategy = strategy, "fixed"
+    unknown = sorted(set(options) - set(FitConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"fit() got unknown option(s) {unknown}; valid options: {sorted(FitConfig.__dataclass_fields__)}.")
+    cfg = FitConfig(strategy=strategy, **options)
+    for role, model in (("teacher", teacher), ("student", student)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected the {role} to be a torch.nn.Module but got {type(model).__name__}.")
+    train_loader, test_loader = _split_data(data)
+
+    torch.manual_seed(cfg.seed)
+    teacher_flags = [(m, m.training) for m in teacher.modules()]
+    student_training = student.training
+    requires = [(p, p.requires_grad) for p in teacher.parameters()]
+    try:
+        teacher.eval()
+        for p, _ in requires:
+            p.requires_grad_(False)
+        engine = _Engine(teacher, student, train_loader, test_loader, cfg, fixed_plan, teacher_layers, student_layers)
+        engine.run()
+    finally:
+        for m, f in teacher_flags:
+            m.training = f
+        for p, r in requires:
+            p.requires_grad_(r)
+        student.train(student_training)
+
+    config = asdict(cfg)
+    if fixed_plan is not None:
+        config["fixed_plan"] = fixed_plan.tolist()
+    with torch.no_grad():
+        plan = engine.plan().detach().float().cpu()
+    return FitResult(
+        student=student,
+        plan=plan,
+        mi=engine.mi_last,
+        teacher_layers=list(engine.teacher_layers),
+        student_layers=list(engine.student_layers),
+        teacher_shapes=engine.teacher_shapes,
+        student_shapes=engine.student_shapes,
+        history=engine.history,
+        solves=engine.solves,
+        config=config,
+    )
