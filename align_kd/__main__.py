@@ -1,0 +1,151 @@
+"""Command line: ``python -m align_kd {demo,fit,bench,graph} --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+STRATEGY_HELP = "one of: alone (labels only), hinton, pairwise, uniform, softmax, sinkhorn, exact"
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def _setting_from_args(args):
+    from .experiment import SETTINGS, Setting, quick
+
+    if getattr(args, "setting", None):
+        setting = SETTINGS[args.setting]
+    else:
+        setting = Setting("cli", args.teacher, json.loads(args.teacher_kwargs), args.student, json.loads(args.student_kwargs))
+    overrides = {k: getattr(args, k) for k in ("epochs", "teacher_epochs", "train_limit", "test_limit", "batch_size", "lr")
+                 if getattr(args, k, None) is not None}
+    setting = replace(setting, **overrides)
+    return quick(setting) if getattr(args, "quick", False) else setting
+
+
+def _run_and_report(setting, strategies, seeds, out, args, *, fit_options=None) -> dict:
+    from .experiment import run_setting, write_outputs
+
+    if fit_options:
+        setting = replace(setting, fit_options={**setting.fit_options, **fit_options})
+    start = time.perf_counter()
+    records, tinfo = run_setting(setting, strategies, seeds, out, data_root=args.data, progress=not args.no_progress)
+    summary = write_outputs(setting, records, tinfo, out, seeds=seeds, strategies=strategies)
+    print()
+    print(summary["table"])
+    print(f"wall time {time.perf_counter() - start:.0f} s; outputs in {summary['dir']}/ "
+          "(table.md, results.json, accuracy.png, alignment.png, one folder per run)")
+    return summary
+
+
+def cmd_demo(args) -> int:
+    from .experiment import SETTINGS, quick
+
+    setting = quick(SETTINGS["demo"]) if args.quick else SETTINGS["demo"]
+    print(f"align_kd demo: {setting.description}\n"
+          f"teacher {setting.teacher}{setting.teacher_kwargs} -> student {setting.student}{setting.student_kwargs}, "
+          f"{setting.train_limit or 50000} training images, {setting.epochs} distillation epochs per strategy")
+    _run_and_report(setting, args.strategies, [args.seed], args.out, args)
+    return 0
+
+
+def cmd_fit(args) -> int:
+    setting = _setting_from_args(args)
+    opts = {k: getattr(args, k) for k in ("beta", "tau", "kd_weight") if getattr(args, k) is not None}
+    _run_and_report(setting, [args.strategy], [args.seed], args.out, args, fit_options=opts)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .experiment import SETTINGS, quick
+
+    for name in args.settings:
+        setting = quick(SETTINGS[name]) if args.quick else SETTINGS[name]
+        seeds = [0] if args.quick else list(range(args.seeds))
+        print(f"== {name}: {setting.description}")
+        _run_and_report(setting, args.strategies, seeds, args.out, args)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="CIFAR-10 location (cifar-10-batches-py folder or the JPEG .tar.gz); "
+                                                "default: $ALIGN_KD_DATA, then the cache directory")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiment import ALL_STRATEGIES, SETTINGS
+
+    parser = argparse.ArgumentParser(prog="python -m align_kd", description="align_kd: layer-aligned knowledge distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job: teacher, then several strategies side by side on CIFAR-10",
+                       description="Train (or load the cached) teacher, distil the student with several lambda strategies "
+                                   "on the same budget, print the accuracy table and save the accuracy plot and the "
+                                   "alignment pictures.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--strategies", nargs="+", default=["alone", "hinton", "uniform", "sinkhorn"], choices=ALL_STRATEGIES,
+                   help="strategies to compare (default: alone hinton uniform sinkhorn)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few hundred images and one epoch (smoke test)")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fit", help="distil one student with one strategy",
+                       description="Distil a reference student from a reference teacher with one strategy; results "
+                                   "(result.json, student.pt, plots) go to the output directory.")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default=None, help="a named pair and budget (overrides --teacher/--student)")
+    p.add_argument("--teacher", default="cnn", help="teacher model: cnn, resnet, mlp, vit (default cnn)")
+    p.add_argument("--teacher-kwargs", default='{"width": 32}', help="JSON keyword arguments of the teacher")
+    p.add_argument("--student", default="cnn", help="student model: cnn, resnet, mlp, vit (default cnn)")
+    p.add_argument("--student-kwargs", default='{"width": 8}', help="JSON keyword arguments of the student")
+    p.add_argument("--strategy", default="sinkhorn", choices=ALL_STRATEGIES, help=STRATEGY_HELP)
+    p.add_argument("--epochs", type=int, default=None, help="distillation epochs")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher training epochs (when not cached)")
+    p.add_argument("--beta", type=float, default=None, help="weight of cross-entropy in [0, 1]")
+    p.add_argument("--tau", type=float, default=None, help="plan temperature")
+    p.add_argument("--kd-weight", type=float, default=None, help="weight of Hinton's logit KD term")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few hundred images and one epoch")
+    p.add_argument("--out", default="runs/fit", help="output directory (default: runs/fit)")
+    _common(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("bench", help="the strategy benchmark (all settings x strategies x seeds)",
+                       description="Reproduce and extend the originating study's table: every named setting, every "
+                                   "strategy, several seeds, identical budgets; writes JSON, markdown tables and plots.")
+    p.add_argument("--settings", nargs="+", default=[s for s in SETTINGS if s != "demo"], choices=sorted(SETTINGS))
+    p.add_argument("--strategies", nargs="+", default=list(ALL_STRATEGIES), choices=ALL_STRATEGIES)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--quick", action="store_true", help="a few hundred images, one epoch, one seed (CI)")
+    p.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
+    _common(p)
+    p.set_defaults(func=cmd_bench)
+
+    from .graph import add_cli
+
+    add_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(getattr(args, "threads", None))
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
