@@ -1,8 +1,25 @@
 """align_kd: knowledge distillation between heterogeneous networks with a learned layer-alignment plan.
 
 The public verbs: ``fit`` (distil), ``discover_layers`` (default taps), ``sinkhorn`` / ``exact_plan``
-(plans), ``alignment_graph`` and its analyses and drawings.
+(plans), ``alignment_graph`` with its analyses (``max_matching``, ``crossings``, ``fan_in``,
+``compare``, ``stability``) and drawings (``draw_alignment``, ``draw_plan_heatmap``).
 """
+from .exact import exact_plan
+from .graph import (
+    alignment_graph,
+    compare,
+    crossings,
+    dominant_teacher,
+    draw_alignment,
+    draw_panels,
+    draw_plan_evolution,
+    draw_plan_heatmap,
+    fan_in,
+    max_matching,
+    stability,
+    usage,
+    weighted_crossings,
+)
 from .mi import MIBank
 from .plans import PLAN_STRATEGIES, sinkhorn, sinkhorn_solve
 from .taps import FeatureTap, describe_layers, discover_layers
@@ -10,16 +27,30 @@ from .training import FitConfig, FitResult, evaluate, fit
 
 __version__ = "0.1.0"
 
-__all__ = sorted([
+__all__ = [
     "FeatureTap",
     "FitConfig",
     "FitResult",
     "MIBank",
     "PLAN_STRATEGIES",
+    "alignment_graph",
+    "compare",
+    "crossings",
     "describe_layers",
     "discover_layers",
+    "dominant_teacher",
+    "draw_alignment",
+    "draw_panels",
+    "draw_plan_evolution",
+    "draw_plan_heatmap",
     "evaluate",
+    "exact_plan",
+    "fan_in",
     "fit",
+    "max_matching",
     "sinkhorn",
     "sinkhorn_solve",
-])
+    "stability",
+    "usage",
+    "weighted_crossings",
+]

@@ -1,0 +1,425 @@
+"""Reference models for 32x32 RGB input, supervised training, and a cache of trained teachers.
+
+Every model maps (B, 3, 32, 32) float images to (B, num_classes) logits and is built from
+submodules (activations are ``nn.ReLU`` modules, never in-place, never functional in the plain
+nets) so that forward hooks on submodules see every intermediate representation.
+
+- ``SmallCNN``: 3 conv + 2 linear layers, a flat ``nn.Sequential`` of leaf modules.
+- ``ResNetCIFAR``: the classic CIFAR ResNet (depth 6n+2, BasicBlocks, stages ``layer1..layer3``).
+- ``MLP``: Flatten, then Linear+ReLU blocks, then a Linear head.
+- ``tiny_vit``: a small ``torchvision.models.VisionTransformer`` (patch 4, 4 layers, dim 128).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "MLP",
+    "MODELS",
+    "ResNetCIFAR",
+    "SmallCNN",
+    "build_model",
+    "evaluate",
+    "load_or_train_teacher",
+    "teacher_key",
+    "tiny_vit",
+    "train_supervised",
+]
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected {name} to be an int >= {minimum} but got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+class SmallCNN(nn.Sequential):
+    """3 conv layers + 2 linear layers; channels ``width, 2*width, 4*width``, hidden ``8*width``.
+
+    Input (B, 3, 32, 32) -> logits (B, num_classes). Children, in order: ``conv1 bn1 relu1 pool1``,
+    ``conv2 bn2 relu2 pool2``, ``conv3 bn3 relu3 pool3`` (each pool halves 32 -> 16 -> 8 -> 4),
+    ``flatten``, ``fc1 relu4``, ``fc2``. Use a wide instance (width 64/128) as teacher, a narrow one
+    (16/32) as student.
+    """
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        _check_int("width", width)
+        _check_int("num_classes", num_classes)
+        layers: list[tuple[str, nn.Module]] = []
+        channels = [3, width, 2 * width, 4 * width]
+        for i in range(3):
+            layers += [
+                (f"conv{i + 1}", nn.Conv2d(channels[i], channels[i + 1], 3, padding=1, bias=False)),
+                (f"bn{i + 1}", nn.BatchNorm2d(channels[i + 1])),
+                (f"relu{i + 1}", nn.ReLU()),
+                (f"pool{i + 1}", nn.MaxPool2d(2)),
+            ]
+        layers += [
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(4 * width * 4 * 4, 8 * width)),
+            ("relu4", nn.ReLU()),
+            ("fc2", nn.Linear(8 * width, num_classes)),
+        ]
+        super().__init__(OrderedDict(layers))
+        self.width, self.num_classes = width, num_classes
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual shortcut (1x1 conv + BN when the shape changes).
+
+    (B, C_in, H, W) -> (B, C_out, H / stride, W / stride).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))  # (B, C_out, H', W')
+        out = self.bn2(self.conv2(out))  # (B, C_out, H', W')
+        return self.relu2(out + self.shortcut(x))  # (B, C_out, H', W')
+
+
+class ResNetCIFAR(nn.Module):
+    """The CIFAR ResNet of He et al. (2016): depth ``6n + 2`` (20, 32, 44, 56, ...).
+
+    ``stem`` (3x3 conv, BN, ReLU: 32x32x``width``) -> ``layer1`` (n blocks, 32x32x``width``) ->
+    ``layer2`` (16x16x``2*width``) -> ``layer3`` (8x8x``4*width``) -> ``pool`` -> ``flatten`` -> ``fc``.
+    Input (B, 3, 32, 32) -> logits (B, num_classes).
+    """
+
+    def __init__(self, depth: int = 20, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"Expected depth = 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, ...) but got {depth!r}.")
+        _check_int("width", width)
+        _check_int("num_classes", num_classes)
+        blocks = (depth - 2) // 6
+        self.depth, self.width, self.num_classes = depth, width, num_classes
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(3, width, 3, padding=1, bias=False), bn=nn.BatchNorm2d(width), relu=nn.ReLU()
+            )
+        )
+        self.layer1 = self._stage(width, width, blocks, stride=1)
+        self.layer2 = self._stage(width, 2 * width, blocks, stride=2)
+        self.layer3 = self._stage(2 * width, 4 * width, blocks, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * width, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [BasicBlock(in_channels, out_channels, stride)]
+        layers += [BasicBlock(out_channels, out_channels) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)  # (B, w, 32, 32)
+        x = self.layer1(x)  # (B, w, 32, 32)
+        x = self.layer2(x)  # (B, 2w, 16, 16)
+        x = self.layer3(x)  # (B, 4w, 8, 8)
+        x = self.flatten(self.pool(x))  # (B, 4w)
+        return self.fc(x)  # (B, num_classes)
+
+
+class MLP(nn.Sequential):
+    """A non-convolutional student: ``flatten``, ``block1..blockK`` (Linear + ReLU), ``head`` (Linear).
+
+    Input (B, 3, 32, 32) (or any (B, ...) with ``in_features`` elements) -> logits (B, num_classes).
+    """
+
+    def __init__(self, hidden: tuple[int, ...] = (512, 256, 128), num_classes: int = 10, in_features: int = 3 * 32 * 32):
+        if isinstance(hidden, int) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise ValueError(f"Expected hidden to be a sequence of positive ints, e.g. (512, 256, 128), but got {hidden!r}.")
+        _check_int("num_classes", num_classes)
+        _check_int("in_features", in_features)
+        layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+        sizes = [in_features, *hidden]
+        for i in range(len(hidden)):
+            layers.append((f"block{i + 1}", nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU())))
+        layers.append(("head", nn.Linear(sizes[-1], num_classes)))
+        super().__init__(OrderedDict(layers))
+        self.hidden, self.num_classes = tuple(hidden), num_classes
+
+
+def tiny_vit(
+    image_size: int = 32,
+    patch_size: int = 4,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    hidden_dim: int = 128,
+    mlp_dim: int = 256,
+    num_classes: int = 10,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+) -> nn.Module:
+    """A small ``torchvision.models.VisionTransformer``: (B, 3, 32, 32) -> (B, num_classes).
+
+    64 patches of 4x4 plus a class token; encoder blocks are ``encoder.layers.encoder_layer_<i>``.
+    """
+    from torchvision.models import VisionTransformer
+
+    for name, value in dict(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+                            num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes).items():
+        _check_int(name, value)
+    if image_size % patch_size:
+        raise ValueError(f"Expected patch_size to divide image_size but got patch_size={patch_size}, image_size={image_size}.")
+    if hidden_dim % num_heads:
+        raise ValueError(f"Expected num_heads to divide hidden_dim but got num_heads={num_heads}, hidden_dim={hidden_dim}.")
+    return VisionTransformer(
+        image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
+        hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes, dropout=dropout,
+        attention_dropout=attention_dropout,
+    )
+
+
+#: name -> constructor; every constructor takes ``num_classes`` and 32x32 RGB input
+MODELS = {"cnn": SmallCNN, "resnet": ResNetCIFAR, "mlp": MLP, "vit": tiny_vit}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model: ``build_model("cnn", width=64)``. Raises on unknown names or kwargs."""
+    if name not in MODELS:
+        raise ValueError(f"Expected a model name in {sorted(MODELS)} but got {name!r}.")
+    constructor = MODELS[name]
+    signature = inspect.signature(constructor)
+    unknown = sorted(set(kwargs) - set(signature.parameters) - {"self"})
+    if unknown:
+        accepted = [p for p in signature.parameters if p != "self"]
+        raise TypeError(f"Model {name!r} does not take {unknown}; it accepts {accepted}.")
+    return constructor(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def _resolve_device(model: nn.Module, loader, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if getattr(loader, "device", None) is not None:
+        return torch.device(loader.device)
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device=None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` over ``loader`` batches ``(x (B, ...), y (B,))``.
+
+    Runs in eval mode without gradients and restores ``model.training`` afterwards.
+    """
+    device = _resolve_device(model, loader, device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for x, y in loader:
+            logits = model(x.to(device))  # (B, num_classes)
+            correct += (logits.argmax(dim=1) == y.to(device)).sum().item()
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("Expected a loader that yields at least one batch but it yielded none.")
+    return correct / total
+
+
+def train_supervised(
+    model: nn.Module,
+    train_loader,
+    test_loader=None,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+) -> dict:
+    """Train with cross-entropy, SGD (momentum 0.9, Nesterov) and a per-step cosine learning rate.
+
+    ``train_loader`` yields ``(x (B, 3, 32, 32) float, y (B,) int64)``; if it has ``set_epoch`` it is
+    called with 0..epochs-1. Seeds torch's global RNG with ``seed``. The model is moved to ``device``
+    (default: the loader's ``device`` attribute, else the model's current device).
+
+    Returns:
+        ``{"epoch": [1..E], "train_loss": [E], "train_acc": [E], "test_acc": [E] (None without a test
+        loader), "lr": [E] (at the end of each epoch)}``.
+    """
+    _check_int("epochs", epochs)
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"Expected lr to be a positive finite number but got {lr!r}.")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"Expected weight_decay to be a number >= 0 but got {weight_decay!r}.")
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("Expected a train_loader with at least one batch but len(train_loader) == 0.")
+    device = _resolve_device(model, train_loader, device)
+    torch.manual_seed(seed)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    criterion = nn.CrossEntropyLoss()
+    history: dict[str, list] = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": [], "lr": []}
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"train {type(model).__name__}", disable=not progress, unit="step")
+    try:
+        for epoch in range(epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            model.train()
+            loss_sum = correct = seen = 0
+            for x, y in train_loader:
+                x, y = x.to(device), y.to(device)  # (B, 3, 32, 32), (B,)
+                logits = model(x)  # (B, num_classes)
+                loss = criterion(logits, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Training loss became {loss.item()} at epoch {epoch + 1}; lower lr (got {lr})."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(dim=1) == y).sum().item()
+                seen += len(y)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            test_acc = evaluate(model, test_loader, device) if test_loader is not None else None
+            history["epoch"].append(epoch + 1)
+            history["train_loss"].append(loss_sum / seen)
+            history["train_acc"].append(correct / seen)
+            history["test_acc"].append(test_acc)
+            history["lr"].append(optimizer.param_groups[0]["lr"])
+            if test_acc is not None:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", test_acc=f"{test_acc:.3f}")
+    finally:
+        bar.close()
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------------------------------
+# teacher cache
+# --------------------------------------------------------------------------------------------
+def _teacher_config(name: str, model_kwargs: dict, epochs: int, lr: float, seed: int, data_tag: str) -> str:
+    """Canonical JSON of everything that determines a trained teacher."""
+    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    config = {"name": name, "model_kwargs": model_kwargs, "epochs": epochs, "lr": lr, "seed": seed,
+              "data_tag": data_tag, "torch": major_minor}
+    try:
+        return json.dumps(config, sort_keys=True, separators=(",", ":"))
+    except TypeError as err:
+        raise TypeError(
+            f"Expected JSON-serialisable model_kwargs (ints, floats, strings, lists) but got {model_kwargs!r}: {err}."
+        ) from err
+
+
+def teacher_key(config_json: str) -> str:
+    """Short hash (12 hex digits) of a canonical config JSON."""
+    return hashlib.sha256(config_json.encode()).hexdigest()[:12]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_or_train_teacher(
+    name: str,
+    model_kwargs: dict,
+    train_loader,
+    test_loader,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    seed: int = 0,
+    data_tag: str = "",
+    cache_dir: str | os.PathLike | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+    device=None,
+) -> tuple[nn.Module, dict]:
+    """Return a trained teacher, from ``<cache_dir>/teachers/<name>-<key>.pt`` when it exists.
+
+    ``key`` hashes the canonical JSON of (name, model_kwargs, epochs, lr, seed, data_tag, torch
+    major.minor); put whatever identifies the training data (split, limit, augmentation) in
+    ``data_tag``; when it is empty, ``train_loader.data_tag`` is used if the loader has one (the
+    loaders of ``cifar10_loaders`` do). A cached file is reused, never silently retrained; a file whose stored config differs
+    from the requested one raises ``ValueError`` unless ``retrain=True``. The file holds
+    ``{"state_dict", "config" (JSON str), "test_acc", "history"}`` and is written atomically.
+
+    Returns:
+        ``(model in eval mode, {"test_acc", "key", "path", "cached", "config", "history"})``.
+    """
+    from .data import default_cache_dir
+
+    if not isinstance(model_kwargs, dict):
+        raise TypeError(f"Expected model_kwargs to be a dict, e.g. {{'width': 64}}, but got {type(model_kwargs).__name__}.")
+    if not isinstance(data_tag, str):
+        raise TypeError(f"Expected data_tag to be a str but got {type(data_tag).__name__}.")
+    data_tag = data_tag or getattr(train_loader, "data_tag", "") or ""
+    config = _teacher_config(name, model_kwargs, epochs, lr, seed, data_tag)
+    key = teacher_key(config)
+    path = default_cache_dir(cache_dir) / "teachers" / f"{name}-{key}.pt"
+    torch.manual_seed(seed)
+    model = build_model(name, **model_kwargs)  # validates name and kwargs before any training
+
+    if path.is_file() and not retrain:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("config") != config:
+            raise ValueError(
+                f"The cached teacher {path} was trained with config {payload.get('config')} but "
+                f"{config} was requested. Delete the file or pass retrain=True to overwrite it."
+            )
+        model.load_state_dict(payload["state_dict"])
+        model.to(_resolve_device(model, train_loader, device)).eval()
+        print(f"loaded cached teacher {name} from {path} (test acc {payload['test_acc']:.4f})")
+        info = {"test_acc": payload["test_acc"], "key": key, "path": str(path), "cached": True,
+                "config": json.loads(config), "history": payload.get("history")}
+        return model, info
+
+    history = train_supervised(model, train_loader, test_loader, epochs=epochs, lr=lr, seed=seed,
+                               device=device, progress=progress)
+    test_acc = history["test_acc"][-1] if test_loader is not None else float("nan")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_save({"state_dict": state, "config": config, "test_acc": test_acc, "history": history}, path)
+    info = {"test_acc": test_acc, "key": key, "path": str(path), "cached": False,
+            "config": json.loads(config), "history": history}
+    return model, info

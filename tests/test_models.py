@@ -1,0 +1,163 @@
+"""Tests for align_kd.models: the registry, supervised training and the teacher cache."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import align_kd.models as models
+from align_kd.data import TensorLoader
+from align_kd.models import (
+    MLP,
+    MODELS,
+    ResNetCIFAR,
+    SmallCNN,
+    build_model,
+    evaluate,
+    load_or_train_teacher,
+    train_supervised,
+)
+
+torch.set_num_threads(1)
+
+
+def _coloured_dataset(n_per_class=20, seed=0):
+    """Easily learnable images: class k is a noisy solid colour (k-dependent), uint8 (N, 3, 32, 32)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(n_per_class)  # (N,)
+    palette = torch.tensor([[(k * 37) % 256, (k * 91) % 256, (k * 157) % 256] for k in range(10)])  # (10, 3)
+    base = palette[labels].view(-1, 3, 1, 1).float()  # (N, 3, 1, 1)
+    noise = torch.randn(len(labels), 3, 32, 32, generator=g) * 20  # (N, 3, 32, 32)
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    return images, labels
+
+
+def _loaders(batch_size=25):
+    images, labels = _coloured_dataset()
+    test_images, test_labels = _coloured_dataset(n_per_class=5, seed=1)
+    train = TensorLoader(images, labels, batch_size=batch_size, shuffle=True, seed=0)
+    test = TensorLoader(test_images, test_labels, batch_size=50)
+    return train, test
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_registry_models_give_logits(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert build_model(name, num_classes=7)(x).shape == (2, 7)
+
+
+def test_plain_nets_are_built_from_module_activations():
+    cnn = SmallCNN(width=8)
+    assert isinstance(cnn, nn.Sequential)
+    assert [type(m).__name__ for m in cnn].count("Conv2d") == 3
+    assert [type(m).__name__ for m in cnn].count("Linear") == 2
+    relus = [m for m in cnn.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 4 and not any(r.inplace for r in relus)  # in-place would corrupt hooked BN outputs
+    mlp = MLP(hidden=(32, 16))
+    assert [name for name, _ in mlp.named_children()] == ["flatten", "block1", "block2", "head"]
+    resnet = ResNetCIFAR(depth=14, width=4)
+    assert [name for name, _ in resnet.named_children()][:4] == ["stem", "layer1", "layer2", "layer3"]
+    assert len(resnet.layer1) == 2
+
+
+def test_build_model_validates_name_and_kwargs():
+    with pytest.raises(ValueError, match="cnn") as err:
+        build_model("transformer")
+    assert all(name in str(err.value) for name in MODELS)
+    with pytest.raises(TypeError, match="width"):
+        build_model("mlp", width=3)
+    with pytest.raises(ValueError, match="6n"):
+        build_model("resnet", depth=21)
+    with pytest.raises(ValueError, match="width"):
+        build_model("cnn", width=0)
+    with pytest.raises(ValueError, match="hidden"):
+        build_model("mlp", hidden=128)
+
+
+def test_train_supervised_beats_chance_and_evaluate_restores_mode():
+    train, test = _loaders()
+    torch.manual_seed(0)
+    model = SmallCNN(width=8)
+    before = evaluate(model, test)
+    history = train_supervised(model, train, test, epochs=2, lr=0.05, progress=False)
+    assert history["epoch"] == [1, 2]
+    assert len(history["train_loss"]) == len(history["train_acc"]) == len(history["test_acc"]) == 2
+    assert history["train_loss"][1] < history["train_loss"][0]
+    assert history["test_acc"][-1] >= 0.6 > 0.1  # chance is 0.1
+    assert history["lr"][-1] < 0.05 * 0.01  # the cosine schedule ended near zero
+    model.train()
+    acc = evaluate(model, test)
+    assert model.training and acc == history["test_acc"][-1]
+    model.eval()
+    evaluate(model, test)
+    assert not model.training
+    assert acc > before
+
+
+def test_train_supervised_validates_arguments():
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match="epochs"):
+        train_supervised(SmallCNN(width=4), train, epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        train_supervised(SmallCNN(width=4), train, epochs=1, lr=-1.0)
+
+
+def test_teacher_cache_reuses_and_refuses_mismatch(tmp_path, monkeypatch, capsys):
+    train, test = _loaders(batch_size=50)
+    kwargs = {"hidden": [32]}
+    first, info = load_or_train_teacher("mlp", kwargs, train, test, epochs=1, cache_dir=tmp_path,
+                                        data_tag="colours", progress=False)
+    assert info["cached"] is False
+    assert info["path"].endswith(f"mlp-{info['key']}.pt") and (tmp_path / "teachers").is_dir()
+    assert 0.0 <= info["test_acc"] <= 1.0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached teacher must not be retrained")
+
+    monkeypatch.setattr(models, "train_supervised", no_training)
+    start = time.perf_counter()
+    second, info2 = load_or_train_teacher("mlp", kwargs, train, test, epochs=1, cache_dir=tmp_path,
+                                          data_tag="colours", progress=False)
+    assert time.perf_counter() - start < 2.0
+    assert info2["cached"] is True and info2["key"] == info["key"] and info2["test_acc"] == info["test_acc"]
+    assert "loaded cached teacher" in capsys.readouterr().out
+    for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert evaluate(second, test) == info["test_acc"]
+
+    # any change to the config is a different key (and here would need training)
+    with pytest.raises(AssertionError, match="must not be retrained"):
+        load_or_train_teacher("mlp", kwargs, train, test, epochs=1, cache_dir=tmp_path, data_tag="other")
+    train.data_tag = "colours"  # an empty data_tag falls back to the loader's tag
+    _, info_tagged = load_or_train_teacher("mlp", kwargs, train, test, epochs=1, cache_dir=tmp_path)
+    assert info_tagged["cached"] is True and info_tagged["key"] == info["key"]
+    train.data_tag = ""
+
+    # a file whose stored config does not match its key is refused, not overwritten
+    payload = torch.load(info["path"], weights_only=True)
+    payload["config"] = payload["config"].replace('"epochs":1', '"epochs":9')
+    torch.save(payload, info["path"])
+    with pytest.raises(ValueError, match="retrain=True"):
+        load_or_train_teacher("mlp", kwargs, train, test, epochs=1, cache_dir=tmp_path, data_tag="colours")
+    assert torch.load(info["path"], weights_only=True)["config"] == payload["config"]
+
+    monkeypatch.setattr(models, "train_supervised", train_supervised)
+    _, info3 = load_or_train_teacher("mlp", kwargs, train, test, epochs=1, cache_dir=tmp_path,
+                                     data_tag="colours", retrain=True, progress=False)
+    assert info3["cached"] is False
+    assert torch.load(info["path"], weights_only=True)["config"] != payload["config"]
+
+
+def test_teacher_cache_validates_inputs(tmp_path):
+    train, test = _loaders()
+    with pytest.raises(ValueError, match="model name"):
+        load_or_train_teacher("nope", {}, train, test, epochs=1, cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="JSON"):
+        load_or_train_teacher("mlp", {"hidden": object()}, train, test, epochs=1, cache_dir=tmp_path)
+    assert not (tmp_path / "teachers").exists()
