@@ -177,13 +177,17 @@ def _discover(model: nn.Module, calls: list[_Call], out) -> list[str]:
         close()
 
     visit("")
-    # the logits: the call whose output is the model's output is always the last tap
+    # the logits: the call whose output is the model's output is always the last tap, also when
+    # other modules run after it (e.g. an auxiliary head whose output the model does not return)
+    last = None
     if isinstance(out, Tensor):
         final = [c for c in calls if c.output_id == id(out) and c.shape is not None]
         if final:
             last = max(final, key=lambda c: c.end)
-            taps = [t for t in taps if t.name != last.name] + [last]
+            taps = [t for t in taps if t.name != last.name]
     taps.sort(key=lambda c: c.end)
+    if last is not None:
+        taps.append(last)
     names = []
     for t in taps:
         if t.name not in names:
@@ -242,10 +246,17 @@ class FeatureTap:
         self._handles = []
         self._wanted: dict[str, dict[int | None, str]] = {}
         modules = dict(model.named_modules())
+        dupes = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"FeatureTap names layers more than once: {dupes}.")
         for name in self.names:
             base, k = _split_name(name)
             if base not in modules or base == "":
-                raise ValueError(f"Unknown layer {name!r}.")
+                raise ValueError(
+                    f"Unknown layer {name!r} of {type(model).__name__}. Available modules: {[n for n in modules if n]} "
+                    "(a module called k times in one forward is tapped as 'name:0', ..., 'name:k-1'; "
+                    "see align_kd.describe_layers(model, example_input))."
+                )
             self._wanted.setdefault(base, {})[k] = name
 
     @staticmethod

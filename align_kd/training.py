@@ -362,6 +362,10 @@ class _Engine:
         if not torch.isfinite(x).all():
             self._bad_step("the input batch contains NaN or inf")
             return None
+        # running statistics (student BatchNorm, the bank's standardisers) that this step's forward
+        # updates; restored if the step is skipped so that one bad batch cannot poison later steps
+        buffers = [b for m in (self.student, self.bank) if m is not None for b in m.buffers()]
+        saved = [b.detach().clone() for b in buffers]
         with self._autocast():
             with torch.no_grad():
                 t_feats, t_logits = t_tap(x)
@@ -380,6 +384,9 @@ class _Engine:
             distil = distil + cfg.feature_weight * feature
         loss = cfg.beta * ce + (1 - cfg.beta) * distil
         if not torch.isfinite(loss):
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
             self._bad_step(f"the loss is {loss.item()}")
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -424,7 +431,11 @@ class _Engine:
 
         mi = self.estimate_mi(t_tap, s_tap)
         tau = self.cfg.tau if self.cfg.exact_tau is None else self.cfg.exact_tau
-        plan, info = exact_plan_info(mi.double().cpu(), self.row_marginal.double().cpu(), tau=tau, method=self.cfg.exact_method)
+        # the float32 masses cast to float64 miss sum(r) = S by ~1e-7, which makes the solver's
+        # problem (columns sum to exactly 1) infeasible: rescale in float64
+        r = self.row_marginal.double().cpu()
+        r = r * (self.plan.S / r.sum())
+        plan, info = exact_plan_info(mi.double().cpu(), r, tau=tau, method=self.cfg.exact_method)
         self.plan.value.copy_(plan.to(self.plan.value))
         self.solves.append({"step": self.step, **info, "tau": tau, "mi": mi.tolist(), "plan": plan.tolist()})
 
