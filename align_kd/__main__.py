@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 STRATEGY_HELP = "one of: alone (labels only), hinton, pairwise, uniform, softmax, sinkhorn, exact"
 

@@ -26,7 +26,6 @@ import math
 import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from ._io import atomic_save
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -299,19 +300,6 @@ def sample_order(n: int, seed: int = ORDER_SEED) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(file: Path) -> tuple[Tensor, Tensor] | None:
     if not file.is_file():
         return None
@@ -391,7 +379,7 @@ def load_cifar10(
                 "version": _CACHE_VERSION,
             }
             try:
-                _atomic_save(payload, cache / "cifar10" / f"{name}-{key}.pt")
+                atomic_save(payload, cache / "cifar10" / f"{name}-{key}.pt")
             except OSError as err:
                 warnings.warn(f"Could not write the CIFAR-10 cache in {cache} ({err}); the next load decodes again.")
             if name == split:

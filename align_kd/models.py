@@ -16,13 +16,13 @@ import inspect
 import json
 import math
 import os
-import tempfile
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from ._io import atomic_save
 
 __all__ = [
     "MLP",
@@ -348,19 +348,6 @@ def teacher_key(config_json: str) -> str:
     return hashlib.sha256(config_json.encode()).hexdigest()[:12]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_train_teacher(
     name: str,
     model_kwargs: dict,
@@ -419,7 +406,7 @@ def load_or_train_teacher(
                                device=device, progress=progress)
     test_acc = history["test_acc"][-1] if test_loader is not None else float("nan")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_save({"state_dict": state, "config": config, "test_acc": test_acc, "history": history}, path)
+    atomic_save({"state_dict": state, "config": config, "test_acc": test_acc, "history": history}, path)
     info = {"test_acc": test_acc, "key": key, "path": str(path), "cached": False,
             "config": json.loads(config), "history": history}
     return model, info
