@@ -70,6 +70,13 @@ def _check_inputs(logits: Tensor, row_marginal: Tensor | None, tau: float) -> No
         raise ValueError("`logits` contain NaN or inf; a plan cannot be computed. Check the learning rate and tau.")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"Expected `tau` to be a finite number > 0 but got {tau!r}; use exact_plan(..., tau=0) for the LP.")
+    L = logits.detach().double()
+    span = float((L.amax(-2) - L.amin(-2)).max()) if logits.numel() else 0.0  # largest within-column gap
+    if not math.isfinite(span / tau):
+        raise ValueError(
+            f"`tau`={tau!r} is too small for logits whose columns span {span:.3g}: logits / tau overflows float64. "
+            "Raise `tau` or rescale the logits."
+        )
     if row_marginal is not None:
         T, S = logits.shape[-2:]
         if not isinstance(row_marginal, Tensor):
@@ -101,8 +108,9 @@ def _check_inputs(logits: Tensor, row_marginal: Tensor | None, tau: float) -> No
 
 def _col_softmax_log(K: Tensor, a: Tensor) -> Tensor:
     """log P for P = column softmax of K + a[:, None]: (..., T, S)."""
-    Z = K + a.unsqueeze(-1)
-    return Z - torch.logsumexp(Z, dim=-2, keepdim=True)
+    # log_softmax subtracts the column maximum before the log-sum: Z - logsumexp(Z) loses the
+    # column normalisation when the potentials are large (huge logits / tau)
+    return torch.log_softmax(K + a.unsqueeze(-1), dim=-2)
 
 
 def _row_error(logP: Tensor, r: Tensor) -> Tensor:
@@ -126,7 +134,13 @@ def _newton_step(K: Tensor, a: Tensor, r: Tensor) -> tuple[Tensor, bool]:
     T = a.shape[-1]
     eye = torch.eye(T, dtype=a.dtype, device=a.device)
     H = torch.diag_embed(R) - P @ P.transpose(-1, -2)  # (..., T, T), minus the Hessian; null vector 1
-    ridge = 1e-8 * R.amax(-1).clamp_min(1.0)[..., None, None]  # keeps rows with R_i ~ 0 solvable
+    # The ridge keeps rows with R_i ~ 0 solvable far from the solution; it shrinks with the gradient
+    # (Levenberg-Marquardt style) so that near it Newton stays quadratic. A fixed 1e-8 ridge made
+    # convergence linear (rate ~0.96 per step) once the smallest Hessian eigenvalue fell below it,
+    # which happens at small tau: 1000+ steps to reach tol=1e-12 on 32 x 32 at tau=0.03.
+    gnorm = grad.abs().amax(-1)  # (...,)
+    ridge = (1e-3 * gnorm).clamp(1e-15, 1e-8) * R.amax(-1).clamp_min(1.0)
+    ridge = ridge[..., None, None]
     step, info = torch.linalg.solve_ex(H + 1.0 / T + ridge * eye, grad.unsqueeze(-1))
     step = torch.where((info == 0)[..., None], step.squeeze(-1), grad)  # (..., T); gradient step if singular
     step = step - step.mean(-1, keepdim=True)  # phi is invariant to a constant shift
@@ -149,7 +163,8 @@ def _solve_stage(
     """Row potential a with rows of colsoftmax(K + a) summing to r (float64, no grad)."""
     log_r = r.log()
     it, sweeps = 0, 0
-    err = float(_row_error(_col_softmax_log(K, a), r).max())
+    errs = _row_error(_col_softmax_log(K, a), r)  # (...,)
+    err = float(errs.max())
     while err > tol and it < budget:
         if sweeps < newton_after:
             for _ in range(min(check_every, budget - it)):
@@ -157,11 +172,21 @@ def _solve_stage(
                 a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)  # (..., T) row update
                 it, sweeps = it + 1, sweeps + 1
         else:
-            a, moved = _newton_step(K, a, r)
+            # Newton only on the batch elements not yet within tol: converged ones can never pass
+            # the line search at round-off level, and the work should not scale with the batch
+            # times the slowest element
+            shape, T = a.shape, a.shape[-1]
+            flat_a = a.reshape(-1, T)
+            active = (errs > tol).reshape(-1).nonzero().squeeze(-1)  # (n_active,)
+            a_act, moved = _newton_step(
+                K.reshape(-1, *K.shape[-2:])[active], flat_a[active], r.reshape(-1, T)[active]
+            )
+            a = flat_a.index_copy(0, active, a_act).reshape(shape)
             it += 1
             if not moved:
                 break
-        err = float(_row_error(_col_softmax_log(K, a), r).max())
+        errs = _row_error(_col_softmax_log(K, a), r)
+        err = float(errs.max())
     return a, it, err
 
 
@@ -255,9 +280,15 @@ def sinkhorn_solve(
     _check_inputs(logits, row_marginal, tau)
     if grad not in GRAD_MODES:
         raise ValueError(f"Expected argument `grad` to be one of {list(GRAD_MODES)} but got {grad!r}.")
-    K = logits / tau  # (..., T, S)
+    # a plan does not change when a column's logits are shifted by a constant: subtract each column's
+    # maximum, so that logits / tau never overflows and huge logits do not swamp the potentials
+    shift = logits.detach().double().amax(-2, keepdim=True)  # (..., 1, S)
     if row_marginal is None:
+        K = logits / tau  # (..., T, S)
+        if not torch.isfinite(K).all():  # overflow (huge logits, or tau below the dtype's range)
+            return SinkhornResult(torch.softmax((logits.double() - shift) / tau, dim=-2).to(logits.dtype), None, 0, 0.0, True)
         return SinkhornResult(torch.softmax(K, dim=-2), None, 0, 0.0, True)
+    K = (logits - shift.to(logits.dtype)) / tau  # (..., T, S), <= 0
 
     r = row_marginal.to(device=K.device, dtype=torch.float64).expand(K.shape[:-1])  # (..., T)
     if init is None:
@@ -285,11 +316,11 @@ def sinkhorn_solve(
     else:
         with torch.no_grad():
             a_out, it, err = _solve_potential(
-                logits.detach().double(), r, tau, a0, tol, max_iter, check_every, newton_after
+                logits.detach().double() - shift, r, tau, a0, tol, max_iter, check_every, newton_after
             )
         # evaluate the plan in float64 and cast once: at small tau, K = logits / tau is large and a
         # float32 softmax leaves column/row errors ~1e-5; this keeps them at float32 rounding
-        plan = _ImplicitSinkhorn.apply(logits.double() / tau, a_out).to(logits.dtype)
+        plan = _ImplicitSinkhorn.apply((logits.double() - shift) / tau, a_out).to(logits.dtype)
     converged = err <= tol
     if warn and not converged:
         warnings.warn(
