@@ -31,12 +31,15 @@ def _setting_from_args(args):
 
 
 def _run_and_report(setting, strategies, seeds, out, args, *, fit_options=None) -> dict:
+    from .distributed import is_main
     from .experiment import run_setting, write_outputs
 
     if fit_options:
         setting = replace(setting, fit_options={**setting.fit_options, **fit_options})
     start = time.perf_counter()
     records, tinfo = run_setting(setting, strategies, seeds, out, data_root=args.data, progress=not args.no_progress)
+    if not is_main():  # under torchrun only rank 0 writes and prints the outputs
+        return {}
     summary = write_outputs(setting, records, tinfo, out, seeds=seeds, strategies=strategies)
     print()
     print(summary["table"])

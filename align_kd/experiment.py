@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import cifar10_loaders
+from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
 from .training import fit
 
@@ -99,19 +100,24 @@ def run_setting(
     """Train/load the teacher, then every strategy x seed on the same budget.
 
     Returns ``(records, teacher_info)``; each run is saved to ``out_dir/<setting>/<strategy>-s<seed>/``.
+    Under ``torchrun`` every rank trains (data parallel) but only rank 0 logs and writes files.
     """
     unknown = [s for s in strategies if s not in ALL_STRATEGIES]
     if unknown:
         raise ValueError(f"Unknown strategies {unknown}; choose from {list(ALL_STRATEGIES)}.")
+    dist = setup_distributed()  # under torchrun: join the process group; a no-op in one process
+    if not dist.is_main:
+        log, progress = (lambda *args, **kwargs: None), False
     out = Path(out_dir) / setting.name
     out.mkdir(parents=True, exist_ok=True)
-    train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit,
-                                  test_limit=setting.test_limit, seed=0)
-    tag = f"cifar10-train{setting.train_limit or 'all'}-bs{setting.batch_size}-aug"
-    teacher, tinfo = load_or_train_teacher(
-        setting.teacher, setting.teacher_kwargs, train, test, epochs=setting.teacher_epochs,
-        lr=setting.teacher_lr, data_tag=tag, progress=progress,
-    )
+    with dist.main_first():  # rank 0 decodes the data and trains the teacher; the others then read the caches
+        train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit,
+                                      test_limit=setting.test_limit, seed=0)
+        tag = f"cifar10-train{setting.train_limit or 'all'}-bs{setting.batch_size}-aug"
+        teacher, tinfo = load_or_train_teacher(
+            setting.teacher, setting.teacher_kwargs, train, test, epochs=setting.teacher_epochs,
+            lr=setting.teacher_lr, data_tag=tag, progress=progress,
+        )
     log(f"teacher {setting.teacher}{setting.teacher_kwargs}: test acc {tinfo['test_acc']:.4f} "
         f"({'cached' if tinfo['cached'] else 'trained'}: {tinfo['path']})")
     records = []
@@ -123,7 +129,7 @@ def run_setting(
             start = time.perf_counter()
             result = fit(teacher, student, (train, test), strategy=name, **opts)
             wall = time.perf_counter() - start
-            run_dir = result.save(out / f"{strategy}-s{seed}")
+            run_dir = result.save(out / f"{strategy}-s{seed}") if dist.is_main else out / f"{strategy}-s{seed}"
             records.append({
                 "dataset": "cifar10", "setting": setting.name, "strategy": strategy, "seed": seed,
                 "test_acc": result.test_acc, "best_acc": result.best_acc, "epochs": setting.epochs,

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import Checkpointer
+from .distributed import DistContext
+from .distributed import setup as _setup_distributed
 from .mi import BANK_LAYOUTS, MIBank
 from .plans import PLAN_STRATEGIES, ExactPlan, make_plan
 from .taps import FeatureTap, discover_layers
@@ -67,8 +71,11 @@ class FitConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses or inputs before stopping
     amp: bool = False  # bfloat16 autocast (likelihood stays float32)
     seed: int = 0
-    device: str | None = None  # None: CUDA when available, else CPU
-    progress: bool = True
+    device: str | None = None  # None: CUDA when available, else CPU (under torchrun: cuda:$LOCAL_RANK)
+    progress: bool = True  # progress bar and one line per epoch (rank 0 only)
+    checkpoint_dir: str | None = None  # write checkpoint-epochNNNN.pt here after every epoch (rank 0)
+    resume: bool = False  # continue from the newest good checkpoint in checkpoint_dir (fresh start if none)
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep (2: one fallback)
 
     def __post_init__(self):
         def check(cond, msg):
@@ -96,6 +103,15 @@ class FitConfig:
         check(self.exact_tau is None or self.exact_tau >= 0, f"Expected `exact_tau` >= 0 or None but got {self.exact_tau!r}.")
         check(isinstance(self.max_bad_steps, int) and self.max_bad_steps >= 1, f"Expected `max_bad_steps` >= 1 but got {self.max_bad_steps!r}.")
         check(self.grad_clip is None or self.grad_clip > 0, f"Expected `grad_clip` > 0 or None but got {self.grad_clip!r}.")
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        check(self.checkpoint_dir is None or (isinstance(self.checkpoint_dir, str) and self.checkpoint_dir != ""),
+              f"Expected `checkpoint_dir` to be a directory path or None but got {self.checkpoint_dir!r}.")
+        check(isinstance(self.resume, bool), f"Expected `resume` to be True or False but got {self.resume!r}.")
+        check(not self.resume or self.checkpoint_dir is not None,
+              "resume=True needs `checkpoint_dir` (the directory the interrupted run wrote its checkpoints to).")
+        check(isinstance(self.keep_checkpoints, int) and not isinstance(self.keep_checkpoints, bool) and self.keep_checkpoints >= 1,
+              f"Expected `keep_checkpoints` to be an int >= 1 but got {self.keep_checkpoints!r}.")
 
 
 @dataclass
@@ -190,6 +206,16 @@ class FitResult:
         )
 
 
+def _oom_message(cfg: FitConfig, loader, err: BaseException) -> str:
+    batch = getattr(loader, "batch_size", None)
+    first = (str(err).strip().splitlines() or ["no details"])[0]
+    hints = [f"the batch size{f' (now {batch})' if batch else ''}",
+             f"the MI bank's pooling resolution `pool` (now {cfg.pool})", f"the regressor `width` (now {cfg.width})"]
+    extra = " bank_layout='full' needs far more memory than 'shared'." if cfg.bank_layout == "full" else ""
+    extra += "" if cfg.amp else " amp=True (bfloat16 autocast) also saves memory."
+    return f"CUDA out of memory in fit() ({first}). Lower {', '.join(hints[:-1])} or {hints[-1]}.{extra}"
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -275,9 +301,11 @@ def evaluate(model: nn.Module, loader, device) -> float:
 class _Engine:
     """Holds everything one fit() run trains; one place for the step, the epoch and the MI estimate."""
 
-    def __init__(self, teacher, student, train_loader, test_loader, cfg: FitConfig, fixed_plan, teacher_layers, student_layers):
+    def __init__(self, teacher, student, train_loader, test_loader, cfg: FitConfig, fixed_plan, teacher_layers, student_layers,
+                 dist: DistContext | None = None):
         self.cfg = cfg
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = dist or DistContext(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        self.device = self.dist.device
         self.teacher, self.student = teacher, student
         self.train_loader, self.test_loader = train_loader, test_loader
         x, _ = _first_batch(train_loader, "training")
@@ -308,6 +336,8 @@ class _Engine:
             row_marginal if row_marginal is not None else torch.full((T,), S / T))
         self.uses_features = cfg.strategy != "hinton" or fixed_plan is not None
         self.uses_features = self.uses_features and cfg.beta < 1 and cfg.feature_weight > 0
+        self.uses_kd = cfg.kd_weight > 0 and cfg.beta < 1
+        self.uses_teacher = self.uses_kd or self.uses_features  # else (labels only) skip its forward
         self.bank = (
             MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout,
                    pool=cfg.pool if cfg.bank_layout == "shared" else None, width=cfg.width).to(self.device)
@@ -327,6 +357,10 @@ class _Engine:
         self.solves: list[dict] = []
         self.held: list[tuple[Tensor, Tensor]] = []
         self.mi_last: Tensor | None = None
+        self.start_epoch = 0  # > 0 when resumed from a checkpoint
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # everything trained
+        # data parallel: every rank starts from rank 0's weights (a no-op in a single process)
+        self.dist.broadcast_modules([teacher, student, self.bank, self.plan])
 
     def _make_optimizer(self):
         cfg = self.cfg
@@ -360,6 +394,7 @@ class _Engine:
         cfg = self.cfg
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if not torch.isfinite(x).all():
+            self.dist.all_reduce_grads(self.params, "input")  # data parallel: every rank skips this step
             self._bad_step("the input batch contains NaN or inf")
             return None
         # running statistics (student BatchNorm, the bank's standardisers) that this step's forward
@@ -367,11 +402,12 @@ class _Engine:
         buffers = [b for m in (self.student, self.bank) if m is not None for b in m.buffers()]
         saved = [b.detach().clone() for b in buffers]
         with self._autocast():
-            with torch.no_grad():
-                t_feats, t_logits = t_tap(x)
+            if self.uses_teacher:
+                with torch.no_grad():
+                    t_feats, t_logits = t_tap(x)
             s_feats, s_logits = s_tap(x)
         ce = F.cross_entropy(s_logits.float(), y.long())
-        kd = _kd_loss(s_logits, t_logits, cfg.kd_temperature) if cfg.kd_weight > 0 else ce.new_zeros(())
+        kd = _kd_loss(s_logits, t_logits, cfg.kd_temperature) if self.uses_kd else ce.new_zeros(())
         distil = cfg.kd_weight * kd
         lam = self.plan()  # (T, S)
         mi = None
@@ -383,18 +419,22 @@ class _Engine:
             feature = -mi.sum() - (lam * mi.detach()).sum()
             distil = distil + cfg.feature_weight * feature
         loss = cfg.beta * ce + (1 - cfg.beta) * distil
-        if not torch.isfinite(loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = None if torch.isfinite(loss) else f"the loss is {loss.item()}"
+        if bad is None:
+            loss.backward()
+        # data parallel: average the gradients over ranks (missing ones count as zeros); a step
+        # skipped on any rank is skipped on every rank. A no-op in a single process.
+        bad = self.dist.all_reduce_grads(self.params, bad)
+        if bad is not None:
             with torch.no_grad():
                 for b, v in zip(buffers, saved):
                     b.copy_(v)
-            self._bad_step(f"the loss is {loss.item()}")
+            self._bad_step(bad)
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if cfg.grad_clip is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.bad_in_a_row = 0
@@ -430,6 +470,7 @@ class _Engine:
         from .exact import exact_plan_info
 
         mi = self.estimate_mi(t_tap, s_tap)
+        mi = self.dist.all_reduce_sum(mi) / self.dist.world_size  # data parallel: every rank's held batches
         tau = self.cfg.tau if self.cfg.exact_tau is None else self.cfg.exact_tau
         # the float32 masses cast to float64 miss sum(r) = S by ~1e-7, which makes the solver's
         # problem (columns sum to exactly 1) infeasible: rescale in float64
@@ -437,18 +478,21 @@ class _Engine:
         r = r * (self.plan.S / r.sum())
         plan, info = exact_plan_info(mi.double().cpu(), r, tau=tau, method=self.cfg.exact_method)
         self.plan.value.copy_(plan.to(self.plan.value))
+        self.dist.broadcast_tensors([self.plan.value])  # identical plans even if a solver is not deterministic
         self.solves.append({"step": self.step, **info, "tau": tau, "mi": mi.tolist(), "plan": plan.tolist()})
 
-    def run(self) -> None:
+    def run(self, checkpointer: Checkpointer | None = None) -> None:
         cfg = self.cfg
         from tqdm.auto import tqdm
 
         exact = isinstance(self.plan, ExactPlan)
         every = cfg.exact_every or self.steps_per_epoch
         total = cfg.epochs * self.steps_per_epoch
-        bar = tqdm(total=total, disable=not cfg.progress, desc=f"fit[{cfg.strategy}]", unit="step", leave=False)
+        show = cfg.progress and self.dist.is_main  # data parallel: only rank 0 prints
+        bar = tqdm(total=total, initial=self.start_epoch * self.steps_per_epoch, disable=not show,
+                   desc=f"fit[{cfg.strategy}]", unit="step", leave=False)
         with FeatureTap(self.teacher, self.teacher_layers) as t_tap, FeatureTap(self.student, self.student_layers) as s_tap:
-            for epoch in range(cfg.epochs):
+            for epoch in range(self.start_epoch, cfg.epochs):
                 if hasattr(self.train_loader, "set_epoch"):
                     self.train_loader.set_epoch(epoch)
                 self.skipped = 0
@@ -472,18 +516,24 @@ class _Engine:
                     bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out['acc']:.3f}")
                     if exact and (self.step == cfg.exact_warmup or self.step % every == 0):
                         self.solve_exact(t_tap, s_tap)
+                # data parallel: statistics over every rank's steps; BatchNorm and standardiser
+                # statistics averaged, the plan's buffers (Sinkhorn potential) from rank 0
+                sums, n, mi_sum, mi_n = self.dist.reduce_epoch_stats(sums, n, mi_sum, mi_n)
+                self.dist.sync_buffers(average=[self.student, self.bank], broadcast=[self.plan])
                 record = {"epoch": epoch + 1, "step": self.step, **{k: v / max(n, 1) for k, v in sums.items()}}
                 record["train_acc"] = record.pop("acc")
                 record["skipped_steps"] = self.skipped
                 record["lr"] = self.scheduler.get_last_lr()[0]
                 record["wall_s"] = time.perf_counter() - start
-                record["test_acc"] = evaluate(self.student, self.test_loader, self.device) if self.test_loader is not None else None
+                record["test_acc"] = self.dist.evaluate(self.student, self.test_loader, self.device) if self.test_loader is not None else None
                 with torch.no_grad():
                     record["plan"] = self.plan().detach().float().cpu().tolist()
                 self.mi_last = None if mi_sum is None else mi_sum / mi_n
                 record["mi"] = None if self.mi_last is None else self.mi_last.tolist()
                 self.history.append(record)
-                if cfg.progress:
+                if checkpointer is not None:
+                    checkpointer.save(self)
+                if show:
                     acc = "" if record["test_acc"] is None else f" test_acc {record['test_acc']:.4f}"
                     bar.write(f"[{cfg.strategy}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
                               f"train_acc {record['train_acc']:.4f}{acc} ({record['wall_s']:.1f} s)")
@@ -510,10 +560,17 @@ def fit(
             (1/T everywhere), "softmax" (learned, column softmax), "sinkhorn" (learned transport
             plan, default), "exact" (solved from the MI estimates), or a fixed (T, S) tensor.
         teacher_layers / student_layers: tap names; default :func:`align_kd.discover_layers`.
-        **options: any field of :class:`FitConfig` (epochs, beta, tau, lr, seed, device, ...).
+        **options: any field of :class:`FitConfig` (epochs, beta, tau, lr, seed, device,
+            checkpoint_dir, resume, ...).
 
     Returns:
         :class:`FitResult` with the student, final plan (T, S), MI (T, S), names and history.
+
+    Under ``torchrun`` the run is data parallel (see :mod:`align_kd.distributed`); every rank
+    returns the same result. With ``checkpoint_dir`` a checkpoint is written after every epoch and
+    ``resume=True`` continues from the last one (see :mod:`align_kd.checkpoint`). On Ctrl-C the
+    last completed epoch is on disk, a message says how to resume, and KeyboardInterrupt is
+    re-raised. CUDA out-of-memory is re-raised with what to lower (batch size, ``pool``, ``width``).
     """
     fixed_plan = None
     if isinstance(strategy, Tensor):
@@ -526,17 +583,38 @@ def fit(
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected the {role} to be a torch.nn.Module but got {type(model).__name__}.")
     train_loader, test_loader = _split_data(data)
+    # under torchrun: join (or create) the process group and take this rank's share of the data
+    dist = _setup_distributed(cfg.device)
+    train_loader = dist.shard_train(train_loader, seed=cfg.seed)
+    config = asdict(cfg)
+    if fixed_plan is not None:
+        config["fixed_plan"] = fixed_plan.tolist()
 
     torch.manual_seed(cfg.seed)
     teacher_flags = [(m, m.training) for m in teacher.modules()]
     student_training = student.training
     requires = [(p, p.requires_grad) for p in teacher.parameters()]
+    engine = checkpointer = None
     try:
         teacher.eval()
         for p, _ in requires:
             p.requires_grad_(False)
-        engine = _Engine(teacher, student, train_loader, test_loader, cfg, fixed_plan, teacher_layers, student_layers)
-        engine.run()
+        engine = _Engine(teacher, student, train_loader, test_loader, cfg, fixed_plan, teacher_layers, student_layers, dist=dist)
+        if cfg.checkpoint_dir is not None:
+            checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.keep_checkpoints, dist=dist, config=config, teacher=teacher)
+            checkpointer.prepare(engine, resume=cfg.resume)
+        engine.run(checkpointer)
+    except KeyboardInterrupt:
+        # Ctrl-C: the last completed epoch is on disk (saved now if it was not yet); then re-raise
+        if checkpointer is not None:
+            checkpointer.on_interrupt(engine)
+        elif dist.is_main:
+            done = 0 if engine is None else len(engine.history)
+            print(f"fit() interrupted (KeyboardInterrupt) after {done}/{cfg.epochs} completed epochs; nothing was saved. "
+                  "Pass checkpoint_dir=... to make a run resumable.", file=sys.stderr, flush=True)
+        raise
+    except torch.cuda.OutOfMemoryError as err:
+        raise torch.cuda.OutOfMemoryError(_oom_message(cfg, train_loader, err)) from err
     finally:
         for m, f in teacher_flags:
             m.training = f
@@ -544,9 +622,6 @@ def fit(
             p.requires_grad_(r)
         student.train(student_training)
 
-    config = asdict(cfg)
-    if fixed_plan is not None:
-        config["fixed_plan"] = fixed_plan.tolist()
     with torch.no_grad():
         plan = engine.plan().detach().float().cpu()
     return FitResult(

@@ -10,10 +10,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  # pinned to the releases this machine provides from its own disk (CUDA build; runs on the CPU here)
-  .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/python -m pip install -q -e ".[test]"
+  echo "setting up .venv (first run only; log in .venv/install.log) ..."
+  {
+    .venv/bin/python -m pip install --upgrade pip || true
+    # pinned to the releases this machine provides from its own disk (CUDA build; runs on the CPU here)
+    .venv/bin/python -m pip install torch==2.14.1 torchvision==0.29.1 &&
+    .venv/bin/python -m pip install -e ".[test]"
+  } > .venv/install.log 2>&1 || { tail -n 40 .venv/install.log; echo "setup failed; see .venv/install.log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 # CIFAR-10: the shared JPEG archive beside the checkout, unless ALIGN_KD_DATA points elsewhere

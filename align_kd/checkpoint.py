@@ -1,0 +1,372 @@
+"""Checkpoints of a :func:`align_kd.fit` run: saved after every epoch, resumed exactly.
+
+``fit(..., checkpoint_dir=d)`` writes ``d/checkpoint-epoch0003.pt`` after epoch 3 (rank 0 only) and
+keeps the newest ``keep_checkpoints`` (default 2). A checkpoint holds everything the next epoch
+depends on: the student, the MI bank and the plan module (logits and the Sinkhorn warm-start
+potential), the optimiser and LR schedule, the RNG states of every rank (torch CPU and CUDA,
+python ``random``, numpy, and the training loader's own generator), the history, the "exact"
+solves and held-out batches, the step and epoch counters, and the :class:`~align_kd.FitConfig`.
+Data order is a function of seed and epoch (``set_epoch``), so ``fit(..., checkpoint_dir=d,
+resume=True)`` after a crash or Ctrl-C continues from the last completed epoch and ends with the
+same student, plan and history (wall times aside) as a run that was never interrupted.
+
+File format: the line ``ALIGN_KD_CHECKPOINT v1``, the sha256 (hex) of the rest, a newline, then a
+``torch.save`` payload (read back with ``weights_only=True``). Files are written to a temporary
+file in the same directory, fsynced and renamed over the target, so a crash leaves either the old
+or the new file; a truncated or corrupted file fails the hash check and the next older checkpoint
+is used instead, with a warning. :func:`read_checkpoint` reads one for inspection.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import random
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._io import _atomic
+
+__all__ = [
+    "RUNTIME_FIELDS",
+    "CheckpointError",
+    "Checkpointer",
+    "checkpoint_path",
+    "config_diff",
+    "list_checkpoints",
+    "read_checkpoint",
+    "write_checkpoint",
+]
+
+FORMAT = "align_kd.checkpoint/1"
+MAGIC = b"ALIGN_KD_CHECKPOINT v1\n"
+_NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
+#: FitConfig fields that may change between a run and its resumption (they do not change results)
+RUNTIME_FIELDS = ("checkpoint_dir", "resume", "keep_checkpoints", "progress", "device")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used (truncated, corrupted, or not an align_kd checkpoint)."""
+
+
+def checkpoint_path(directory, epoch: int) -> Path:
+    """``directory/checkpoint-epoch{epoch:04d}.pt``: the checkpoint written after ``epoch`` epochs."""
+    return Path(directory) / f"checkpoint-epoch{epoch:04d}.pt"
+
+
+def list_checkpoints(directory) -> list[tuple[int, Path]]:
+    """``[(epoch, path), ...]`` of the checkpoint files in ``directory``, oldest first (unverified)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _serialise(payload: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    return MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+
+
+def _write_bytes(blob: bytes, path: Path) -> Path:
+    _atomic(path, lambda f: f.write(blob))  # temp file in the same folder, fsync, os.replace
+    _fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def write_checkpoint(payload: dict, path) -> Path:
+    """Write ``payload`` atomically (temp file in the same directory, fsync, rename) with its sha256."""
+    return _write_bytes(_serialise(payload), Path(path))
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Read and verify a checkpoint file; raises :class:`CheckpointError` when it is unusable."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"Cannot read checkpoint {path}: {err}.") from err
+    if not raw.startswith(MAGIC):
+        raise CheckpointError(f"{path} is not an align_kd checkpoint (no '{MAGIC.decode().strip()}' header).")
+    head_end = raw.find(b"\n", len(MAGIC))
+    if head_end < 0:
+        raise CheckpointError(f"{path} is truncated ({len(raw)} bytes: the header is incomplete).")
+    digest, data = raw[len(MAGIC):head_end].decode(errors="replace"), raw[head_end + 1:]
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"{path} is corrupted or truncated ({len(raw)} bytes; its sha256 does not match the one stored).")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # a file written by an incompatible version
+        raise CheckpointError(f"{path} passed its hash check but torch.load failed: {err!r}.") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {payload.get('format') if isinstance(payload, dict) else '?'}, expected {FORMAT}.")
+    return payload
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states
+
+
+def _loader_generators(loader) -> list[torch.Generator]:
+    gens = []
+    for owner in (loader, getattr(loader, "sampler", None)):
+        g = getattr(owner, "generator", None) if owner is not None else None
+        if isinstance(g, torch.Generator):
+            gens.append(g)
+    return gens
+
+
+def capture_rng(loader=None) -> dict:
+    """This process's RNG states: torch CPU and CUDA, python ``random``, numpy, the loader's generators."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "generators": [g.get_state() for g in _loader_generators(loader)] if loader is not None else [],
+    }
+
+
+def restore_rng(state: dict, loader=None) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    gens = _loader_generators(loader) if loader is not None else []
+    if len(gens) == len(state["generators"]):
+        for g, s in zip(gens, state["generators"]):
+            g.set_state(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration checks
+
+
+def config_diff(stored: dict, current: dict, ignore=RUNTIME_FIELDS) -> list[str]:
+    """Names of the fields whose values differ between two config dicts (``ignore`` left out)."""
+    keys = sorted((set(stored) | set(current)) - set(ignore))
+    return [k for k in keys if stored.get(k) != current.get(k)]
+
+
+def _teacher_digest(teacher) -> str:
+    h = hashlib.sha256()
+    for name, t in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine's side
+
+
+class Checkpointer:
+    """Saves an engine after every epoch (rank 0) and restores it on resume (every rank).
+
+    Args:
+        directory: where ``checkpoint-epochNNNN.pt`` files go.
+        keep: how many of the newest checkpoints to keep (>= 1; 2 allows a fallback).
+        dist: the :class:`~align_kd.distributed.DistContext`.
+        config: the run's options (``asdict(FitConfig)`` plus ``fixed_plan``), compared on resume.
+        teacher: the teacher (its weights are fingerprinted; a different teacher on resume warns).
+    """
+
+    def __init__(self, directory, *, keep: int, dist, config: dict, teacher):
+        self.directory = Path(directory)
+        self.keep = keep
+        self.dist = dist
+        self.config = config
+        self.teacher = teacher
+        self.saved_epoch = 0
+        self.last_path: Path | None = None
+        self._teacher_sha: str | None = None
+
+    def teacher_sha(self) -> str:
+        if self._teacher_sha is None:
+            self._teacher_sha = _teacher_digest(self.teacher)
+        return self._teacher_sha
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def _payload(self, engine, rng: list[dict]) -> dict:
+        return {
+            "format": FORMAT,
+            "epoch": len(engine.history),
+            "step": engine.step,
+            "student": engine.student.state_dict(),
+            "bank": None if engine.bank is None else engine.bank.state_dict(),
+            "plan": engine.plan.state_dict(),
+            "optimizer": engine.optimizer.state_dict(),
+            "scheduler": engine.scheduler.state_dict(),
+            "rng": rng,
+            "history": engine.history,
+            "solves": engine.solves,
+            "held": [(x.detach().cpu(), y.detach().cpu()) for x, y in engine.held],
+            "mi_last": None if engine.mi_last is None else engine.mi_last.detach().cpu(),
+            "bad_in_a_row": engine.bad_in_a_row,
+            "config": self.config,
+            "teacher_layers": list(engine.teacher_layers),
+            "student_layers": list(engine.student_layers),
+            "teacher_shapes": engine.teacher_shapes,
+            "student_shapes": engine.student_shapes,
+            "teacher_sha256": self.teacher_sha(),
+            "world_size": self.dist.world_size,
+            "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
+        }
+
+    def _write(self, payload: dict) -> Path:
+        path = checkpoint_path(self.directory, payload["epoch"])
+        write_checkpoint(payload, path)
+        self.saved_epoch, self.last_path = payload["epoch"], path
+        for epoch, old in list_checkpoints(self.directory)[: -self.keep]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+        return path
+
+    def save(self, engine) -> Path | None:
+        """Collective: gather every rank's RNG state, then rank 0 writes the checkpoint."""
+        rng = self.dist.all_gather_object(capture_rng(engine.train_loader))
+        if not self.dist.is_main:
+            self.saved_epoch = len(engine.history)
+            return None
+        return self._write(self._payload(engine, rng))
+
+    def on_interrupt(self, engine) -> None:
+        """After Ctrl-C: make sure the last completed epoch is on disk (rank 0), say how to resume."""
+        done = len(engine.history) if engine is not None else 0
+        if not self.dist.is_main:
+            return
+        if engine is not None and self.saved_epoch < done:
+            # interrupted at an epoch boundary, before or while saving: the state is still that epoch's
+            # end; no collectives here (other ranks may be gone), so every rank gets rank 0's RNG state
+            self._write(self._payload(engine, [capture_rng(engine.train_loader)] * self.dist.world_size))
+        if self.saved_epoch == 0:
+            msg = (f"fit() interrupted before the first epoch finished; no checkpoint was written to {self.directory}. "
+                   "Nothing to resume from.")
+        else:
+            total = self.config.get("epochs")
+            msg = (f"fit() interrupted (KeyboardInterrupt) after {self.saved_epoch}/{total} completed epochs. The last "
+                   f"completed epoch is saved in {self.last_path or checkpoint_path(self.directory, self.saved_epoch)}. "
+                   f"Resume with fit(..., checkpoint_dir={str(self.directory)!r}, resume=True) and the same teacher, "
+                   "student architecture, data and options.")
+        print(msg, file=sys.stderr, flush=True)
+
+    # -- resuming -------------------------------------------------------------------------------
+
+    def _newest_good(self):
+        """Rank 0: (payload or None, problems). Tries newest first, falls back to older ones."""
+        problems = []
+        for epoch, path in reversed(list_checkpoints(self.directory)):
+            try:
+                payload = read_checkpoint(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                continue
+            if payload.get("epoch") != epoch:
+                problems.append(f"{path} holds epoch {payload.get('epoch')}, not {epoch} (renamed file?).")
+                continue
+            return payload, problems
+        return None, problems
+
+    def prepare(self, engine, resume: bool) -> None:
+        """Collective: on ``resume`` load the newest good checkpoint into ``engine``; else insist on a clean directory."""
+        message = None
+        if self.dist.is_main:
+            existing = list_checkpoints(self.directory)
+            if not resume:
+                box = None
+                if existing:
+                    message = ("error", (
+                        f"checkpoint_dir {str(self.directory)!r} already holds {len(existing)} checkpoint(s) "
+                        f"(newest: {existing[-1][1].name}). Pass resume=True to continue that run, or choose an empty "
+                        "directory (or delete those files) to start a new one."))
+            else:
+                payload, problems = self._newest_good()
+                if payload is None and existing:
+                    message = ("error", (
+                        f"No usable checkpoint in {self.directory}: " + " ".join(problems)
+                        + " Delete the damaged files to start over, or pass resume=False with an empty directory."))
+                elif problems:
+                    message = ("warn", (f"Skipped unusable checkpoint(s): {' '.join(problems)} Resuming from epoch "
+                                        f"{payload['epoch']} instead."))
+                box = payload
+            out = (message, box)
+        else:
+            out = None
+        message, payload = self.dist.broadcast_object(out)
+        if message is not None and message[0] == "error":
+            raise (ValueError if not resume else CheckpointError)(message[1])
+        if message is not None and self.dist.is_main:
+            warnings.warn(message[1], RuntimeWarning, stacklevel=3)
+        if not resume or payload is None:
+            return
+        self._load(engine, payload)
+
+    def _load(self, engine, p: dict) -> None:
+        diff = config_diff(p["config"], self.config)
+        for key in ("teacher_layers", "student_layers", "teacher_shapes", "student_shapes"):
+            if p[key] != getattr(engine, key):
+                diff.append(key)
+        if diff:
+            details = "; ".join(f"{k}: checkpoint {p['config'].get(k, p.get(k))!r}, now "
+                                f"{self.config.get(k, getattr(engine, k, None))!r}" for k in diff)
+            raise ValueError(
+                f"Cannot resume from {self.directory}: the checkpoint was written with different options: {details}. "
+                "Resume with the same options (only " + ", ".join(RUNTIME_FIELDS) + " may change), or start a new "
+                "run in an empty checkpoint_dir."
+            )
+        if self.dist.is_main and p.get("teacher_sha256") != self.teacher_sha():
+            warnings.warn("The teacher's weights differ from those of the checkpointed run; the resumed run will not "
+                          "match an uninterrupted one.", RuntimeWarning, stacklevel=4)
+        try:
+            engine.student.load_state_dict(p["student"])
+            if engine.bank is not None:
+                engine.bank.load_state_dict(p["bank"])
+            engine.plan.load_state_dict(p["plan"])
+        except RuntimeError as err:
+            raise ValueError(f"Cannot resume from {self.directory}: the student (or MI bank) does not match the "
+                             f"checkpoint's weights: {err}") from err
+        engine.optimizer.load_state_dict(p["optimizer"])
+        engine.scheduler.load_state_dict(p["scheduler"])
+        engine.step = p["step"]
+        engine.history = list(p["history"])
+        engine.solves = list(p["solves"])
+        engine.held = [(x.to(engine.device), y.to(engine.device)) for x, y in p["held"]]
+        engine.mi_last = p["mi_last"]
+        engine.bad_in_a_row = p["bad_in_a_row"]
+        engine.start_epoch = p["epoch"]
+        rng = p["rng"]
+        if len(rng) != self.dist.world_size:
+            if self.dist.is_main:
+                warnings.warn(f"The checkpoint was written by {len(rng)} process(es), this run has {self.dist.world_size}; "
+                              "data shards and RNG streams differ, so results will not match an uninterrupted run.",
+                              RuntimeWarning, stacklevel=4)
+            rng = [rng[0]] * self.dist.world_size
+        restore_rng(rng[self.dist.rank], engine.train_loader)
+        self.saved_epoch, self.last_path = p["epoch"], checkpoint_path(self.directory, p["epoch"])
