@@ -61,7 +61,11 @@ def cmd_demo(args) -> int:
 
 def cmd_fit(args) -> int:
     setting = _setting_from_args(args)
-    opts = {k: getattr(args, k) for k in ("beta", "tau", "kd_weight") if getattr(args, k) is not None}
+    opts = {k: getattr(args, k) for k in ("beta", "tau", "kd_weight", "checkpoint_dir") if getattr(args, k) is not None}
+    if args.resume:
+        if args.checkpoint_dir is None:
+            raise SystemExit("--resume needs --checkpoint-dir (the folder the interrupted run saved to).")
+        opts["resume"] = True
     _run_and_report(setting, [args.strategy], [args.seed], args.out, args, fit_options=opts)
     return 0
 
@@ -123,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few hundred images and one epoch")
     p.add_argument("--out", default="runs/fit", help="output directory (default: runs/fit)")
+    p.add_argument("--checkpoint-dir", default=None, help="save a checkpoint after every epoch into this folder")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --checkpoint-dir")
     _common(p)
     p.set_defaults(func=cmd_fit)
 

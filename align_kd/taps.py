@@ -12,7 +12,8 @@ Discovery picks block/stage outputs rather than every activation:
   descended into; any other composite module (a BasicBlock, a Conv-BN-ReLU unit) is one tap;
 * runs of leaf modules (plain ``nn.Sequential`` CNNs and MLPs) are grouped into layers that start at
   a weight layer (Conv/Linear/...) and take in the parameter-free or normalisation modules after
-  it; the tap is the group's last module, i.e. after the activation (and pooling);
+  it; the tap is the group's last module, i.e. after the activation (and pooling), never a
+  reshape (``Flatten``) or a dropout, so maps keep their spatial layout;
 * the module that produces the model's output (the logits) is always the last tap.
 """
 from __future__ import annotations
@@ -116,6 +117,10 @@ def _trace_calls(model: nn.Module, example_input) -> tuple[list[_Call], object]:
     return calls, out
 
 
+# reshapes and dropout never end a tap: the tap keeps the map's spatial layout and is not dropped out
+_PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd)
+
+
 def _is_weight_layer(mod: nn.Module) -> bool:
     return any(p.dim() >= 2 for p in mod.parameters(recurse=False))
 
@@ -172,8 +177,8 @@ def _discover(model: nn.Module, calls: list[_Call], out) -> list[str]:
             elif _is_weight_layer(mod):
                 close()
                 group.append(c)
-            elif group:
-                group.append(c)  # activation, norm, pooling, dropout, flatten after a weight layer
+            elif group and not isinstance(mod, _PASS_THROUGH):
+                group.append(c)  # activation, norm, pooling after a weight layer
         close()
 
     visit("")
