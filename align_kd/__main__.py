@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on the same budget, print the accuracy table and save the accuracy plot and the "
                                    "alignment pictures.")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--strategies", nargs="+", default=["alone", "hinton", "uniform", "sinkhorn"], choices=ALL_STRATEGIES,
-                   help="strategies to compare (default: alone hinton uniform sinkhorn)")
+    p.add_argument("--strategies", nargs="+", default=["alone", "hinton", "uniform", "sinkhorn", "exact"], choices=ALL_STRATEGIES,
+                   help="strategies to compare (default: alone hinton uniform sinkhorn exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few hundred images and one epoch (smoke test)")
     _common(p)

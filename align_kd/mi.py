@@ -54,6 +54,11 @@ def as_map(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, 1, 1)
 
 
+def _pool(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Average-pool a map (B, C, H, W) to ``size``; a no-op when it already has that size."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
+
+
 def map_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(C, H, W) that :func:`as_map` gives for a per-sample feature shape."""
     return tuple(as_map(torch.empty(1, *shape, device="meta")).shape[1:])
@@ -123,7 +128,9 @@ class MIBank(nn.Module):
         student_shapes: the same for the S student taps.
         layout: "shared" (cheap, default) or "full" (reference VID regressor per pair).
         pool: cap on the common resolution (None: no cap; "full" layout defaults to None).
-        width: hidden width of the shared trunk and per-pair maps.
+        width: hidden width of the shared trunk and per-pair maps (None: the median student
+            channel count rounded up to a power of two, clamped to [16, 64], so that the bank
+            stays about the student's size).
         eps: variance floor, var = softplus(alpha) + eps.
         init_var: initial variance (targets are standardised, so 1.0 is neutral).
 
@@ -141,7 +148,7 @@ class MIBank(nn.Module):
         *,
         layout: str = "shared",
         pool: int | None = 4,
-        width: int = 64,
+        width: int | None = None,
         eps: float = 1e-4,
         init_var: float = 1.0,
         momentum: float = 0.1,
@@ -153,9 +160,14 @@ class MIBank(nn.Module):
             raise ValueError(f"Expected `pool` to be a positive int or None but got {pool!r}.")
         if not (eps > 0 and init_var > eps):
             raise ValueError(f"Expected 0 < eps < init_var but got eps={eps}, init_var={init_var}.")
-        self.layout, self.pool, self.width, self.eps = layout, pool, width, eps
         self.teacher_maps = [map_shape(tuple(s)) for s in teacher_shapes]  # (C, H, W) per teacher tap
         self.student_maps = [map_shape(tuple(s)) for s in student_shapes]
+        if width is None:
+            median = sorted(c for c, _, _ in self.student_maps)[len(self.student_maps) // 2]
+            width = min(64, max(16, 1 << (median - 1).bit_length()))
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"Expected `width` to be a positive int or None but got {width!r}.")
+        self.layout, self.pool, self.width, self.eps = layout, pool, width, eps
         T, S = len(self.teacher_maps), len(self.student_maps)
         self.T, self.S = T, S
         cap = (lambda n: n) if pool is None else (lambda n: min(n, pool))
@@ -212,7 +224,7 @@ class MIBank(nn.Module):
         for p in self.pairs:
             key = self._target_key(p.i, p.size)
             if key not in out:
-                t = F.adaptive_avg_pool2d(maps[p.i].float(), p.size).flatten(2).transpose(1, 2)  # (B, P, C_i)
+                t = _pool(maps[p.i].float(), p.size).flatten(2).transpose(1, 2)  # (B, P, C_i)
                 out[key] = self.standardizers[key](t)
         return out
 
@@ -222,9 +234,8 @@ class MIBank(nn.Module):
 
         t: (B, P, C) standardised target; mu: (G, B, P, C); var: (G, C); live: (C,) -> (G,)
         """
-        var = var[:, None, None, :]  # (G, 1, 1, C)
-        ll = 0.5 - 0.5 * torch.log(var) - 0.5 * (t.float() - mu.float()) ** 2 / var  # (G, B, P, C)
-        ll = ll.mean((1, 2))  # (G, C)
+        sq = (t.float() - mu.float()).square().mean((1, 2))  # (G, C) mean squared error per channel
+        ll = 0.5 - 0.5 * torch.log(var) - 0.5 * sq / var  # (G, C); the per-element terms, averaged
         w = live.float()
         return (ll * w).sum(-1) / w.sum().clamp_min(1.0)
 
@@ -256,7 +267,7 @@ class MIBank(nn.Module):
     def _forward_shared(self, student_feats, targets, variances, weight, mi) -> None:
         z = []  # per student layer: trunk output (B, width, h_j, w_j)
         for j, s in enumerate(student_feats):
-            x = F.adaptive_avg_pool2d(as_map(s), self.student_sizes[j])  # (B, C_j, h_j, w_j)
+            x = _pool(as_map(s), self.student_sizes[j])  # (B, C_j, h_j, w_j)
             h = self.trunks[j](x.flatten(2).transpose(1, 2))  # (B, P_j, width)
             z.append(h.transpose(1, 2).reshape(x.shape[0], self.width, *self.student_sizes[j]))
         groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
@@ -264,20 +275,23 @@ class MIBank(nn.Module):
             groups.setdefault((p.i, p.size), []).append(p.j)
         for (i, size), js in groups.items():
             key = self._target_key(i, size)
-            zs = torch.stack([F.adaptive_avg_pool2d(z[j], size).flatten(2).transpose(1, 2) for j in js])  # (G, B, P, w)
+            # the group's student layers, as a slice when contiguous (cheaper than an index list)
+            js = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[-1] + 1)) else js
+            js_list = list(range(self.S))[js] if isinstance(js, slice) else js
+            zs = torch.stack([_pool(z[j], size).flatten(2).transpose(1, 2) for j in js_list])  # (G, B, P, w)
             if weight is not None:
                 zs = _ScaleGrad.apply(zs, weight[i, js])
             y = torch.einsum("gbpw,gvw->gbpv", zs, self.pair_maps[i, js])  # (G, B, P, width)
             mu = self.decoders[i](y)  # (G, B, P, C_i)
             vals = self._mi(targets[key], mu, variances[i][js], self.standardizers[key].live)  # (G,)
-            for g, j in enumerate(js):
+            for g, j in enumerate(js_list):
                 mi[i][j] = vals[g]
 
     def _forward_full(self, student_feats, targets, variances, weight, mi) -> None:
         maps = [as_map(s) for s in student_feats]
         for k, p in enumerate(self.pairs):
             key = self._target_key(p.i, p.size)
-            x = F.adaptive_avg_pool2d(maps[p.j], p.size)  # (B, C_j, h, w)
+            x = _pool(maps[p.j], p.size)  # (B, C_j, h, w)
             if weight is not None:
                 x = _ScaleGrad.apply(x[None], weight[p.i, p.j].reshape(1))[0]
             mu = self.regressors[k](x).flatten(2).transpose(1, 2)  # (B, P, C_i)

@@ -61,7 +61,7 @@ class FitConfig:
     warmup_epochs: float = 0.0  # linear LR warm-up, then cosine decay to 0
     bank_layout: str = "shared"  # MI bank regressors: "shared" (cheap) or "full" (reference VID)
     pool: int | None = 4  # cap on the resolution at which pairs are compared
-    width: int = 64  # hidden width of the MI regressors
+    width: int | None = None  # hidden width of the MI regressors (None: from the student's channels, 16-64)
     exact_every: int | None = None  # "exact": steps between solves (None: once per epoch)
     exact_warmup: int = 50  # "exact": first solve after this many steps
     exact_method: str = "auto"  # "exact": exact_plan method

@@ -1,0 +1,88 @@
+"""The command line: --help of every command, and the main job end to end on a few hundred images."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from align_kd.__main__ import build_parser, main
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+COMMANDS = ["demo", "fit", "bench", "graph"]
+
+
+def test_top_level_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "align_kd", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    for cmd in COMMANDS:
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert f"python -m align_kd {cmd}" in text
+    assert "--" in text  # documents its options
+
+
+def test_bad_choice_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["fit", "--strategy", "magic"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+needs_data = pytest.mark.skipif(not ARCHIVE.exists() and not os.environ.get("ALIGN_KD_DATA"),
+                                reason="CIFAR-10 archive not found beside the repository")
+
+
+@needs_data
+def test_demo_quick_end_to_end_then_graph(tmp_path, capsys):
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--data", data, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    run_dir = out / "demo"
+    for name in ("table.md", "results.json", "accuracy.png", "alignment.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    table = (run_dir / "table.md").read_text()
+    strategies = ["alone", "hinton", "uniform", "sinkhorn", "exact"]
+    for s in ["teacher", *strategies]:
+        assert f"| {s} |" in table
+    assert "| teacher |" in printed
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["strategy"] for r in results["runs"]] == strategies
+    for r in results["runs"]:
+        assert 0.0 <= r["test_acc"] <= 1.0 and r["dataset"] == "cifar10" and r["seed"] == 0
+        plan = torch.tensor(r["plan"])
+        if r["strategy"] in ("uniform", "sinkhorn", "exact"):
+            assert torch.allclose(plan.sum(0), torch.ones(plan.shape[1]), atol=1e-4)
+    assert results["versions"]["torch"] == torch.__version__
+
+    # the graph command on one of the demo's runs, compared with another
+    sink, uni = run_dir / "sinkhorn-s0", run_dir / "uniform-s0"
+    assert main(["graph", str(sink), "--compare", str(uni), "--out", str(tmp_path / "g")]) == 0
+    report = capsys.readouterr().out
+    assert "pool1" in report and "crossings" in report.lower()
+    for name in ("alignment.png", "plan_heatmap.png", "alignment.graphml"):
+        assert (tmp_path / "g" / name).stat().st_size > 0
+
+
+@needs_data
+def test_fit_command_writes_a_run(tmp_path, capsys):
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    assert main(["fit", "--quick", "--teacher", "cnn", "--teacher-kwargs", '{"width": 8}', "--student", "mlp",
+                 "--student-kwargs", '{"hidden": [64]}', "--strategy", "sinkhorn", "--out", str(tmp_path),
+                 "--data", data, "--no-progress"]) == 0
+    run = json.loads((tmp_path / "cli" / "sinkhorn-s0" / "result.json").read_text())
+    assert run["config"]["strategy"] == "sinkhorn"
+    assert run["student_layers"][-1] == "head" and len(run["plan"][0]) == len(run["student_layers"])
