@@ -22,7 +22,8 @@ from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
 from .training import fit
 
-__all__ = ["ALL_STRATEGIES", "SETTINGS", "Setting", "run_setting", "summarise", "format_table", "plot_curves", "versions"]
+__all__ = ["ALL_STRATEGIES", "SETTINGS", "Setting", "format_table", "plan_patterns", "plot_curves", "run_setting", "summarise",
+           "versions", "write_outputs"]
 
 #: "alone" is the student trained on labels only (beta = 1, no KD), same loop and budget
 ALL_STRATEGIES = ("alone", "hinton", "pairwise", "uniform", "softmax", "sinkhorn", "exact")
@@ -51,7 +52,7 @@ class Setting:
 
 # Budgets are sized for a 2-core CPU: the demo in a few minutes, the benchmark (4 settings x 7
 # strategies x 3 seeds) in about an hour. Every strategy of a setting gets the identical budget.
-_BENCH = dict(teacher_epochs=6, epochs=3, train_limit=8000, test_limit=2000)
+_BENCH = dict(teacher_epochs=6, epochs=3, train_limit=8192, test_limit=2000)
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
@@ -214,18 +215,65 @@ def plot_curves(records: list[dict], path, *, teacher_acc: float | None = None, 
     return path
 
 
+def plan_patterns(records: list[dict]) -> list[dict]:
+    """Per learned strategy, across seeds: how stable, how monotone, which teacher each student layer uses.
+
+    stability: mean over entries of the std of lambda across seeds, and the mean pairwise total
+    variation per column; monotonicity: weighted crossings normalised to [0, 1] (0 = monotone in
+    depth); modal matching: per student layer the teacher layer its max-weight matching picks most
+    often, with that frequency; fan-in: mean effective number of teacher layers per student layer.
+    """
+    from itertools import combinations
+
+    from .graph import alignment_graph, compare, fan_in, stability, weighted_crossings
+
+    rows = []
+    for strategy in [s for s in ALL_STRATEGIES if s in LEARNED]:
+        runs = [r for r in records if r["strategy"] == strategy]
+        if not runs:
+            continue
+        graphs = [alignment_graph(torch.tensor(r["plan"]), r["teacher_layers"], r["student_layers"]) for r in runs]
+        st = stability(graphs)
+        tvs = [compare(a, b)["tv_mean"] for a, b in combinations(graphs, 2)]
+        rows.append({
+            "strategy": strategy, "runs": len(runs),
+            "lambda_std": float(st["std"].mean()),
+            "tv_between_seeds": float(statistics.mean(tvs)) if tvs else 0.0,
+            "crossings": statistics.mean(weighted_crossings(g, normalized=True) for g in graphs),
+            "fan_in": statistics.mean(statistics.mean(fan_in(g).values()) for g in graphs),
+            "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()},
+        })
+    return rows
+
+
+def format_patterns(rows: list[dict]) -> str:
+    """Markdown for :func:`plan_patterns`."""
+    if not rows:
+        return ""
+    lines = ["", "Learned plans across seeds (std of lambda, mean total variation between seeds per column, "
+             "weighted crossings normalised to [0, 1], mean fan-in; modal matching student <- teacher (frequency)):", "",
+             "| strategy | std(lambda) | TV between seeds | crossings | fan-in | modal matching |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        match = ", ".join(f"{s}<-{t} ({f:.0%})" for s, (t, f) in r["modal_matching"].items())
+        lines.append(f"| {r['strategy']} | {r['lambda_std']:.3f} | {r['tv_between_seeds']:.3f} | "
+                     f"{r['crossings']:.3f} | {r['fan_in']:.2f} | {match} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(setting: Setting, records: list[dict], teacher_info: dict, out_dir, *, seeds, strategies) -> dict:
     """JSON (records + configuration + versions), markdown table, accuracy plot, alignment panels."""
     from .graph import draw_panels
 
     out = Path(out_dir) / setting.name
     rows = summarise(records)
+    patterns = plan_patterns(records)
     table = format_table(rows, teacher_info["test_acc"], title=f"{setting.name}: {setting.description}")
+    table += format_patterns(patterns)
     (out / "table.md").write_text(table)
     payload = {
         "setting": asdict(setting), "strategies": list(strategies), "seeds": list(seeds),
         "teacher": {k: teacher_info[k] for k in ("test_acc", "key", "path", "cached")},
-        "versions": versions(), "summary": rows, "runs": records,
+        "versions": versions(), "summary": rows, "plan_patterns": patterns, "runs": records,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     plot_curves(records, out / "accuracy.png", teacher_acc=teacher_info["test_acc"], title=setting.name)

@@ -167,7 +167,9 @@ def _solve_stage(
     err = float(errs.max())
     while err > tol and it < budget:
         if sweeps < newton_after:
-            for _ in range(min(check_every, budget - it)):
+            # checks after 1, 2, 4, ... sweeps up to every `check_every`: a warm start usually
+            # needs only a couple of sweeps
+            for _ in range(min(check_every, 1 << sweeps.bit_length(), budget - it)):
                 b = -torch.logsumexp(K + a.unsqueeze(-1), dim=-2)  # (..., S) column update
                 a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)  # (..., T) row update
                 it, sweeps = it + 1, sweeps + 1
@@ -442,7 +444,7 @@ class SinkhornPlan(Plan):
 
     learned = True
 
-    def __init__(self, T: int, S: int, *, tau: float, init: Tensor, row_marginal: Tensor, tol: float = 1e-6):
+    def __init__(self, T: int, S: int, *, tau: float, init: Tensor, row_marginal: Tensor, tol: float = 1e-5):
         super().__init__(T, S)
         self.tau, self.tol = tau, tol
         self.logits = nn.Parameter(init.clone() * tau)
@@ -451,7 +453,7 @@ class SinkhornPlan(Plan):
         self.last_iterations = 0
 
     def forward(self) -> Tensor:
-        res = sinkhorn_solve(self.logits, self.row_marginal, tau=self.tau, tol=self.tol, init=self.potential)
+        res = sinkhorn_solve(self.logits, self.row_marginal, tau=self.tau, tol=self.tol, init=self.potential, newton_after=3)
         self.potential.copy_(res.row_potential.detach())
         self.last_iterations = res.iterations
         return res.plan

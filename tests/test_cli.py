@@ -59,6 +59,8 @@ def test_demo_quick_end_to_end_then_graph(tmp_path, capsys):
     for s in ["teacher", *strategies]:
         assert f"| {s} |" in table
     assert "| teacher |" in printed
+    patterns = table.split("Learned plans across seeds")[1]
+    assert "| sinkhorn |" in patterns and "| exact |" in patterns and "| uniform |" not in patterns
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["strategy"] for r in results["runs"]] == strategies
     for r in results["runs"]:
