@@ -78,27 +78,6 @@ class presharded:
         return getattr(self.loader, name)
 
 
-class _SamplerEpochLoader:
-    """A DataLoader whose sampler has ``set_epoch`` (a DistributedSampler), with ``set_epoch`` on top."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.sampler.set_epoch(epoch)
-
-    def __getattr__(self, name):  # batch_size, dataset, sampler, ... of the wrapped loader
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
 def _set_epoch(loader, epoch: int) -> None:
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
@@ -334,7 +313,7 @@ class DistContext:
                 if sampler.num_replicas != ws or sampler.rank != self.rank:
                     raise ValueError(_CANNOT_SHARD.format(ws=ws, why=(
                         f"its DistributedSampler is set up for rank {sampler.rank} of {sampler.num_replicas}")))
-                out = _SamplerEpochLoader(loader)
+                out = presharded(loader)
             else:
                 if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
                     raise ValueError(_CANNOT_SHARD.format(ws=ws, why=f"it uses a custom batch_sampler ({type(loader.batch_sampler).__name__})"))
@@ -348,7 +327,7 @@ class DistContext:
                                               shuffle=isinstance(sampler, RandomSampler), seed=seed,
                                               drop_last=loader.drop_last)
                 kw = _dataloader_kwargs(loader)
-                out = _SamplerEpochLoader(DataLoader(loader.dataset, sampler=dsampler, **kw))
+                out = presharded(DataLoader(loader.dataset, sampler=dsampler, **kw))
         else:
             raise TypeError(_CANNOT_SHARD.format(ws=ws, why=f"a {type(loader).__name__} cannot be split by rank"))
         n = torch.tensor([len(out), -len(out)], dtype=torch.float64)
@@ -403,22 +382,12 @@ class DistContext:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device) -> float:
         """Top-1 accuracy of ``model`` on the whole of ``loader``, each sample counted once."""
-        if not self.enabled:
-            from .training import evaluate
+        from .training import count_correct, evaluate
 
+        if not self.enabled:
             return evaluate(model, loader, device)
         shard, split = self._eval_shard(loader)
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
-        correct = total = 0
-        try:
-            for x, y, *_ in shard:
-                x, y = x.to(device), y.to(device)
-                correct += int((model(x).argmax(1) == y).sum())
-                total += len(y)
-        finally:
-            for m, f in flags:
-                m.training = f
+        correct, total = count_correct(model, shard, device)
         if split:
             counts = self.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
             correct, total = int(counts[0]), int(counts[1])

@@ -236,17 +236,9 @@ def evaluate(model: nn.Module, loader, device=None) -> float:
 
     Runs in eval mode without gradients and restores ``model.training`` afterwards.
     """
-    device = _resolve_device(model, loader, device)
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        for x, y in loader:
-            logits = model(x.to(device))  # (B, num_classes)
-            correct += (logits.argmax(dim=1) == y.to(device)).sum().item()
-            total += len(y)
-    finally:
-        model.train(was_training)
+    from .training import count_correct
+
+    correct, total = count_correct(model, loader, _resolve_device(model, loader, device))
     if total == 0:
         raise ValueError("Expected a loader that yields at least one batch but it yielded none.")
     return correct / total

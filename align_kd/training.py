@@ -14,7 +14,6 @@ plan has switched off); the plan's logits receive grad of sum(lam * mi) with mi 
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -282,19 +281,25 @@ def _kd_loss(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device) -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` (eval mode; the training flag is restored)."""
+def count_correct(model: nn.Module, loader, device) -> tuple[int, int]:
+    """(correct top-1 predictions, samples) of ``model`` over ``loader``; eval mode, flags restored."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     correct = total = 0
     try:
         for x, y, *_ in loader:
             x, y = x.to(device), y.to(device)
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     finally:
         for m, f in flags:
             m.training = f
+    return correct, total
+
+
+def evaluate(model: nn.Module, loader, device) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` (eval mode; the training flag is restored)."""
+    correct, total = count_correct(model, loader, device)
     return correct / max(total, 1)
 
 
