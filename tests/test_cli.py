@@ -88,3 +88,19 @@ def test_fit_command_writes_a_run(tmp_path, capsys):
     run = json.loads((tmp_path / "cli" / "sinkhorn-s0" / "result.json").read_text())
     assert run["config"]["strategy"] == "sinkhorn"
     assert run["student_layers"][-1] == "head" and len(run["plan"][0]) == len(run["student_layers"])
+
+
+@needs_data
+def test_bench_quick_writes_the_benchmark_outputs(tmp_path, capsys):
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    strategies = ["alone", "pairwise", "sinkhorn", "exact"]
+    assert main(["bench", "--quick", "--settings", "resnet-mlp", "--strategies", *strategies, "--out", str(tmp_path),
+                 "--data", data, "--no-progress"]) == 0
+    out = tmp_path / "resnet-mlp"
+    results = json.loads((out / "results.json").read_text())
+    assert [r["strategy"] for r in results["runs"]] == strategies
+    keys = {"dataset", "setting", "strategy", "seed", "test_acc", "best_acc", "epochs", "teacher_acc", "wall_s"}
+    assert all(keys <= set(r) for r in results["runs"])
+    assert results["setting"]["name"] == "resnet-mlp" and results["seeds"] == [0]
+    assert {p["strategy"] for p in results["plan_patterns"]} == {"sinkhorn", "exact"}
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
