@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .checkpoint import Checkpointer
 from .distributed import DistContext
 from .distributed import setup as _setup_distributed
+from ._io import atomic_save, atomic_write_text
 from .mi import BANK_LAYOUTS, MIBank
 from .plans import PLAN_STRATEGIES, ExactPlan, make_plan
 from .taps import FeatureTap, discover_layers
@@ -174,11 +175,9 @@ class FitResult:
         """Write ``result.json`` (plan, MI, names, history, config) and ``student.pt`` into directory ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path / "result.json", json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path / "result.json", json.dumps(self.to_dict(), indent=1))
         if self.student is not None:
-            tmp = path / "student.pt.tmp"
-            torch.save(self.student.state_dict(), tmp)
-            os.replace(tmp, path / "student.pt")
+            atomic_save(self.student.state_dict(), path / "student.pt")
         return path
 
     @classmethod
@@ -213,12 +212,6 @@ def _oom_message(cfg: FitConfig, loader, err: BaseException) -> str:
     extra = " bank_layout='full' needs far more memory than 'shared'." if cfg.bank_layout == "full" else ""
     extra += "" if cfg.amp else " amp=True (bfloat16 autocast) also saves memory."
     return f"CUDA out of memory in fit() ({first}). Lower {', '.join(hints[:-1])} or {hints[-1]}.{extra}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
