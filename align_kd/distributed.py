@@ -78,6 +78,16 @@ class presharded:
         return getattr(self.loader, name)
 
 
+@torch.no_grad()
+def _unflatten_into(flat: Tensor, tensors: list[Tensor]) -> None:
+    """Copy consecutive slices of the 1-D ``flat`` back into ``tensors`` (in place, own dtype/device)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t).to(t.device, t.dtype))
+        offset += n
+
+
 def _set_epoch(loader, epoch: int) -> None:
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
@@ -187,12 +197,7 @@ class DistContext:
             flat = torch.cat([t.detach().reshape(-1).to(self._comm_device(), torch.float64 if dtype == torch.bool else dtype)
                               for t in ts])
             dist.broadcast(flat, src=0)
-            offset = 0
-            with torch.no_grad():
-                for t in ts:
-                    n = t.numel()
-                    t.copy_(flat[offset : offset + n].view_as(t).to(t.device, t.dtype))
-                    offset += n
+            _unflatten_into(flat, ts)
 
     def broadcast_modules(self, modules) -> None:
         """Every parameter and buffer of ``modules`` (None entries skipped) set to rank 0's values."""
@@ -219,12 +224,7 @@ class DistContext:
             flat = torch.cat([b.detach().reshape(-1).to(self._comm_device(), dtype) for b in floats])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat /= self.world_size
-            offset = 0
-            with torch.no_grad():
-                for b in floats:
-                    n = b.numel()
-                    b.copy_(flat[offset : offset + n].view_as(b).to(b.device, b.dtype))
-                    offset += n
+            _unflatten_into(flat, floats)
         self.broadcast_tensors(others)
 
     def all_reduce_grads(self, params: list[Tensor], bad: str | None) -> str | None:

@@ -342,6 +342,9 @@ class _Engine:
             if self.uses_features else None
         )
         self.optimizer = self._make_optimizer()
+        # running statistics a forward updates (student BatchNorm, the bank's standardisers);
+        # updated in place, so the list is built once
+        self.stat_buffers = [b for m in (self.student, self.bank) if m is not None for b in m.buffers()]
         self.steps_per_epoch = len(train_loader)
         total = cfg.epochs * self.steps_per_epoch
         warm = int(cfg.warmup_epochs * self.steps_per_epoch)
@@ -397,8 +400,7 @@ class _Engine:
             return None
         # running statistics (student BatchNorm, the bank's standardisers) that this step's forward
         # updates; restored if the step is skipped so that one bad batch cannot poison later steps
-        buffers = [b for m in (self.student, self.bank) if m is not None for b in m.buffers()]
-        saved = [b.detach().clone() for b in buffers]
+        saved = [b.detach().clone() for b in self.stat_buffers]
         with self._autocast():
             if self.uses_teacher:
                 with torch.no_grad():
@@ -426,7 +428,7 @@ class _Engine:
         bad = self.dist.all_reduce_grads(self.params, bad)
         if bad is not None:
             with torch.no_grad():
-                for b, v in zip(buffers, saved):
+                for b, v in zip(self.stat_buffers, saved):
                     b.copy_(v)
             self._bad_step(bad)
             self.optimizer.zero_grad(set_to_none=True)
@@ -470,11 +472,9 @@ class _Engine:
         mi = self.estimate_mi(t_tap, s_tap)
         mi = self.dist.all_reduce_sum(mi) / self.dist.world_size  # data parallel: every rank's held batches
         tau = self.cfg.tau if self.cfg.exact_tau is None else self.cfg.exact_tau
-        # the float32 masses cast to float64 miss sum(r) = S by ~1e-7, which makes the solver's
-        # problem (columns sum to exactly 1) infeasible: rescale in float64
-        r = self.row_marginal.double().cpu()
-        r = r * (self.plan.S / r.sum())
-        plan, info = exact_plan_info(mi.double().cpu(), r, tau=tau, method=self.cfg.exact_method)
+        # exact_plan rescales a float32 marginal that misses sum(r) = S by round-off
+        plan, info = exact_plan_info(mi.double().cpu(), self.row_marginal.double().cpu(), tau=tau,
+                                     method=self.cfg.exact_method)
         self.plan.value.copy_(plan.to(self.plan.value))
         self.dist.broadcast_tensors([self.plan.value])  # identical plans even if a solver is not deterministic
         self.solves.append({"step": self.step, **info, "tau": tau, "mi": mi.tolist(), "plan": plan.tolist()})

@@ -31,7 +31,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 
 from align_kd import fit  # noqa: E402
 from align_kd.data import cifar10_loaders  # noqa: E402
+from _common import default_root, write_json  # noqa: E402
 from align_kd.models import SmallCNN, load_or_train_teacher  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -54,14 +54,6 @@ RUNS = {
     "hinton": dict(strategy="hinton"),
     "alone": dict(strategy="hinton", beta=1.0, kd_weight=0.0),
 }
-
-
-def default_root():
-    env = os.environ.get("ALIGN_KD_DATA")
-    if env:
-        return env
-    cand = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-    return str(cand) if cand.exists() else None
 
 
 def mean_std(xs):
@@ -208,9 +200,7 @@ def main(argv=None):
         "report": text,
         "wall_s": time.perf_counter() - t_start,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out} ({out['wall_s']:.0f} s)")
+    write_json(out, args.out)
 
 
 if __name__ == "__main__":

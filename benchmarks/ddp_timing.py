@@ -26,6 +26,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from _common import write_json
+
 WORKER = textwrap.dedent('''
     import json, os, sys, time
     import torch
@@ -104,10 +106,7 @@ def main(argv=None) -> int:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "machine": {"cpus": os.cpu_count()}, "runs": rows, "summary": summary,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out}")
+    write_json(payload, args.out)
     return 0
 
 

@@ -86,6 +86,7 @@ from torch import nn  # noqa: E402
 import align_kd.mi as mi_module  # noqa: E402
 import align_kd.plans as plans_module  # noqa: E402
 from align_kd.data import cifar10_loaders  # noqa: E402
+from _common import default_root, write_json  # noqa: E402
 from align_kd.mi import MIBank  # noqa: E402
 from align_kd.models import MLP, ResNetCIFAR, SmallCNN  # noqa: E402
 from align_kd.plans import SinkhornPlan, depth_prior, sinkhorn_solve  # noqa: E402
@@ -1018,14 +1019,6 @@ def versions() -> dict:
     }
 
 
-def default_root():
-    env = os.environ.get("ALIGN_KD_DATA")
-    if env:
-        return env
-    cand = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-    return str(cand) if cand.exists() else None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (few steps, small scaling grid)")
@@ -1146,9 +1139,7 @@ def main(argv=None):
 
     result["wall_s"] = time.perf_counter() - t_start
     result["report"] = "\n".join(texts)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import cvxpy
 import numpy as np
@@ -49,6 +47,7 @@ import torch
 
 from align_kd.exact import exact_plan, exact_plan_info
 from align_kd.plans import sinkhorn_solve
+from _common import write_json
 
 torch.set_num_threads(1)
 
@@ -356,10 +355,7 @@ def main(argv=None) -> int:
         "crossovers": summary,
         "total_seconds": total,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out}")
+    write_json(payload, args.out)
     return 0
 
 

@@ -9,14 +9,13 @@ time from the defaults (same teacher, budget and seeds as ``compare_strategies.p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
+from _common import write_json
 from align_kd.experiment import SETTINGS, run_setting, versions
 
 VARIANTS = {
@@ -55,9 +54,8 @@ def main(argv=None) -> int:
         records += [{**r, "variant": label} for r in recs]
         print(f"{label:<58} {rows[-1]['test_acc']:.4f} ± {rows[-1]['test_std']:.4f}  {accs}", flush=True)
     print(f"\nsetting {args.setting}: teacher {tinfo['test_acc']:.4f}; seeds {seeds}; last-epoch test accuracy")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"setting": asdict(base), "seeds": seeds, "teacher_acc": tinfo["test_acc"],
-                                          "versions": versions(), "variants": rows, "runs": records}, indent=1))
+    write_json({"setting": asdict(base), "seeds": seeds, "teacher_acc": tinfo["test_acc"], "versions": versions(),
+                "variants": rows, "runs": records}, args.out)
     return 0
 
 

@@ -1,0 +1,26 @@
+"""Helpers shared by the benchmark scripts (run as `python benchmarks/<script>.py`)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def default_root() -> str | None:
+    """CIFAR-10 source: $ALIGN_KD_DATA, else the shared JPEG archive beside the checkout, else None."""
+    env = os.environ.get("ALIGN_KD_DATA")
+    if env:
+        return env
+    cand = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    return str(cand) if cand.exists() else None
+
+
+def write_json(payload, out) -> Path:
+    """Write ``payload`` as indented JSON to ``out`` (parents created) and say where."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {out}")
+    return out
