@@ -327,3 +327,72 @@ def _L(T=3, S=4):
 def test_bad_input_raises_clear_error(logits, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         sinkhorn(logits, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# SinkhornPlan: the per-step path (checks once at construction, warm-started Newton)
+
+
+def _learned_plan(T=5, S=4, tau=0.1, seed=0):
+    from align_kd.plans import SinkhornPlan, depth_prior
+
+    torch.manual_seed(seed)
+    r = torch.rand(T) + 0.5
+    return SinkhornPlan(T, S, tau=tau, init=depth_prior(T, S), row_marginal=r * (S / r.sum()))
+
+
+def test_plan_module_matches_public_solver_along_a_trajectory():
+    """Warm-started steps give the plan and gradient of a cold, tight public solve at every step."""
+    plan = _learned_plan()
+    # d loss / d lambda of the size fit() sees: -(1 - beta) * MI, MI about 0.01-0.3 nats per element
+    g = 0.1 * torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(plan.parameters(), lr=0.05)  # the fit() default
+    for step in range(12):
+        lam = plan()
+        (lam * g).sum().backward()
+        Z = plan.logits.detach().clone().requires_grad_()
+        r = plan.row_marginal.double()
+        ref = sinkhorn(Z.double(), r * (4 / r.sum()), tau=plan.tau, **TIGHT).float()  # r32 sums to S +- 1e-7
+        (ref * g).sum().backward()
+        torch.testing.assert_close(lam, ref, atol=2e-5, rtol=0)  # tol=1e-5 on the rows
+        torch.testing.assert_close(plan.logits.grad, Z.grad.float(), atol=5e-4, rtol=1e-3)
+        assert (lam.sum(0) - 1).abs().max() < 1e-6
+        assert (lam.sum(1) - plan.row_marginal).abs().max() <= plan.tol
+        if step > 0:  # a small optimizer step from a warm start: one Newton step reaches tol
+            assert plan.last_iterations <= 2, plan.last_iterations
+        opt.step()
+        opt.zero_grad()
+
+
+def test_warm_newton_converges_quadratically():
+    """From the solution of nearby logits, each Newton step squares the row error (up to a constant)."""
+    from align_kd.plans import _dual_state, _newton_step, depth_prior
+
+    L, r = _problem(5, 4, seed=3)
+    L = 0.1 * depth_prior(5, 4).double() + 0.05 * L
+    a = sinkhorn_solve(L, r, tau=0.1, **TIGHT).row_potential
+    L2 = L + 1e-3 * torch.randn(5, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    K = (L2 - L2.amax(0)) / 0.1
+    state = _dual_state(K, a, r)
+    errs = [float(state.err)]
+    for _ in range(4):
+        a, state, moved = _newton_step(K, a, r, state)
+        errs.append(float(state.err))
+    assert 1e-4 < errs[0] < 1e-1, errs  # the perturbation is felt
+    for before, after in zip(errs, errs[1:]):
+        assert after <= max(10 * before**2, 1e-14), errs
+    assert errs[3] < 1e-13, errs
+
+
+def test_plan_module_checks_inputs_at_construction_and_nan_logits_at_forward():
+    from align_kd.plans import SinkhornPlan
+
+    with pytest.raises(ValueError, match="sum to S=4"):
+        SinkhornPlan(3, 4, tau=0.1, init=torch.zeros(3, 4), row_marginal=torch.ones(3))
+    with pytest.raises(ValueError, match="tau"):
+        SinkhornPlan(3, 4, tau=0.0, init=torch.zeros(3, 4), row_marginal=torch.full((3,), 4 / 3))
+    plan = _learned_plan()
+    with torch.no_grad():
+        plan.logits[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf.*plan_lr"):
+        plan()
