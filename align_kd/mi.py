@@ -98,13 +98,11 @@ class RunningStandardizer(nn.Module):
     def update(self, t: Tensor) -> None:
         t = t.float().flatten(0, 1)  # (B*P, C)
         mean, var = t.mean(0), t.var(0, unbiased=False)
-        if not bool(self.initialised):
-            self.mean.copy_(mean)
-            self.var.copy_(var)
-            self.initialised.fill_(True)
-        else:
-            self.mean.lerp_(mean, self.momentum)
-            self.var.lerp_(var, self.momentum)
+        # the first batch sets the statistics; chosen with torch.where, not a Python branch on the
+        # flag, so there is no host sync and no graph break under fit(compile=True)
+        self.mean.copy_(torch.where(self.initialised, self.mean.lerp(mean, self.momentum), mean))
+        self.var.copy_(torch.where(self.initialised, self.var.lerp(var, self.momentum), var))
+        self.initialised.fill_(True)
         self.live.copy_(self.var > 1e-6 * self.var.mean().clamp_min(1e-12))
 
     def forward(self, t: Tensor) -> Tensor:

@@ -70,6 +70,8 @@ class FitConfig:
     grad_clip: float | None = None  # max gradient norm (None: no clipping)
     max_bad_steps: int = 10  # consecutive non-finite losses or inputs before stopping
     amp: bool = False  # bfloat16 autocast (likelihood stays float32)
+    channels_last: bool = False  # models, the "full" bank's convolutions and 4-D batches in channels_last memory format
+    compile: bool = False  # torch.compile the teacher and student forwards (with their taps) and the MI bank
     seed: int = 0
     device: str | None = None  # None: CUDA when available, else CPU (under torchrun: cuda:$LOCAL_RANK)
     progress: bool = True  # progress bar and one line per epoch (rank 0 only)
@@ -107,7 +109,9 @@ class FitConfig:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         check(self.checkpoint_dir is None or (isinstance(self.checkpoint_dir, str) and self.checkpoint_dir != ""),
               f"Expected `checkpoint_dir` to be a directory path or None but got {self.checkpoint_dir!r}.")
-        check(isinstance(self.resume, bool), f"Expected `resume` to be True or False but got {self.resume!r}.")
+        for name in ("resume", "amp", "channels_last", "compile"):
+            v = getattr(self, name)
+            check(isinstance(v, bool), f"Expected `{name}` to be True or False but got {v!r}.")
         check(not self.resume or self.checkpoint_dir is not None,
               "resume=True needs `checkpoint_dir` (the directory the interrupted run wrote its checkpoints to).")
         check(isinstance(self.keep_checkpoints, int) and not isinstance(self.keep_checkpoints, bool) and self.keep_checkpoints >= 1,
@@ -204,9 +208,13 @@ class FitResult:
         )
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or ["no details"])[0]
+
+
 def _oom_message(cfg: FitConfig, loader, err: BaseException) -> str:
     batch = getattr(loader, "batch_size", None)
-    first = (str(err).strip().splitlines() or ["no details"])[0]
+    first = _first_line(err)
     hints = [f"the batch size{f' (now {batch})' if batch else ''}",
              f"the MI bank's pooling resolution `pool` (now {cfg.pool})", f"the regressor `width` (now {cfg.width})"]
     extra = " bank_layout='full' needs far more memory than 'shared'." if cfg.bank_layout == "full" else ""
@@ -296,6 +304,47 @@ def evaluate(model: nn.Module, loader, device) -> float:
     return correct / max(total, 1)
 
 
+# ----------------------------------------------------------------------------------------------
+# the GPU path: channels_last memory format and torch.compile
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """A 4-D batch (B, C, H, W) in channels_last memory format (same values); other tensors unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@torch.no_grad()
+def _to_channels_last(module: nn.Module) -> None:
+    """Every 4-D parameter and buffer of ``module`` (the conv weights) to channels_last, in place (same Parameters)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.dim() == 4:
+            t.data = _channels_last(t.data)
+
+
+class _ChannelsLastInput(nn.Module):
+    """``model`` run on batches converted by :func:`_channels_last` (evaluation under channels_last=True)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(_channels_last(x))
+
+
+def _compile_error(err: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"fit(compile=True): torch.compile failed ({type(err).__name__}: {_first_line(err)}). Run with compile=False "
+        "(eager; the same results); on CPU the inductor backend also needs a working C++ compiler."
+    )
+
+
+def _is_compile_error(err: BaseException) -> bool:
+    import torch._dynamo  # already loaded once torch.compile has run
+
+    return isinstance(err, torch._dynamo.exc.TorchDynamoException)
+
+
 class _Engine:
     """Holds everything one fit() run trains; one place for the step, the epoch and the MI estimate."""
 
@@ -312,6 +361,9 @@ class _Engine:
         x = x[:2].to(self.device)
         teacher.to(self.device)
         student.to(self.device)
+        if cfg.channels_last:
+            _to_channels_last(teacher)
+            _to_channels_last(student)
         nt, ns = _num_classes(teacher, x, "teacher"), _num_classes(student, x, "student")
         if nt != ns:
             raise ValueError(f"Teacher and student must predict the same classes but the teacher has {nt} outputs and the student {ns}.")
@@ -341,6 +393,12 @@ class _Engine:
                    pool=cfg.pool if cfg.bank_layout == "shared" else None, width=cfg.width).to(self.device)
             if self.uses_features else None
         )
+        if cfg.channels_last and cfg.bank_layout == "full" and self.bank is not None:
+            _to_channels_last(self.bank.regressors)  # 1x1 convolutions; the shared layout has none (pair_maps are matrices)
+        # what the step calls: the bank's forward, compiled under compile=True (the same module: its
+        # state_dict, optimiser and checkpoints keep using self.bank)
+        self.bank_forward = self._compiled(self.bank.forward) if self.bank is not None else None
+        self.eval_model = _ChannelsLastInput(student) if cfg.channels_last else student
         self.optimizer = self._make_optimizer()
         # running statistics a forward updates (student BatchNorm, the bank's standardisers);
         # updated in place, so the list is built once
@@ -380,6 +438,20 @@ class _Engine:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
 
+    def _batch(self, x: Tensor) -> Tensor:
+        """An input batch on the device; (B, C, H, W) batches in channels_last under channels_last=True."""
+        x = x.to(self.device, non_blocking=True)
+        return _channels_last(x) if self.cfg.channels_last else x
+
+    def _compiled(self, fn):
+        """``torch.compile(fn)`` under compile=True (``fn`` itself is not changed), else ``fn``."""
+        if not self.cfg.compile:
+            return fn
+        try:
+            return torch.compile(fn)
+        except Exception as err:  # e.g. a Python version or platform torch.compile does not support
+            raise _compile_error(err) from err
+
     def _bad_step(self, what: str) -> None:
         self.bad_in_a_row += 1
         self.skipped += 1
@@ -393,7 +465,7 @@ class _Engine:
 
     def train_step(self, x: Tensor, y: Tensor, t_tap: FeatureTap, s_tap: FeatureTap) -> dict | None:
         cfg = self.cfg
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = self._batch(x), y.to(self.device, non_blocking=True)
         if not torch.isfinite(x).all():
             self.dist.all_reduce_grads(self.params, "input")  # data parallel: every rank skips this step
             self._bad_step("the input batch contains NaN or inf")
@@ -413,7 +485,7 @@ class _Engine:
         mi = None
         if self.bank is not None:
             with self._autocast():
-                mi = self.bank(t_feats, s_feats, student_grad_weight=lam)  # (T, S)
+                mi = self.bank_forward(t_feats, s_feats, student_grad_weight=lam)  # (T, S)
             # regressors: full gradient of every bound; student: lam-weighted (inside the bank);
             # plan logits: gradient of sum(lam * mi) at fixed mi
             feature = -mi.sum() - (lam * mi.detach()).sum()
@@ -456,10 +528,11 @@ class _Engine:
         try:
             total = None
             for x, _ in self.held:
+                x = self._batch(x)
                 with self._autocast():
                     t_feats, _ = t_tap(x)
                     s_feats, _ = s_tap(x)
-                    mi = self.bank(t_feats, s_feats).float()
+                    mi = self.bank_forward(t_feats, s_feats).float()
                 total = mi if total is None else total + mi
             return total / len(self.held)
         finally:
@@ -490,6 +563,8 @@ class _Engine:
         bar = tqdm(total=total, initial=self.start_epoch * self.steps_per_epoch, disable=not show,
                    desc=f"fit[{cfg.strategy}]", unit="step", leave=False)
         with FeatureTap(self.teacher, self.teacher_layers) as t_tap, FeatureTap(self.student, self.student_layers) as s_tap:
+            # compile=True: each tap's call (the model's forward with its hooks) is compiled, not the model
+            t_tap, s_tap = self._compiled(t_tap.__call__), self._compiled(s_tap.__call__)
             for epoch in range(self.start_epoch, cfg.epochs):
                 if hasattr(self.train_loader, "set_epoch"):
                     self.train_loader.set_epoch(epoch)
@@ -523,7 +598,7 @@ class _Engine:
                 record["skipped_steps"] = self.skipped
                 record["lr"] = self.scheduler.get_last_lr()[0]
                 record["wall_s"] = time.perf_counter() - start
-                record["test_acc"] = self.dist.evaluate(self.student, self.test_loader, self.device) if self.test_loader is not None else None
+                record["test_acc"] = self.dist.evaluate(self.eval_model, self.test_loader, self.device) if self.test_loader is not None else None
                 with torch.no_grad():
                     record["plan"] = self.plan().detach().float().cpu().tolist()
                 self.mi_last = None if mi_sum is None else mi_sum / mi_n
@@ -569,6 +644,12 @@ def fit(
     ``resume=True`` continues from the last one (see :mod:`align_kd.checkpoint`). On Ctrl-C the
     last completed epoch is on disk, a message says how to resume, and KeyboardInterrupt is
     re-raised. CUDA out-of-memory is re-raised with what to lower (batch size, ``pool``, ``width``).
+
+    GPU path: ``amp=True`` (bfloat16 autocast), ``channels_last=True`` (teacher and student are
+    converted in place and stay in that memory format; so are 4-D batches) and ``compile=True``
+    (``torch.compile`` of the teacher and student forwards with their taps and of the MI bank; the
+    modules themselves, their state_dicts and the returned student are not wrapped; evaluation
+    stays eager).
     """
     fixed_plan = None
     if isinstance(strategy, Tensor):
@@ -613,6 +694,10 @@ def fit(
         raise
     except torch.cuda.OutOfMemoryError as err:
         raise torch.cuda.OutOfMemoryError(_oom_message(cfg, train_loader, err)) from err
+    except RuntimeError as err:
+        if cfg.compile and _is_compile_error(err):
+            raise _compile_error(err) from err
+        raise
     finally:
         for m, f in teacher_flags:
             m.training = f

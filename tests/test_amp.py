@@ -1,8 +1,11 @@
-"""The GPU dtype path (bfloat16 autocast, ``fit(amp=True)``), exercised on CPU.
+"""The GPU path (``fit(amp=True, channels_last=True, compile=True)``), exercised on CPU.
 
-Oracles: the MI matrix comes back float32 and finite, the learned plan keeps its marginals
-(columns sum to 1, rows to S / T), training proceeds (no skipped step, finite losses, the student
-moves), and under autocast the bank's estimate stays close to its float32 value.
+Oracles: under bfloat16 autocast the MI matrix comes back float32 and finite, the learned plan
+keeps its marginals (columns sum to 1, rows to S / T), training proceeds (no skipped step, finite
+losses, the student moves), and the bank's estimate stays close to its float32 value.
+channels_last and torch.compile change the memory layout and the kernels, not the maths: a run
+with them equals the default run (same seed) to float round-off, the models really run in
+channels_last, and checkpoints and results hold the user's own modules' weights.
 """
 import math
 
@@ -13,7 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 torch.set_num_threads(1)
 
-from align_kd import fit  # noqa: E402
+from align_kd import FitConfig, FitResult, fit  # noqa: E402
+from align_kd.__main__ import _fit_options_from_args, build_parser  # noqa: E402
+from align_kd.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
 from align_kd.mi import BANK_LAYOUTS, MIBank  # noqa: E402
 
 CLASSES = 4
@@ -104,3 +109,111 @@ def test_mibank_under_bf16_autocast_returns_float32(layout):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in bank.parameters())
     assert all(a.grad is not None for a in bank.alpha)  # the log-variances get a float32 gradient too
     assert all(a.dtype == torch.float32 for a in bank.alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# channels_last and torch.compile
+
+CHANNELS_LAST = torch.channels_last
+
+
+def _run(student=None, **opts) -> FitResult:
+    opts = {"strategy": "sinkhorn", "epochs": 2, "width": 8, "device": "cpu", "progress": False, **opts}
+    return fit(make_teacher(), make_student() if student is None else student, loaders(), **opts)
+
+
+def assert_same_run(a: FitResult, b: FitResult, atol: float) -> None:
+    """Same layers, plan, MI, per-epoch losses and accuracies, and student weights, to ``atol``."""
+    assert (a.teacher_layers, a.student_layers) == (b.teacher_layers, b.student_layers)
+    assert torch.allclose(a.plan, b.plan, atol=atol, rtol=0) and torch.allclose(a.mi, b.mi, atol=atol, rtol=0)
+    for ha, hb in zip(a.history, b.history, strict=True):
+        for key in ("loss", "ce", "kd", "feature", "train_acc", "test_acc"):
+            assert abs(ha[key] - hb[key]) <= atol, (key, ha[key], hb[key])
+        assert torch.allclose(torch.tensor(ha["mi"]), torch.tensor(hb["mi"]), atol=atol, rtol=0)
+    wa, wb = a.student.state_dict(), b.student.state_dict()
+    assert list(wa) == list(wb)
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=atol, rtol=0) for k in wa)
+
+
+@pytest.mark.parametrize("layout", list(BANK_LAYOUTS))
+def test_channels_last_gives_the_same_run(layout):
+    # observed differences ~1e-7 (other conv kernels); a swapped or transposed layout would be O(1)
+    assert_same_run(_run(channels_last=True, bank_layout=layout), _run(bank_layout=layout), atol=1e-5)
+
+
+def test_channels_last_with_amp_gives_the_same_run():
+    # bfloat16 round-off differs between the kernels of the two layouts (observed ~5e-5 on the loss)
+    assert_same_run(_run(channels_last=True, amp=True), _run(amp=True), atol=2e-3)
+
+
+def test_channels_last_reaches_weights_and_every_batch():
+    """Weights and input batches are channels_last in the training steps, the held-batch MI
+    estimate ("exact") and the evaluation; the user's student is trained in place."""
+    seen = []  # (role, training, grad enabled, batch size, input channels_last, weight channels_last)
+
+    def record(role):
+        def hook(mod, args):
+            x = args[0]
+            seen.append((role, mod.training, torch.is_grad_enabled(), len(x),
+                         x.is_contiguous(memory_format=CHANNELS_LAST), mod.weight.is_contiguous(memory_format=CHANNELS_LAST)))
+        return hook
+
+    teacher, student = make_teacher(), make_student()
+    teacher[0].register_forward_pre_hook(record("teacher"))
+    student[0].register_forward_pre_hook(record("student"))
+    res = fit(teacher, student, loaders(), strategy="exact", exact_warmup=2, exact_every=3, held_batches=1,
+              channels_last=True, epochs=2, width=8, device="cpu", progress=False)
+    assert res.student is student and len(res.solves) >= 2
+    run = [s for s in seen if s[3] != 2]  # leave out fit()'s setup probes (2 samples, before the conversion)
+    kinds = {(role, training, grad, batch) for role, training, grad, batch, _, _ in run}
+    assert ("student", True, True, 16) in kinds  # training steps
+    assert ("teacher", False, False, 16) in kinds  # the teacher in the training steps
+    assert ("student", False, False, 16) in kinds  # the held-batch MI estimate
+    assert ("student", False, False, 32) in kinds  # evaluation on the test loader
+    assert all(x_cl and w_cl for *_, x_cl, w_cl in run), [s for s in run if not (s[4] and s[5])]
+    assert student[0].weight.is_contiguous(memory_format=CHANNELS_LAST)
+    assert not make_student()[0].weight.is_contiguous(memory_format=CHANNELS_LAST)  # the check can fail
+
+
+@pytest.mark.parametrize("name", ["amp", "channels_last", "compile"])
+def test_gpu_path_options_must_be_bools(name):
+    with pytest.raises(ValueError, match=f"Expected `{name}` to be True or False but got 'yes'"):
+        FitConfig(**{name: "yes"})
+    assert getattr(FitConfig(**{name: True}), name) is True
+
+
+def test_cli_flags_set_the_gpu_path_options():
+    args = build_parser().parse_args(["fit", "--amp", "--channels-last", "--compile", "--tau", "0.2"])
+    opts = _fit_options_from_args(args)
+    assert opts == {"tau": 0.2, "amp": True, "channels_last": True, "compile": True}
+    assert FitConfig(**opts).compile is True
+    assert _fit_options_from_args(build_parser().parse_args(["fit"])) == {}
+
+
+def test_compile_failure_names_what_failed_and_compile_false(monkeypatch):
+    # a real failure, no mock: the inductor backend on CPU is pointed at a C++ compiler that does not exist
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    student = make_student()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"torch\.compile failed \(.*C\+\+ compiler.*\)\. Run with compile=False"):
+        _run(student, compile=True)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # nothing was trained
+
+
+@pytest.mark.slow  # compiling teacher, student and bank takes ~20-80 s on one CPU thread
+@pytest.mark.parametrize("opts", [{}, {"channels_last": True, "bank_layout": "full"}], ids=["shared", "channels_last-full"])
+def test_compile_gives_the_same_run_and_saves_the_plain_modules(tmp_path, opts):
+    student = make_student()
+    res = _run(student, compile=True, checkpoint_dir=tmp_path / "ckpt", **opts)
+    assert_same_run(res, _run(**opts), atol=1e-5)  # observed ~1e-7
+    assert res.student is student and type(res.student) is nn.Sequential  # the user's module, not a compiled wrapper
+    keys = list(make_student().state_dict())
+    assert list(student.state_dict()) == keys
+    ckpt = read_checkpoint(list_checkpoints(tmp_path / "ckpt")[-1][1])
+    assert list(ckpt["student"]) == keys
+    assert ckpt["bank"] and not any("_orig_mod" in k for k in ckpt["bank"])
+    fresh = make_student()
+    FitResult.load(res.save(tmp_path / "run"), student=fresh)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in fresh.state_dict().items())
