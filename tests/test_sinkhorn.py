@@ -329,6 +329,21 @@ def test_bad_input_raises_clear_error(logits, kwargs, exc, match):
         sinkhorn(logits, **kwargs)
 
 
+@pytest.mark.parametrize("tau", [0.0625, 0.05, 0.01])
+def test_newton_does_not_accept_steps_that_lower_the_dual(tau):
+    """Found by hypothesis: after the epsilon-scaling hand-off, steps that shrank the row error while
+    the semi-dual fell were accepted and the potentials ran off (row sums [3, 0, 0, 0]). Oracle: the
+    optimum of a concave problem is unique, so the solve must match a pure-Sinkhorn solve."""
+    L = torch.tensor([[1.0, 0, 0], [0, 2, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float64)
+    w = torch.tensor([0.5, 0.0546875, 0.05, 0.0625], dtype=torch.float64)
+    r = w / w.sum() * 3
+    res = sinkhorn_solve(L, r, tau=tau)
+    assert res.converged
+    torch.testing.assert_close(res.plan.sum(1), r, atol=1e-6, rtol=0)
+    ref = sinkhorn(L, r, tau=tau, newton_after=10**6, max_iter=10**6, tol=1e-9)
+    torch.testing.assert_close(res.plan, ref, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # SinkhornPlan: the per-step path (checks once at construction, warm-started Newton)
 
