@@ -61,7 +61,7 @@ def cmd_demo(args) -> int:
 
 def _fit_options_from_args(args) -> dict:
     """The FitConfig options that ``fit``'s flags set (flags left out keep the setting's values)."""
-    opts = {k: getattr(args, k) for k in ("beta", "tau", "kd_weight", "checkpoint_dir") if getattr(args, k) is not None}
+    opts = {k: getattr(args, k) for k in ("beta", "tau", "kd_weight", "checkpoint_dir", "skip_pairs_below") if getattr(args, k) is not None}
     opts.update({k: True for k in ("amp", "channels_last", "compile", "resume") if getattr(args, k)})
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("--resume needs --checkpoint-dir (the folder the interrupted run saved to).")
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/fit", help="output directory (default: runs/fit)")
     p.add_argument("--checkpoint-dir", default=None, help="save a checkpoint after every epoch into this folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --checkpoint-dir")
+    p.add_argument("--skip-pairs-below", type=float, default=None, metavar="LAMBDA",
+                   help="evaluate only pairs with plan weight >= LAMBDA between full passes (e.g. 0.05; default all pairs)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (the MI likelihood stays float32)")
     p.add_argument("--channels-last", action="store_true", help="models and image batches in channels_last memory format")
     p.add_argument("--compile", action="store_true",

@@ -132,11 +132,14 @@ class MIBank(nn.Module):
         eps: variance floor, var = softplus(alpha) + eps.
         init_var: initial variance (targets are standardised, so 1.0 is neutral).
 
-    ``forward(teacher_feats, student_feats, student_grad_weight=None)`` returns the (T, S) MI
-    estimate in nats per element. ``student_grad_weight`` (T, S), typically the plan, scales the
-    gradient that pair (i, j) sends into the student (and its shared trunk); the pair's own
-    regressor and variance always get the full gradient, so every bound stays tight, also for
-    pairs the plan has switched off.
+    ``forward(teacher_feats, student_feats, student_grad_weight=None, active=None)`` returns the
+    (T, S) MI estimate in nats per element. ``student_grad_weight`` (T, S), typically the plan,
+    scales the gradient that pair (i, j) sends into the student (and its shared trunk); the pair's
+    own regressor and variance always get the full gradient, so every bound stays tight, also for
+    pairs the plan has switched off. ``active`` (T, S) bool evaluates only those pairs (and only
+    the trunks, targets and decoders they need); the others return their last training-mode
+    estimate as a constant (buffer ``last_mi``, 0 before the first: MI >= 0 is always a valid
+    lower bound), so the cost follows the number of active pairs, not T x S.
     """
 
     def __init__(
@@ -145,7 +148,7 @@ class MIBank(nn.Module):
         student_shapes,
         *,
         layout: str = "shared",
-        pool: int | None = 4,
+        pool: int | None = 2,
         width: int | None = None,
         eps: float = 1e-4,
         init_var: float = 1.0,
@@ -175,6 +178,7 @@ class MIBank(nn.Module):
             for i, (_, th, tw) in enumerate(self.teacher_maps)
             for j, (sh, sw) in enumerate(self.student_sizes)
         ]
+        self.register_buffer("last_mi", torch.zeros(T, S))  # (T, S) last estimate per pair, reused when inactive
         self.standardizers = nn.ModuleDict()
         for p in self.pairs:
             key = self._target_key(p.i, p.size)
@@ -215,11 +219,11 @@ class MIBank(nn.Module):
         """Per teacher layer i, the (S, C_i) variances softplus(alpha) + eps."""
         return [F.softplus(a.float()) + self.eps for a in self.alpha]
 
-    def _targets(self, teacher_feats: list[Tensor]) -> dict[str, Tensor]:
-        """Standardised, pooled teacher targets (B, P, C_i), computed once per (layer, size)."""
+    def _targets(self, teacher_feats: list[Tensor], pairs: list[_Pair]) -> dict[str, Tensor]:
+        """Standardised, pooled teacher targets (B, P, C_i), computed once per (layer, size) of ``pairs``."""
         out = {}
         maps = [as_map(t.detach()) for t in teacher_feats]
-        for p in self.pairs:
+        for p in pairs:
             key = self._target_key(p.i, p.size)
             if key not in out:
                 t = _pool(maps[p.i].float(), p.size).flatten(2).transpose(1, 2)  # (B, P, C_i)
@@ -249,28 +253,38 @@ class MIBank(nn.Module):
                 if got != expect:
                     raise ValueError(f"{side} feature {k} has map shape {got} but the bank was built for {expect}.")
 
-    def forward(self, teacher_feats: list[Tensor], student_feats: list[Tensor], student_grad_weight: Tensor | None = None) -> Tensor:
-        """(T, S) MI estimates in nats per element (differentiable)."""
+    def forward(self, teacher_feats: list[Tensor], student_feats: list[Tensor], student_grad_weight: Tensor | None = None,
+                active: Tensor | None = None) -> Tensor:
+        """(T, S) MI estimates in nats per element (differentiable in the active pairs)."""
         self._check(teacher_feats, student_feats)
+        if active is not None and (not isinstance(active, Tensor) or active.shape != (self.T, self.S) or active.dtype != torch.bool):
+            got = f"{tuple(active.shape)} {active.dtype}" if isinstance(active, Tensor) else type(active).__name__
+            raise ValueError(f"Expected `active` as a bool tensor of shape (T, S) = ({self.T}, {self.S}) but got {got}.")
         weight = None if student_grad_weight is None else student_grad_weight.detach().float()  # (T, S)
-        targets = self._targets(teacher_feats)
+        on = None if active is None else active.tolist()  # one host sync
+        pairs = self.pairs if on is None else [p for p in self.pairs if on[p.i][p.j]]
+        targets = self._targets(teacher_feats, pairs)
         variances = self.variances()
-        mi = [[None] * self.S for _ in range(self.T)]
+        mi = [[self.last_mi[i, j] for j in range(self.S)] for i in range(self.T)]  # inactive: constants
         if self.layout == "shared":
-            self._forward_shared(student_feats, targets, variances, weight, mi)
+            self._forward_shared(student_feats, targets, variances, weight, mi, pairs)
         else:
-            self._forward_full(student_feats, targets, variances, weight, mi)
-        return torch.stack([torch.stack(row) for row in mi])  # (T, S)
+            self._forward_full(student_feats, targets, variances, weight, mi, pairs)
+        out = torch.stack([torch.stack(row) for row in mi])  # (T, S)
+        if self.training:
+            with torch.no_grad():
+                self.last_mi.copy_(out.detach().float())
+        return out
 
-    def _forward_shared(self, student_feats, targets, variances, weight, mi) -> None:
-        z = []  # per student layer: trunk output (B, width, h_j, w_j)
-        for j, s in enumerate(student_feats):
-            x = _pool(as_map(s), self.student_sizes[j])  # (B, C_j, h_j, w_j)
-            h = self.trunks[j](x.flatten(2).transpose(1, 2))  # (B, P_j, width)
-            z.append(h.transpose(1, 2).reshape(x.shape[0], self.width, *self.student_sizes[j]))
+    def _forward_shared(self, student_feats, targets, variances, weight, mi, pairs) -> None:
         groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
-        for p in self.pairs:
+        for p in pairs:
             groups.setdefault((p.i, p.size), []).append(p.j)
+        z = {}  # per student layer with an active pair: trunk output (B, width, h_j, w_j)
+        for j in sorted({p.j for p in pairs}):
+            x = _pool(as_map(student_feats[j]), self.student_sizes[j])  # (B, C_j, h_j, w_j)
+            h = self.trunks[j](x.flatten(2).transpose(1, 2))  # (B, P_j, width)
+            z[j] = h.transpose(1, 2).reshape(x.shape[0], self.width, *self.student_sizes[j])
         for (i, size), js in groups.items():
             key = self._target_key(i, size)
             # the group's student layers, as a slice when contiguous (cheaper than an index list)
@@ -285,9 +299,10 @@ class MIBank(nn.Module):
             for g, j in enumerate(js_list):
                 mi[i][j] = vals[g]
 
-    def _forward_full(self, student_feats, targets, variances, weight, mi) -> None:
+    def _forward_full(self, student_feats, targets, variances, weight, mi, pairs) -> None:
         maps = [as_map(s) for s in student_feats]
-        for k, p in enumerate(self.pairs):
+        for p in pairs:
+            k = p.i * self.S + p.j  # index of the pair's regressor (pairs are built row-major)
             key = self._target_key(p.i, p.size)
             x = _pool(maps[p.j], p.size)  # (B, C_j, h, w)
             if weight is not None:

@@ -60,8 +60,10 @@ class FitConfig:
     optimizer: str = "sgd"  # "sgd" (nesterov) or "adam"
     warmup_epochs: float = 0.0  # linear LR warm-up, then cosine decay to 0
     bank_layout: str = "shared"  # MI bank regressors: "shared" (cheap) or "full" (reference VID)
-    pool: int | None = 4  # cap on the resolution at which pairs are compared
+    pool: int | None = 2  # cap on the resolution at which pairs are compared (shared bank)
     width: int | None = None  # hidden width of the MI regressors (None: from the student's channels, 16-64)
+    skip_pairs_below: float | None = None  # skip pairs with lambda below this (last estimate reused); None: all pairs
+    full_pass_every: int = 10  # with skip_pairs_below: every this many steps all pairs are evaluated
     exact_every: int | None = None  # "exact": steps between solves (None: once per epoch)
     exact_warmup: int = 50  # "exact": first solve after this many steps
     exact_method: str = "auto"  # "exact": exact_plan method
@@ -105,6 +107,10 @@ class FitConfig:
         check(self.exact_tau is None or self.exact_tau >= 0, f"Expected `exact_tau` >= 0 or None but got {self.exact_tau!r}.")
         check(isinstance(self.max_bad_steps, int) and self.max_bad_steps >= 1, f"Expected `max_bad_steps` >= 1 but got {self.max_bad_steps!r}.")
         check(self.grad_clip is None or self.grad_clip > 0, f"Expected `grad_clip` > 0 or None but got {self.grad_clip!r}.")
+        check(self.skip_pairs_below is None or (isinstance(self.skip_pairs_below, (int, float)) and 0 < self.skip_pairs_below < 1),
+              f"Expected `skip_pairs_below` in (0, 1) (a plan weight; columns sum to 1) or None but got {self.skip_pairs_below!r}.")
+        check(isinstance(self.full_pass_every, int) and not isinstance(self.full_pass_every, bool) and self.full_pass_every >= 1,
+              f"Expected `full_pass_every` to be an int >= 1 but got {self.full_pass_every!r}.")
         if isinstance(self.checkpoint_dir, os.PathLike):
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         check(self.checkpoint_dir is None or (isinstance(self.checkpoint_dir, str) and self.checkpoint_dir != ""),
@@ -127,7 +133,7 @@ class FitResult:
     mi: (T, S) MI estimates at the end, nats per element (None for "hinton").
     teacher_layers / student_layers: tap names (rows / columns of plan and mi).
     teacher_shapes / student_shapes: per-sample feature shapes of the taps.
-    history: one dict per epoch: losses, accuracies, plan, mi, wall time, skipped steps.
+    history: one dict per epoch: losses, accuracies, plan, mi, wall time, skipped steps, share of pairs evaluated.
     solves: for "exact", one record per solve (step, method, solver, status, seconds).
     config: the options used (JSON-able).
     """
@@ -482,10 +488,14 @@ class _Engine:
         kd = _kd_loss(s_logits, t_logits, cfg.kd_temperature) if self.uses_kd else ce.new_zeros(())
         distil = cfg.kd_weight * kd
         lam = self.plan()  # (T, S)
-        mi = None
+        mi, active = None, None
         if self.bank is not None:
+            if cfg.skip_pairs_below is not None and self.step % cfg.full_pass_every != 0:
+                # pairs with a small plan weight send almost no gradient to the student: evaluate
+                # them only on full passes and reuse their last estimate in between
+                active = lam.detach() >= cfg.skip_pairs_below  # (T, S)
             with self._autocast():
-                mi = self.bank_forward(t_feats, s_feats, student_grad_weight=lam)  # (T, S)
+                mi = self.bank_forward(t_feats, s_feats, student_grad_weight=lam, active=active)  # (T, S)
             # regressors: full gradient of every bound; student: lam-weighted (inside the bank);
             # plan logits: gradient of sum(lam * mi) at fixed mi
             feature = -mi.sum() - (lam * mi.detach()).sum()
@@ -517,6 +527,7 @@ class _Engine:
             "acc": (s_logits.argmax(1) == y).float().mean().item(),
             "mi": None if mi is None else mi.detach().float().cpu(),
             "feature": None if mi is None else float((lam.detach() * mi.detach()).sum()),
+            "pairs_evaluated": 0.0 if mi is None else 1.0 if active is None else float(active.float().mean()),
         }
 
     @torch.no_grad()
@@ -569,7 +580,7 @@ class _Engine:
                 if hasattr(self.train_loader, "set_epoch"):
                     self.train_loader.set_epoch(epoch)
                 self.skipped = 0
-                sums, n, mi_sum, mi_n = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "acc": 0.0, "feature": 0.0}, 0, None, 0
+                sums, n, mi_sum, mi_n = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "acc": 0.0, "feature": 0.0, "pairs_evaluated": 0.0}, 0, None, 0
                 start = time.perf_counter()
                 self.student.train()
                 for x, y, *_ in self.train_loader:

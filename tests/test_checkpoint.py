@@ -143,6 +143,18 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(reference, tmp_path, 
     assert [e for e, _ in list_checkpoints(tmp_path)] == [2, 3]
 
 
+def test_resume_with_skipped_pairs_equals_uninterrupted(tmp_path):
+    """skip_pairs_below: the full-pass schedule (step counter) and the cached estimates of skipped
+    pairs (MIBank.last_mi) come back from the checkpoint."""
+    skip = dict(strategy="pairwise", skip_pairs_below=0.5, full_pass_every=3)  # one of the T pairs between full passes
+    ref = summary(*run(**skip))
+    assert 0 < ref[2][1]["pairs_evaluated"] < 1  # pairs were skipped in epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        run(student=Student().bomb(STEPS + 2, _interrupt), checkpoint_dir=tmp_path, **skip)
+    res, st = run(student=Student(), checkpoint_dir=tmp_path, resume=True, **skip)
+    assert_same(summary(res, st), ref)
+
+
 def test_ctrl_c_during_a_save_saves_that_epoch_again(reference, tmp_path, monkeypatch, capsys):
     import align_kd.checkpoint as ck
 

@@ -272,6 +272,8 @@ def _bad_cases():
         "unknown option": (dict(epoch=2), TypeError, r"'epoch'"),
         "bad row marginal": (dict(row_marginal=[1.0] * T_LAYERS), ValueError, "row_marginal"),
         "bad layout": (dict(bank_layout="dense"), ValueError, "bank_layout"),
+        "skip threshold above 1": (dict(skip_pairs_below=1.5), ValueError, "skip_pairs_below"),
+        "full pass every 0": (dict(skip_pairs_below=0.1, full_pass_every=0), ValueError, "full_pass_every"),
     }
 
 
@@ -365,3 +367,41 @@ def test_log_variances_and_plan_logits_get_no_weight_decay():
     assert decay[id(engine.plan.logits)] == 0.0
     assert all(decay[id(p)] == 0.1 for p in student.parameters())
     assert decay[id(engine.bank.pair_maps)] == 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# skipping pairs with a small plan weight (skip_pairs_below)
+
+
+def test_skip_threshold_below_every_weight_changes_nothing():
+    """Every sinkhorn weight is positive: a tiny threshold keeps all pairs, so the run is the default run."""
+    runs = []
+    for opts in ({}, {"skip_pairs_below": 1e-30}):
+        student = make_student()
+        res = fit(make_teacher(), student, loaders(), strategy="sinkhorn", **FAST, **opts)
+        runs.append((res, state(student)))
+    (a, sa), (b, sb) = runs
+    assert same_state(sa, sb)
+    assert torch.equal(a.plan, b.plan) and torch.equal(a.mi, b.mi)
+    assert [h["pairs_evaluated"] for h in b.history] == [1.0, 1.0]
+
+
+def test_skipped_pairs_follow_the_plan_and_the_full_passes():
+    """Planted: pairwise has one weight-1 pair per column, so between full passes 1/T of the pairs
+    run. 4 steps per epoch, a full pass every 3 steps (steps 0, 3, 6): epoch 1 evaluates
+    (1 + 1/T + 1/T + 1) / 4, epoch 2 (1/T + 1/T + 1 + 1/T) / 4."""
+    student = make_student()
+    res = fit(make_teacher(), student, loaders(), strategy="pairwise", skip_pairs_below=0.5, full_pass_every=3, **FAST)
+    f = 1 / T_LAYERS
+    expect = [(2 + 2 * f) / 4, (1 + 3 * f) / 4]
+    assert [round(h["pairs_evaluated"], 6) for h in res.history] == [round(e, 6) for e in expect]
+    # the MI matrix stays complete and finite: skipped pairs carry their last estimate
+    assert res.mi.shape == (T_LAYERS, S_LAYERS) and torch.isfinite(res.mi).all()
+    assert (res.mi[res.plan == 0] != 0).all()  # estimated on the full passes
+
+
+def test_cli_flag_skip_pairs_below():
+    from align_kd.__main__ import _fit_options_from_args, build_parser
+
+    opts = _fit_options_from_args(build_parser().parse_args(["fit", "--skip-pairs-below", "0.05"]))
+    assert opts == {"skip_pairs_below": 0.05}

@@ -109,6 +109,8 @@ def test_pair_resolutions():
     assert sizes == {(0, 0): (4, 4), (0, 1): (3, 4), (1, 0): (2, 4), (1, 1): (2, 4), (2, 0): (1, 1), (2, 1): (1, 1)}
     full = MIBank([(4, 16, 16), (4, 2, 8)], [(4, 8, 8)], layout="full", pool=None)
     assert {(p.i, p.j): p.size for p in full.pairs} == {(0, 0): (8, 8), (1, 0): (2, 8)}
+    default = MIBank([(4, 16, 16), (4, 1, 8)], [(4, 8, 8)], width=4)  # pool=2 by default
+    assert {(p.i, p.j): p.size for p in default.pairs} == {(0, 0): (2, 2), (1, 0): (1, 2)}
 
 
 def test_class_token_does_not_change_the_estimate():
@@ -311,3 +313,59 @@ def test_bf16_autocast_gives_float32_finite_mi(layout):
     mi.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in bank.parameters())
     assert all(torch.isfinite(f.grad).all() for f in s)
+
+
+# ----------------------------------------------------------------------------------------------
+# active pairs (fit(skip_pairs_below=...))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_active_pairs_equal_the_full_bank_and_inactive_ones_are_constants(layout):
+    """Pairs are independent given the (eval-mode) targets: the active entries and their gradients
+    equal those of a full forward; inactive entries are the cached estimate and send no gradient."""
+    t_shapes = [SHAPES["map8"], SHAPES["tokens_cls"], SHAPES["vector"]]
+    s_shapes = [SHAPES["map_other"], SHAPES["vector"]]
+    torch.manual_seed(0)
+    bank = MIBank(t_shapes, s_shapes, layout=layout, width=8)
+    t, s = _feats(t_shapes, seed=1), _feats(s_shapes, seed=2)
+    bank.train()
+    bank(t, s)  # training mode: standardiser statistics and the cache last_mi are set
+    cache = bank.last_mi.clone()
+    assert (cache != 0).all()
+    bank.eval()
+    active = torch.tensor([[True, False], [False, False], [True, True]])
+    s_full = [x.clone().requires_grad_() for x in s]
+    s_part = [x.clone().requires_grad_() for x in s]
+    full = bank(t, s_full)
+    (full * active).sum().backward()  # only the active pairs' gradient
+    full_grads = {k: p.grad.clone() for k, p in bank.named_parameters() if p.grad is not None}
+    bank.zero_grad(set_to_none=True)
+    part = bank(t, s_part, active=active)
+    part.sum().backward()
+    torch.testing.assert_close(part[active], full[active], rtol=0, atol=0)
+    assert torch.equal(part[~active], cache[~active])
+    for a, b in zip(s_part, s_full):
+        torch.testing.assert_close(a.grad, b.grad)
+    for k, p in bank.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g, full_grads.get(k, torch.zeros_like(p)), msg=k)
+    assert torch.equal(bank.last_mi, cache)  # eval mode leaves the cache alone
+
+
+def test_inactive_pairs_are_zero_before_their_first_estimate_and_cache_updates_in_training():
+    t_shapes, s_shapes = [SHAPES["map8"], SHAPES["vector"]], [SHAPES["map_other"], SHAPES["tokens"]]
+    torch.manual_seed(0)
+    bank = MIBank(t_shapes, s_shapes, width=8)
+    t, s = _feats(t_shapes, seed=1), _feats(s_shapes, seed=2)
+    active = torch.tensor([[True, False], [False, False]])
+    mi = bank(t, s, active=active)
+    assert torch.equal(mi[~active], torch.zeros(3))  # MI >= 0: a valid (trivial) lower bound
+    assert torch.equal(bank.last_mi, mi.detach())
+    assert len(bank._targets(t, [p for p in bank.pairs if active[p.i, p.j]])) == 1  # one teacher target computed
+
+
+@pytest.mark.parametrize("active", [torch.ones(2, 3, dtype=torch.bool), torch.ones(3, 2), [[True] * 2] * 3])
+def test_bad_active_mask_raises(active):
+    bank = MIBank([SHAPES["map8"]] * 3, [SHAPES["vector"]] * 2, width=8)
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(T, S\) = \(3, 2\)"):
+        bank(_feats([SHAPES["map8"]] * 3), _feats([SHAPES["vector"]] * 2), active=active)
