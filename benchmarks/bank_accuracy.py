@@ -3,8 +3,8 @@
 
 Setup (issue 7): teacher SmallCNN(width=32) from ``load_or_train_teacher("cnn", {"width": 32}, ...,
 epochs=4)`` (cached under the align_kd cache directory, trained on the same training subset),
-student SmallCNN(width=8), ``fit(strategy="sinkhorn")`` with ``bank_layout="shared"`` (pool 4,
-width 64: the default) and with ``bank_layout="full"`` (the reference VID regressor per pair at
+student SmallCNN(width=8), ``fit(strategy="sinkhorn")`` with ``bank_layout="shared"`` (pool 2,
+width chosen by the library: the default) and with ``bank_layout="full"`` (the reference VID regressor per pair at
 full resolution), same budget, same seeds. Every other fit option is the default. For context,
 "hinton" (logit KD only) and "alone" (beta=1, kd_weight=0: the student on its own) run on the same
 budget and seeds.
@@ -51,6 +51,8 @@ RESULTS = HERE / "results"
 RUNS = {
     "shared": dict(strategy="sinkhorn", bank_layout="shared"),
     "full": dict(strategy="sinkhorn", bank_layout="full"),
+    "skip": dict(strategy="sinkhorn", bank_layout="shared", skip_pairs_below=0.05),
+    "pool4": dict(strategy="sinkhorn", bank_layout="shared", pool=4),  # the default before 2026-11-29
     "hinton": dict(strategy="hinton"),
     "alone": dict(strategy="hinton", beta=1.0, kd_weight=0.0),
 }
@@ -130,6 +132,7 @@ def main(argv=None):
                 "wall_s": wall, "train_s": train_s, "ms_per_step": 1e3 * train_s / steps, "steps": steps,
                 "plan": res.plan.tolist(), "mi": None if res.mi is None else res.mi.tolist(),
                 "skipped_steps": sum(h["skipped_steps"] for h in res.history),
+                "pairs_evaluated": statistics.fmean(h["pairs_evaluated"] for h in res.history),
                 "teacher_layers": res.teacher_layers, "teacher_shapes": res.teacher_shapes,
                 "student_layers": res.student_layers, "student_shapes": res.student_shapes,
             }
@@ -151,7 +154,7 @@ def main(argv=None):
         wm, ws = mean_std(r["wall_s"] for r in rs)
         summary[name] = {"test_acc_mean": m, "test_acc_std": s, "best_acc_mean": bm, "best_acc_std": bs,
                          "wall_s_mean": wm, "wall_s_std": ws, "ms_per_step_mean": statistics.fmean(r["ms_per_step"] for r in rs),
-                         "n": len(rs)}
+                         "pairs_evaluated": statistics.fmean(r["pairs_evaluated"] for r in rs), "n": len(rs)}
     verdict = None
     if "shared" in summary and "full" in summary:
         by = {(r["run"], r["seed"]): r["test_acc"] for r in records}
@@ -167,11 +170,24 @@ def main(argv=None):
             "rule": "shared_not_worse = mean(shared - full) >= -max(0.01, 2 * SE of the paired differences)",
         }
 
-    lines = [f"\n{'run':<8} {'test acc (mean +- std)':>24} {'best acc':>18} {'wall s/run':>12} {'ms/step':>9}  n"]
+    if "shared" in summary and "skip" in summary:  # skipping small-lambda pairs against evaluating them all
+        by = {(r["run"], r["seed"]): r for r in records}
+        diffs = [by[("skip", s)]["test_acc"] - by[("shared", s)]["test_acc"] for s in seeds]
+        dm, ds = mean_std(diffs)
+        summary["skip"]["paired_diff_skip_minus_shared"] = {"per_seed": diffs, "mean": dm, "std": ds}
+        summary["skip"]["step_time_ratio_to_shared"] = statistics.fmean(
+            by[("skip", s)]["ms_per_step"] / by[("shared", s)]["ms_per_step"] for s in seeds)
+
+    lines = [f"\n{'run':<8} {'test acc (mean +- std)':>24} {'best acc':>18} {'wall s/run':>12} {'ms/step':>9} {'pairs':>6}  n"]
     for name, s in summary.items():
         lines.append(f"{name:<8} {100 * s['test_acc_mean']:>15.2f} +- {100 * s['test_acc_std']:<5.2f} "
                      f"{100 * s['best_acc_mean']:>10.2f} +- {100 * s['best_acc_std']:<5.2f} "
-                     f"{s['wall_s_mean']:>12.1f} {s['ms_per_step_mean']:>9.0f}  {s['n']}")
+                     f"{s['wall_s_mean']:>12.1f} {s['ms_per_step_mean']:>9.0f} {s['pairs_evaluated']:>6.2f}  {s['n']}")
+    if "paired_diff_skip_minus_shared" in summary.get("skip", {}):
+        d = summary["skip"]["paired_diff_skip_minus_shared"]
+        lines.append(f"skip - shared (paired by seed): {100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points "
+                     f"(per seed {[round(100 * v, 2) for v in d['per_seed']]}); step time skip / shared "
+                     f"{summary['skip']['step_time_ratio_to_shared']:.2f}")
     if verdict:
         lines.append(f"shared - full (paired by seed): {100 * verdict['diff_mean']:+.2f} +- {100 * verdict['diff_std']:.2f} points "
                      f"(per seed {[round(100 * d, 2) for d in verdict['paired_diff_shared_minus_full']]}); "
@@ -190,7 +206,7 @@ def main(argv=None):
             "teacher": {"model": "SmallCNN(width=32)", "epochs": args.teacher_epochs, "train_data": train0.data_tag,
                         "test_acc": tinfo["test_acc"], "cached": tinfo["cached"], "key": tinfo["key"], "path": tinfo["path"]},
             "student": "SmallCNN(width=8)", "shared_bank_width": bank_width,
-            "runs": RUNS, "fit_options": "library defaults except those in runs (lr 0.05 SGD nesterov, beta 0.5, tau 0.1, pool 4, width None = auto)",
+            "runs": RUNS, "fit_options": "library defaults except those in runs (lr 0.05 SGD nesterov, beta 0.5, tau 0.1, pool 2, width None = auto)",
             "seed_meaning": "torch.manual_seed(seed) before the student is built, fit(seed=seed), loader seed (order, augmentation)",
         },
         "versions": versions(),

@@ -11,7 +11,9 @@ What is measured (issue 7):
    alike; warm-up rounds are excluded; we report the median ms/step, the median over rounds of
    the per-round ratio to hinton, and its interquartile range. Extra rows, not in the default
    set: ``sinkhorn-full`` (reference VID bank, bank_layout="full", pool=None) and
-   ``sinkhorn-pool2`` (the fit option pool=2: a cheaper estimator, not the same function).
+   ``sinkhorn-pool4`` (pool=4, the default before 2026-11-29: pairs compared at up to 4 x 4) and
+   ``sinkhorn-skip`` (skip_pairs_below=0.05: pairs with a smaller plan weight evaluated only on
+   every 10th step; the share of pairs evaluated is in the row's ``pairs_evaluated``).
    Targets: <= 1.3x hinton for SmallCNN(32) -> SmallCNN(8); <= 1.6x for the deep pairs.
 2. **Where the time goes**: an instrumented pass (wall-clock timers wrapped around the teacher
    and student taps, the plan, the MI bank, ``Tensor.backward``, the implicit-Sinkhorn backward
@@ -25,12 +27,14 @@ What is measured (issue 7):
    is built, so ``peak_delta_mib`` = VmHWM after the steps minus VmRSS before them (activations,
    gradients, optimizer state, allocator growth). Falls back to ``resource.getrusage`` max RSS
    deltas where clear_refs is unavailable. On CUDA: ``torch.cuda.max_memory_allocated``.
-4. **Scaling with T x S**: the MI bank alone (forward + backward, shared layout, pool 4, the
-   library's default width) on synthetic features, T = S in {5, 10, 15, 20}, teacher and student
+4. **Scaling with T x S**: the MI bank alone (forward + backward, shared layout, the library's
+   default pool and width) on synthetic features, T = S in {5, 10, 15, 20}, teacher and student
    maps cycling through (32, 16, 16), (64, 8, 8), (128, 4, 4), (256,); the "full" layout at the
    small sizes for comparison; the SinkhornPlan forward+backward (warm-started) as well, and the
    library's Newton-first warm start against the sweeps-first schedule it replaced. A
-   least-squares fit of log(time) on log(T*S) gives the growth exponent (sub-linear if < 1).
+   least-squares fit of log(time) on log(T*S) gives the growth exponent (sub-linear if < 1). The
+   shared bank with skip_pairs_below is timed on a band of 3 teacher layers per student layer
+   (what learned plans keep above 0.05) and amortised with a full pass every 10 steps.
    Plot: ``results/overhead_scaling.png``.
 
 GPU: ``--device cuda --amp --channels-last [--compile]`` applies those fit() options to every
@@ -90,7 +94,8 @@ STRATEGIES = OrderedDict(
 )
 EXTRA = {
     "sinkhorn-full": dict(strategy="sinkhorn", bank_layout="full", pool=None),
-    "sinkhorn-pool2": dict(strategy="sinkhorn", pool=2),
+    "sinkhorn-pool4": dict(strategy="sinkhorn", pool=4),
+    "sinkhorn-skip": dict(strategy="sinkhorn", skip_pairs_below=0.05),
 }
 
 
@@ -123,20 +128,20 @@ PAIRS = OrderedDict(
         teacher=("SmallCNN(width=32)", lambda: SmallCNN(32)),
         student=("SmallCNN(width=8)", lambda: SmallCNN(8)),
         target=1.3,
-        extra=["sinkhorn-pool2", "sinkhorn-full"],
+        extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-full"],
     ),
     **{
         "resnet20-cnn10": dict(
             teacher=("ResNetCIFAR(depth=20, width=16)", lambda: ResNetCIFAR(20, 16)),
             student=("cnn10(width=8) (9 conv layers + head, inline)", lambda: cnn10(8)),
             target=1.6,
-            extra=["sinkhorn-pool2"],
+            extra=["sinkhorn-pool4", "sinkhorn-skip"],
         ),
         "resnet20-mlp": dict(
             teacher=("ResNetCIFAR(depth=20, width=16)", lambda: ResNetCIFAR(20, 16)),
             student=("MLP(hidden=(256,)*9)", lambda: MLP(hidden=(256,) * 9)),
             target=1.6,
-            extra=[],
+            extra=["sinkhorn-skip"],
         ),
     },
 )
@@ -192,6 +197,7 @@ def make_engine(pair: str, name: str, batches, *, seed: int = 0, device: str = "
     torch.manual_seed(seed)
     engine = _Engine(teacher, student, loader, None, cfg, None, None, None)
     engine.skipped = 0
+    engine.pairs_evaluated = []  # per timed step: share of the T x S bounds the bank computed
     engine.student.train()
     engine.bench_taps = (FeatureTap(engine.teacher, engine.teacher_layers).__enter__(),
                          FeatureTap(engine.student, engine.student_layers).__enter__())
@@ -216,6 +222,8 @@ def timed_step(engine, t_tap, s_tap, x, y, device) -> float:
     dt = time.perf_counter() - t0
     if out is None:
         raise RuntimeError("a benchmark step was skipped (non-finite loss)")
+    engine.step += 1  # as _Engine.run does after every step (the full-pass schedule of skip_pairs_below)
+    engine.pairs_evaluated.append(out["pairs_evaluated"])
     return dt
 
 
@@ -265,6 +273,7 @@ def time_pair(pair: str, names: list[str], batches, *, warmup: int, steps: int, 
                 "s_per_cifar_epoch_est": med * CIFAR_TRAIN_STEPS_PER_EPOCH,
                 "bank_params": nparams(e.bank),
                 "plan_params": sum(p.numel() for p in e.plan.parameters()),
+                "pairs_evaluated": statistics.fmean(e.pairs_evaluated[warmup:]),
                 "bank_layout": e.cfg.bank_layout if e.bank is not None else None,
                 "samples_ms": [round(1e3 * t, 3) for t in ts],
             }
@@ -383,11 +392,11 @@ def breakdown_pair(pair: str, names: list[str], batches, *, warmup: int, steps: 
             close_engine(e, tt, st)
 
 
-def bank_fwd_bwd(bank, t_feats, s_feats, lam, device) -> tuple[float, float]:
+def bank_fwd_bwd(bank, t_feats, s_feats, lam, device, active=None) -> tuple[float, float]:
     """Seconds for one MI-bank forward and for forward + backward; gradients cleared after."""
     _sync(device)
     t0 = time.perf_counter()
-    mi = bank(t_feats, s_feats, student_grad_weight=lam)
+    mi = bank(t_feats, s_feats, student_grad_weight=lam, active=active)
     t1 = time.perf_counter()
     (-mi.sum()).backward()
     _sync(device)
@@ -420,19 +429,19 @@ def bank_profile_and_ablations(pair: str, batches, *, reps: int, device: str, se
 
     def bank(**kw):
         torch.manual_seed(seed)
-        args = dict(layout="shared", pool=4, width=width)
+        args = dict(layout="shared", width=width)  # library default pool
         args.update(kw)
         return MIBank(e.teacher_shapes, e.student_shapes, **args).to(device)
 
     variants = OrderedDict(default=bank())
     half = max(8, width // 2)
-    variants.update(pool2=bank(pool=2), pool1=bank(pool=1), half_width=bank(width=half))
+    variants.update(pool4=bank(pool=4), pool1=bank(pool=1), half_width=bank(width=half))
     # drop the widest teacher tap (most channels) as a "fewer taps" ablation
     widest = max(range(T), key=lambda i: mi_module.map_shape(tuple(e.teacher_shapes[i]))[0])
     keep = [i for i in range(T) if i != widest]
     torch.manual_seed(seed)
     variants["drop_widest_teacher_tap"] = MIBank([e.teacher_shapes[i] for i in keep], e.student_shapes, layout="shared",
-                                                 pool=4, width=width).to(device)
+                                                 width=width).to(device)
 
     def run(name):
         tf = [t_feats[i] for i in keep] if name == "drop_widest_teacher_tap" else t_feats
@@ -487,7 +496,7 @@ def bank_profile_and_ablations(pair: str, batches, *, reps: int, device: str, se
           * mi_module.map_shape(tuple(e.teacher_shapes[i]))[0]} for (i, size), js in groups.items()),
         key=lambda d: -d["elements_GBPC"],
     )
-    return {"bank_width": width, "half_width": half, "ablations": abl, "profile_top_ops": ops,
+    return {"bank_width": width, "bank_pool": e.bank.pool, "half_width": half, "ablations": abl, "profile_top_ops": ops,
             "profile_note": "self CPU time under torch.profiler (inflated by the profiler; shares are what matter)",
             "groups": len(groups), "largest_likelihood_tensors": big[:5]}
 
@@ -564,23 +573,39 @@ def measure_memory(pair: str, names: list[str], batches, *, steps: int, device: 
 SCALING_SHAPES = [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256,)]
 
 
-def bank_time(T: int, S: int, layout: str, *, batch: int, reps: int, device: str, seed: int = 0) -> dict:
+#: skip_pairs_below as measured in the scaling: learned plans keep about 1-5 pairs >= 0.05 per column
+#: (strategy benchmark, sinkhorn runs), so a band of 3 teacher layers per student layer around the
+#: relative-depth diagonal is active between full passes, and every 10th step is a full pass
+SKIP_BAND, SKIP_FULL_EVERY = 3, 10
+
+
+def band_mask(T: int, S: int, k: int = SKIP_BAND) -> torch.Tensor:
+    """(T, S) bool: for each student layer j, the k teacher layers nearest its relative depth."""
+    centre = torch.tensor([round(j * (T - 1) / max(S - 1, 1)) for j in range(S)])  # (S,)
+    lo = (centre - k // 2).clamp(0, max(T - k, 0))
+    rows = torch.arange(T)[:, None]
+    return (rows >= lo[None, :]) & (rows < lo[None, :] + k)
+
+
+def bank_time(T: int, S: int, layout: str, *, batch: int, reps: int, device: str, seed: int = 0,
+              active: torch.Tensor | None = None) -> dict:
     torch.manual_seed(seed)
     t_shapes = [SCALING_SHAPES[i % 4] for i in range(T)]
     s_shapes = [SCALING_SHAPES[(j + 1) % 4] for j in range(S)]  # offset: not every pair at equal shapes
-    bank = MIBank(t_shapes, s_shapes, layout=layout, pool=4 if layout == "shared" else None).to(device)  # default width
+    bank = MIBank(t_shapes, s_shapes, layout=layout, **({} if layout == "shared" else {"pool": None})).to(device)  # defaults
     g = torch.Generator().manual_seed(seed)
     tf = [torch.randn(batch, *s, generator=g).to(device) for s in t_shapes]
     sf = [torch.randn(batch, *s, generator=g).to(device).requires_grad_(True) for s in s_shapes]
     lam = torch.full((T, S), 1.0 / T, device=device)
     ts, fs = [], []
     for r in range(reps + 1):
-        f, t = bank_fwd_bwd(bank, tf, sf, lam, device)
+        f, t = bank_fwd_bwd(bank, tf, sf, lam, device, active=None if active is None else active.to(device))
         if r:
             ts.append(t)
             fs.append(f)
     return {"T": T, "S": S, "pairs": T * S, "layout": layout, "width": bank.width, "fwd_bwd_ms": 1e3 * statistics.median(ts),
-            "fwd_ms": 1e3 * statistics.median(fs), "bank_params": nparams(bank), "reps": reps}
+            "fwd_ms": 1e3 * statistics.median(fs), "bank_params": nparams(bank), "reps": reps,
+            "active_pairs": T * S if active is None else int(active.sum())}
 
 
 def plan_time(T: int, S: int, *, reps: int, tau: float = 0.1, seed: int = 0) -> dict:
@@ -647,25 +672,32 @@ def fit_exponent(points: list[dict], key: str = "fwd_bwd_ms") -> float | None:
 
 
 def scaling(sizes, full_sizes, *, batch: int, reps: int, full_reps: int, device: str) -> dict:
-    shared, full, plan = [], [], []
+    shared, skip, full, plan = [], [], [], []
     # interleave: each size's shared and full measurements back to back
     for n in sizes:
         shared.append(bank_time(n, n, "shared", batch=batch, reps=reps, device=device))
+        band = bank_time(n, n, "shared", batch=batch, reps=reps, device=device, active=band_mask(n, n))
+        # skip_pairs_below: one full pass, then SKIP_FULL_EVERY - 1 steps on the band (amortised)
+        amortised = {k: (shared[-1][k] + (SKIP_FULL_EVERY - 1) * band[k]) / SKIP_FULL_EVERY for k in ("fwd_bwd_ms", "fwd_ms")}
+        skip.append({**band, **amortised, "band_fwd_bwd_ms": band["fwd_bwd_ms"], "full_pass_every": SKIP_FULL_EVERY})
         if n in full_sizes:
             full.append(bank_time(n, n, "full", batch=batch, reps=full_reps, device=device))
         plan.append(plan_time(n, n, reps=max(reps, 10)))
         print(f"  scaling T=S={n}: shared {shared[-1]['fwd_bwd_ms']:.1f} ms"
               + (f", full {full[-1]['fwd_bwd_ms']:.1f} ms" if n in full_sizes else "")
-              + f", plan {plan[-1]['fwd_bwd_ms']:.2f} ms", flush=True)
+              + f", plan {plan[-1]['fwd_bwd_ms']:.2f} ms, skip (amortised) {skip[-1]['fwd_bwd_ms']:.1f} ms", flush=True)
     res = {
         "batch": batch,
         "shapes_cycle": [list(s) for s in SCALING_SHAPES],
         "student_shapes_offset": 1,
         "shared": shared,
+        "skip": skip,
+        "skip_rule": f"band of {SKIP_BAND} teacher layers per student layer active, full pass every {SKIP_FULL_EVERY} steps",
         "full": full,
         "plan": plan,
         "exponent_shared": fit_exponent(shared),
         "exponent_shared_fwd": fit_exponent(shared, "fwd_ms"),
+        "exponent_skip": fit_exponent(skip),
         "exponent_full": fit_exponent(full),
         "exponent_plan": fit_exponent(plan),
         "plan_variants": plan_variants([(5, 5), (11, 10), (20, 20)], reps=max(reps, 10) * 3),
@@ -681,7 +713,9 @@ def plot_scaling(sc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for key, label, marker in (("shared", "MI bank, shared layout", "o"), ("full", "MI bank, full layout (reference VID)", "s"),
+    for key, label, marker in (("shared", "MI bank, shared layout, all pairs", "o"),
+                               ("skip", f"shared, skip_pairs_below ({SKIP_BAND}/column, full pass 1/{SKIP_FULL_EVERY})", "D"),
+                               ("full", "MI bank, full layout (reference VID)", "s"),
                                ("plan", "SinkhornPlan fwd+bwd (warm)", "^")):
         pts = sc[key]
         if not pts:
@@ -724,7 +758,7 @@ def table(pair: str, spec: dict, timing: dict, memory: dict) -> str:
         f"student {spec['student'][0]} (S={info['S']} taps, {info['student_params']:,} params); T x S = {info['T'] * info['S']}; "
         f"target sinkhorn <= {spec['target']}x hinton",
         f"{'strategy':<22} {'ms/step':>9} {'IQR ms':>15} {'x hinton':>9} {'ratio IQR':>13} {'s/epoch*':>9} "
-        f"{'bank params':>12} {'student':>9} {'bank/stud':>9} {'peak MiB':>9}",
+        f"{'bank params':>12} {'student':>9} {'bank/stud':>9} {'peak MiB':>9} {'pairs':>6}",
     ]
     for n, r in timing["rows"].items():
         mem = memory.get(n, {})
@@ -734,9 +768,11 @@ def table(pair: str, spec: dict, timing: dict, memory: dict) -> str:
         ratio = r["ratio_to_hinton_median"]
         lines.append(
             f"{n:<22} {r['ms_per_step_median']:>9.1f} {iqr:>15} {ratio:>9.2f} {riqr:>13} {r['s_per_cifar_epoch_est']:>9.1f} "
-            f"{r['bank_params']:>12,} {info['student_params']:>9,} {r['bank_params'] / info['student_params']:>9.2f} {peak:>9}"
+            f"{r['bank_params']:>12,} {info['student_params']:>9,} {r['bank_params'] / info['student_params']:>9.2f} {peak:>9} "
+            f"{r['pairs_evaluated']:>6.2f}"
         )
-    lines.append("* s/epoch: ms/step x 391 steps (50k images at batch 128); peak MiB: peak RSS growth during the steps (fresh subprocess)")
+    lines.append("* s/epoch: ms/step x 391 steps (50k images at batch 128); peak MiB: peak RSS growth during the steps (fresh subprocess); "
+                 "pairs: share of the T x S bounds evaluated per step")
     return "\n".join(lines)
 
 
@@ -756,7 +792,7 @@ def breakdown_table(pair: str, bd: dict) -> str:
 
 def ablation_table(pair: str, bp: dict) -> str:
     lines = [f"-- {pair}: MI bank alone (fwd+bwd, real features of one batch), ablations; default = library defaults "
-             f"(shared, pool 4, width {bp['bank_width']}; half_width = {bp['half_width']})",
+             f"(shared, pool {bp['bank_pool']}, width {bp['bank_width']}; half_width = {bp['half_width']})",
              f"{'variant':<26} {'fwd ms':>8} {'fwd+bwd ms':>11} {'x default':>10} {'params':>10}"]
     for n, a in bp["ablations"].items():
         lines.append(f"{n:<26} {a['fwd_ms']:>8.1f} {a['fwd_bwd_ms']:>11.1f} {a['ratio_to_default']:>10.2f} {a['bank_params']:>10,}")
@@ -901,17 +937,22 @@ def main(argv=None):
         result["scaling"] = sc
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_scaling(sc, Path(args.plot))
-        lines = [f"{'T=S':>4} {'T*S':>5} {'shared ms':>10} {'shared fwd':>11} {'full ms':>9} {'plan ms':>8} {'shared params':>14}"]
+        lines = [f"{'T=S':>4} {'T*S':>5} {'shared ms':>10} {'shared fwd':>11} {'band ms':>8} {'skip ms':>8} {'full ms':>9} "
+                 f"{'plan ms':>8} {'shared params':>14}"]
         fulls = {p["T"]: p for p in sc["full"]}
-        for s, p in zip(sc["shared"], sc["plan"]):
+        for s, k, p in zip(sc["shared"], sc["skip"], sc["plan"]):
             f = fulls.get(s["T"])
             full_ms = f"{f['fwd_bwd_ms']:.1f}" if f else "-"
-            lines.append(f"{s['T']:>4} {s['pairs']:>5} {s['fwd_bwd_ms']:>10.1f} {s['fwd_ms']:>11.1f} "
-                         f"{full_ms:>9} {p['fwd_bwd_ms']:>8.2f} {s['bank_params']:>14,}")
-        ex = sc["exponent_shared"]
-        lines.append(f"fitted exponent (time ~ (T*S)^k): shared k = {ex:.2f} ({'sub-linear' if ex < 1 else 'NOT sub-linear'}), "
-                     f"full k = {sc['exponent_full'] if sc['exponent_full'] is None else round(sc['exponent_full'], 2)}, "
-                     f"plan k = {sc['exponent_plan']:.2f}; plot: {args.plot}")
+            lines.append(f"{s['T']:>4} {s['pairs']:>5} {s['fwd_bwd_ms']:>10.1f} {s['fwd_ms']:>11.1f} {k['band_fwd_bwd_ms']:>8.1f} "
+                         f"{k['fwd_bwd_ms']:>8.1f} {full_ms:>9} {p['fwd_bwd_ms']:>8.2f} {s['bank_params']:>14,}")
+
+        def verdict(k):
+            return "n/a" if k is None else f"{k:.2f} ({'sub-linear' if k < 1 else 'NOT sub-linear'})"
+
+        lines.append(f"fitted exponents (time ~ (T*S)^k): shared, all pairs k = {verdict(sc['exponent_shared'])}; "
+                     f"skip_pairs_below ({sc['skip_rule']}; band ms = the band alone, skip ms = amortised) "
+                     f"k = {verdict(sc['exponent_skip'])}; full k = {verdict(sc['exponent_full'])}; "
+                     f"plan k = {verdict(sc['exponent_plan'])}; plot: {args.plot}")
         lines.append("SinkhornPlan fwd+bwd, warm-started (newton_first: the library, newton_after=0; sweeps_first: newton_after=3):")
         for v in sc["plan_variants"]:
             lines.append(f"   {v['T']:>2}x{v['S']:<2} {v['variant']:<13} {v['fwd_bwd_ms']:6.2f} ms  {v['iterations_median']:4.0f} iterations  "
