@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -15,6 +16,12 @@ def default_root() -> str | None:
         return env
     cand = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
     return str(cand) if cand.exists() else None
+
+
+def mean_std(xs) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    xs = list(xs)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def write_json(payload, out) -> Path:

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from align_kd import fit  # noqa: E402
 from align_kd.data import cifar10_loaders  # noqa: E402
-from _common import default_root, write_json  # noqa: E402
+from _common import default_root, mean_std, write_json  # noqa: E402
 from align_kd.models import SmallCNN, load_or_train_teacher  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -56,11 +56,6 @@ RUNS = {
     "hinton": dict(strategy="hinton"),
     "alone": dict(strategy="hinton", beta=1.0, kd_weight=0.0),
 }
-
-
-def mean_std(xs):
-    xs = list(xs)
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def versions() -> dict:
