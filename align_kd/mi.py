@@ -265,11 +265,13 @@ class MIBank(nn.Module):
         pairs = self.pairs if on is None else [p for p in self.pairs if on[p.i][p.j]]
         targets = self._targets(teacher_feats, pairs)
         variances = self.variances()
-        mi = [[self.last_mi[i, j] for j in range(self.S)] for i in range(self.T)]  # inactive: constants
+        mi = [[None] * self.S for _ in range(self.T)]
         if self.layout == "shared":
             self._forward_shared(student_feats, targets, variances, weight, mi, pairs)
         else:
             self._forward_full(student_feats, targets, variances, weight, mi, pairs)
+        if on is not None:  # inactive pairs: their last estimate, a constant
+            mi = [[v if v is not None else self.last_mi[i, j] for j, v in enumerate(row)] for i, row in enumerate(mi)]
         out = torch.stack([torch.stack(row) for row in mi])  # (T, S)
         if self.training:
             with torch.no_grad():

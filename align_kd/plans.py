@@ -190,7 +190,7 @@ def _solve_stage(
                 a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)  # (..., T) row update
                 it, sweeps = it + 1, sweeps + 1
             state = _dual_state(K, a, r)
-        elif a.dim() == 1:
+        elif a.dim() == 1:  # one plan (SinkhornPlan's per-step solve): no batch to gather and scatter
             a, state, moved = _newton_step(K, a, r, state)
             it += 1
             if not moved:

@@ -165,17 +165,6 @@ def fixed_batches(root, n_batches: int, batch_size: int = 128, seed: int = 0):
     return [(x.clone(), y.clone()) for x, y in train][:n_batches]
 
 
-class _ListLoader:
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 def make_engine(pair: str, name: str, batches, *, seed: int = 0, device: str = "cpu", total_steps: int = 1000,
                 gpu_opts: dict | None = None):
     """(engine, teacher tap, student tap); the taps are entered (close with close_engine) and, under
@@ -191,11 +180,10 @@ def make_engine(pair: str, name: str, batches, *, seed: int = 0, device: str = "
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    loader = _ListLoader(batches)
-    epochs = max(1, math.ceil(total_steps / len(loader)))  # keeps the cosine schedule in its first half-period
+    epochs = max(1, math.ceil(total_steps / len(batches)))  # keeps the cosine schedule in its first half-period
     cfg = FitConfig(strategy=strategy, epochs=epochs, device=device, progress=False, seed=seed, **opts)
     torch.manual_seed(seed)
-    engine = _Engine(teacher, student, loader, None, cfg, None, None, None)
+    engine = _Engine(teacher, student, batches, None, cfg, None, None, None)  # a list of batches is a loader here
     engine.skipped = 0
     engine.pairs_evaluated = []  # per timed step: share of the T x S bounds the bank computed
     engine.student.train()
@@ -608,22 +596,25 @@ def bank_time(T: int, S: int, layout: str, *, batch: int, reps: int, device: str
             "active_pairs": T * S if active is None else int(active.sum())}
 
 
+def plan_step(plan, nudge: torch.Tensor, g: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Nudge the logits (as an optimizer step would), then time one SinkhornPlan forward + backward
+    of <lambda, g>; returns (seconds, lambda)."""
+    with torch.no_grad():
+        plan.logits.add_(nudge)
+    t0 = time.perf_counter()
+    lam = plan()
+    (lam * g).sum().backward()
+    dt = time.perf_counter() - t0
+    plan.logits.grad = None
+    return dt, lam.detach()
+
+
 def plan_time(T: int, S: int, *, reps: int, tau: float = 0.1, seed: int = 0) -> dict:
     """SinkhornPlan forward + backward, warm-started, logits nudged between calls as in training."""
     torch.manual_seed(seed)
     plan = SinkhornPlan(T, S, tau=tau, init=depth_prior(T, S), row_marginal=torch.full((T,), S / T))
     g = torch.randn(T, S)
-    ts = []
-    for r in range(reps + 2):
-        with torch.no_grad():
-            plan.logits.add_(1e-3 * torch.randn(T, S))
-        t0 = time.perf_counter()
-        lam = plan()
-        (lam * g).sum().backward()
-        dt = time.perf_counter() - t0
-        plan.logits.grad = None
-        if r >= 2:
-            ts.append(dt)
+    ts = [plan_step(plan, 1e-3 * torch.randn(T, S), g)[0] for _ in range(reps + 2)][2:]
     return {"T": T, "S": S, "pairs": T * S, "fwd_bwd_ms": 1e3 * statistics.median(ts), "iterations_last": plan.last_iterations}
 
 
@@ -645,17 +636,11 @@ def plan_variants(shapes, *, reps: int, tau: float = 0.1, seed: int = 0) -> list
         for r in range(reps + 3):
             step = 1e-3 * torch.randn(T, S, generator=torch.Generator().manual_seed(seed + 1 + r))
             for name, plan in (plans.items() if r % 2 == 0 else reversed(list(plans.items()))):
-                with torch.no_grad():
-                    plan.logits.add_(step)
-                t0 = time.perf_counter()
-                lam = plan()
-                (lam * g).sum().backward()
-                dt = time.perf_counter() - t0
-                plan.logits.grad = None
+                dt, lam = plan_step(plan, step, g)
                 if r >= 3:
                     ts[name].append(dt)
                     its[name].append(plan.last_iterations)
-                    errs[name].append(float((lam.detach().sum(1) - plan.row_marginal).abs().max()))
+                    errs[name].append(float((lam.sum(1) - plan.row_marginal).abs().max()))
         for name in plans:
             out.append({"T": T, "S": S, "variant": name, **PLAN_VARIANTS[name], "fwd_bwd_ms": 1e3 * statistics.median(ts[name]),
                         "iterations_median": statistics.median(its[name]), "max_row_error": max(errs[name])})

@@ -308,20 +308,19 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore", FutureWarning)  # cvxpy notices about default solvers
 
     start = time.perf_counter()
-    results, grads, k = [], [], 0
-    for T, S in cfg["sizes"]:
-        for tau in cfg["taus"]:
-            t0 = time.perf_counter()
-            results.append(bench_solvers(T, S, tau, cfg["batch"], args.seed + k, cfg["repeats"], args.budget))
-            print(f"  {T}x{S} tau={tau}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-            k += 1
-    if not args.no_grad:
+    seeds = iter(range(args.seed, args.seed + 10_000))  # config k uses seed + k, solvers first, then gradients
+
+    def grid(bench, taus, batch, label):
+        out = []
         for T, S in cfg["sizes"]:
-            for tau in cfg["grad_taus"]:
+            for tau in cfg[taus]:
                 t0 = time.perf_counter()
-                grads.append(bench_gradients(T, S, tau, cfg["grad_batch"], args.seed + k, cfg["repeats"], args.budget))
-                print(f"  grad {T}x{S} tau={tau}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-                k += 1
+                out.append(bench(T, S, tau, cfg[batch], next(seeds), cfg["repeats"], args.budget))
+                print(f"  {label}{T}x{S} tau={tau}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        return out
+
+    results = grid(bench_solvers, "taus", "batch", "")
+    grads = [] if args.no_grad else grid(bench_gradients, "grad_taus", "grad_batch", "grad ")
 
     print_tables(results, grads, cfg["batch"])
     summary = crossovers(results)
