@@ -2,19 +2,30 @@
 
 Taps are module outputs captured with forward hooks; the user's model is never rewritten: hooks are
 removed on exit and ``model.training`` is restored. A module called several times in one forward
-(weight sharing) gives one tap per call, named ``"name:k"`` (k = 0, 1, ...).
+(weight sharing, a block run in a loop) gives one tap per call, named ``"name:k"`` (k = 0, 1, ...).
 
-Discovery picks block/stage outputs rather than every activation:
+Discovery runs one example forward, records every module call, and picks block/stage outputs rather
+than every activation. The rule is structural; the container type does not matter:
 
-* inside a *stage container* (an ``nn.Sequential``/``nn.ModuleList`` whose children are all
-  composite modules, e.g. ResNet's ``layer1`` or a ViT's ``encoder.layers``) every child is a tap;
-* a composite module that holds such a stage somewhere inside (ResNet, ViT's ``Encoder``) is
-  descended into; any other composite module (a BasicBlock, a Conv-BN-ReLU unit) is one tap;
-* runs of leaf modules (plain ``nn.Sequential`` CNNs and MLPs) are grouped into layers that start at
+* **Depth order is execution order**: the taps are sorted by when each call *returned* in the
+  example forward, never by the order in which the modules were registered.
+* **Containers that are never called are transparent**: an ``nn.ModuleList``, an ``nn.ModuleDict``
+  or any module that only holds others and is driven by a custom ``forward`` (``for blk in
+  self.blocks: x = blk(x)``) contributes the calls of its children, at any nesting depth.
+* A **stage** is a container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) whose two or
+  more children are all composite modules, e.g. ResNet's ``layer1``, a ViT's ``encoder.layers`` or
+  a research model's ``self.blocks``. A composite module that holds a stage somewhere inside (a
+  ResNet, a ViT's ``Encoder``) is descended into; every other composite module (a BasicBlock, a
+  Conv-BN-ReLU unit) is one tap, the output of its call.
+* Runs of leaf modules (plain ``nn.Sequential`` CNNs and MLPs) are grouped into layers that start at
   a weight layer (Conv/Linear/...) and take in the parameter-free or normalisation modules after
   it; the tap is the group's last module, i.e. after the activation (and pooling), never a
-  reshape (``Flatten``) or a dropout, so maps keep their spatial layout;
-* the module that produces the model's output (the logits) is always the last tap.
+  reshape (``Flatten``) or a dropout, so maps keep their spatial layout.
+* A model that **advertises its stages** (timm's ``feature_info``: a list of ``{"module": name,
+  ...}``) gets those modules as taps, when at least two of them produce tensors.
+* The module that produces the model's output (the logits) is always the last tap.
+
+Taps may be maps ``(B, C, H, W)``, tokens ``(B, N, D)`` or vectors ``(B, D)``.
 """
 from __future__ import annotations
 
@@ -24,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureTap", "TapInfo", "discover_layers", "describe_layers", "feature_kind"]
+__all__ = ["FeatureTap", "TapInfo", "check_tap_count", "describe_layers", "describe_taps", "discover_layers", "feature_kind"]
 
 
 @dataclass
@@ -82,6 +93,7 @@ def _trace_calls(model: nn.Module, example_input) -> tuple[list[_Call], object]:
     pending: dict[int, list] = {}
     clock = [0]
     handles = []
+    alive: list = []
 
     def pre_hook(name):
         def hook(mod, args):
@@ -96,6 +108,7 @@ def _trace_calls(model: nn.Module, example_input) -> tuple[list[_Call], object]:
         def hook(mod, args, out):
             k, start = pending[id(mod)].pop()
             shape = tuple(out.shape[1:]) if isinstance(out, Tensor) else None
+            alive.append(out)  # keeps every output alive during the forward, so no two share an id()
             calls.append(_Call(name, name, k, start, clock[0], shape, id(out)))
             clock[0] += 1
 
@@ -125,17 +138,32 @@ def _is_weight_layer(mod: nn.Module) -> bool:
     return any(p.dim() >= 2 for p in mod.parameters(recurse=False))
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _is_composite(mod: nn.Module) -> bool:
+    return next(mod.children(), None) is not None
+
+
 def _is_stage(mod: nn.Module) -> bool:
     kids = list(mod.children())
-    return (
-        isinstance(mod, (nn.Sequential, nn.ModuleList))
-        and len(kids) >= 2
-        and all(len(list(k.children())) > 0 for k in kids)
-    )
+    return isinstance(mod, _CONTAINERS) and len(kids) >= 2 and all(_is_composite(k) for k in kids)
 
 
 def _holds_stage(mod: nn.Module) -> bool:
     return any(_is_stage(m) for m in mod.modules())
+
+
+def _advertised(model: nn.Module, by_module: dict[str, list[_Call]]) -> list[_Call]:
+    """The calls of the stages a model advertises (timm's ``feature_info``), [] if it advertises none."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, (list, tuple)) and hasattr(info, "info"):
+        info = info.info  # timm.models.FeatureInfo
+    if not isinstance(info, (list, tuple)):
+        return []
+    names = [d.get("module") for d in info if isinstance(d, dict)]
+    calls = [c for n in names if isinstance(n, str) for c in by_module.get(n, []) if c.shape is not None]
+    return calls if len(calls) >= 2 else []
 
 
 def _discover(model: nn.Module, calls: list[_Call], out) -> list[str]:
@@ -145,14 +173,23 @@ def _discover(model: nn.Module, calls: list[_Call], out) -> list[str]:
     modules = dict(model.named_modules())
     taps: list[_Call] = []
 
-    def children_calls(prefix: str) -> list[_Call]:
-        """Calls of the direct children of module `prefix`, in forward-entry order."""
-        mod = modules[prefix]
-        found = []
-        for cname, _ in mod.named_children():
-            full = f"{prefix}.{cname}" if prefix else cname
-            found.extend(by_module.get(full, []))
-        return sorted(found, key=lambda c: c.start)
+    def children_calls(prefix: str) -> list[tuple[_Call, bool]]:
+        """(call, in_stage) for the children of module `prefix` in execution order, looking through
+        containers that are never called themselves (ModuleList, ModuleDict, holder modules) at any
+        depth; in_stage: the call's parent is a stage (called or not), so the call is one tap."""
+        found: list[tuple[_Call, bool]] = []
+
+        def collect(name: str, mod: nn.Module):
+            in_stage = name != "" and _is_stage(mod)
+            for cname, child in mod.named_children():
+                full = f"{name}.{cname}" if name else cname
+                if full in by_module:
+                    found.extend((c, in_stage) for c in by_module[full])
+                elif _is_composite(child):
+                    collect(full, child)
+
+        collect(prefix, modules[prefix])
+        return sorted(found, key=lambda pair: pair[0].start)
 
     def visit(prefix: str):
         group: list[_Call] = []  # current run of leaf calls that opened with a weight layer
@@ -164,32 +201,32 @@ def _discover(model: nn.Module, calls: list[_Call], out) -> list[str]:
                     taps.append(last)
                 group.clear()
 
-        stage = prefix != "" and _is_stage(modules[prefix])
-        for c in children_calls(prefix):
+        for c, in_stage in children_calls(prefix):
             mod = modules[c.module_name]
-            composite = len(list(mod.children())) > 0
-            if composite:
+            if _is_composite(mod):
                 close()
-                if not stage and _holds_stage(mod):
+                if (not in_stage and _holds_stage(mod)) or c.output_id == out_id:
                     visit(c.module_name)
                 elif c.shape is not None:
                     taps.append(c)
             elif _is_weight_layer(mod):
                 close()
                 group.append(c)
+            elif group and _parent(c.module_name) != _parent(group[0].module_name):
+                close()  # a leaf of another (uncalled) container does not extend this layer
             elif group and not isinstance(mod, _PASS_THROUGH):
                 group.append(c)  # activation, norm, pooling after a weight layer
         close()
 
-    visit("")
+    out_id = id(out) if isinstance(out, Tensor) else None
+    taps = _advertised(model, by_module)
+    if not taps:
+        visit("")
     # the logits: the call whose output is the model's output is always the last tap, also when
     # other modules run after it (e.g. an auxiliary head whose output the model does not return)
-    last = None
-    if isinstance(out, Tensor):
-        final = [c for c in calls if c.output_id == id(out) and c.shape is not None]
-        if final:
-            last = max(final, key=lambda c: c.end)
-            taps = [t for t in taps if t.name != last.name]
+    last = _output_call(calls, out)
+    if last is not None:
+        taps = [t for t in taps if t.output_id != out_id]
     taps.sort(key=lambda c: c.end)
     if last is not None:
         taps.append(last)
@@ -198,6 +235,18 @@ def _discover(model: nn.Module, calls: list[_Call], out) -> list[str]:
         if t.name not in names:
             names.append(t.name)
     return names
+
+
+def _parent(module_name: str) -> str:
+    return module_name.rpartition(".")[0]
+
+
+def _output_call(calls: list[_Call], out) -> _Call | None:
+    """The last call whose output tensor is the model's output (the logits layer), if any."""
+    if not isinstance(out, Tensor):
+        return None
+    final = [c for c in calls if c.output_id == id(out) and c.shape is not None]
+    return max(final, key=lambda c: c.end) if final else None
 
 
 def _check_input(example_input, what: str = "example_input"):
@@ -233,6 +282,63 @@ def describe_layers(model: nn.Module, example_input: Tensor) -> list[TapInfo]:
     _check_input(example_input)
     calls, _ = _trace_calls(model, example_input)
     return [TapInfo(c.name, c.shape) for c in sorted(calls, key=lambda c: c.end) if c.shape is not None]
+
+
+def _weight_layer_calls(model: nn.Module, example_input: Tensor) -> list[str]:
+    """Names of the calls of weight layers (Conv, Linear, ...) other than the logits layer, in execution order."""
+    calls, out = _trace_calls(model, example_input)
+    modules = dict(model.named_modules())
+    last = _output_call(calls, out)
+    logits_modules = {last.module_name} if last is not None else set()
+    if last is not None:  # the head's own weight layers (e.g. a classifier's Linear inside a Sequential head)
+        logits_modules |= {n for n in modules if n.startswith(last.module_name + ".")}
+    return [c.name for c in sorted(calls, key=lambda c: c.end)
+            if c.shape is not None and c.module_name not in logits_modules and _is_weight_layer(modules[c.module_name])]
+
+
+def check_tap_count(model: nn.Module, names: list[str], example_input: Tensor, *, role: str, chosen: bool,
+                    allow_few: bool = False) -> None:
+    """Refuse a plan side that silently degrades to one pair (``allow_few=True``: warn instead).
+
+    Two cases: the side has a single tap (T = 1 or S = 1: a plan with one row or column is no
+    alignment), or discovery found fewer than two taps besides the logits while the model has more
+    weight layers (Conv/Linear/...) than that at other depths, i.e. discovery missed its blocks.
+    ``chosen``: the names were given by the user (only the single-tap case applies to them).
+    """
+    import warnings
+
+    calls, out = _trace_calls(model, example_input)
+    last = _output_call(calls, out)
+    features = [n for n in names if last is None or n != last.name]
+    problem = None
+    if len(names) < 2:
+        problem = (f"it has a single {role} tap {names}, so the plan has one {'row' if role == 'teacher' else 'column'} "
+                   "and all-pairs distillation is one pair per layer on the other side")
+    elif not chosen and len(features) < 2:
+        candidates = _weight_layer_calls(model, example_input)
+        if len(candidates) > len(features):
+            problem = (f"layer discovery found {len(features)} {role} tap(s) besides the logits ({names}) although "
+                       f"{type(model).__name__} has {len(candidates)} weight layers at other depths ({candidates[:8]}"
+                       f"{' ...' if len(candidates) > 8 else ''})")
+    if problem is None:
+        return
+    option = f"{role}_layers"
+    message = (f"The {role} ({type(model).__name__}): {problem}. Choose the layers by name: pass {option}=[...] with "
+               f"two or more block outputs plus the logits (align_kd.describe_layers({role}, x) lists every candidate in "
+               "execution order), or pass allow_few_taps=True to train with these taps anyway.")
+    if not allow_few:
+        raise ValueError(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def describe_taps(teacher_layers, teacher_shapes, student_layers, student_shapes) -> str:
+    """One report of the chosen taps: names and per-sample shapes of each side, and the plan size T x S."""
+    def side(names, shapes):
+        return ", ".join(f"{n} {tuple(s)}" for n, s in zip(names, shapes))
+
+    return (f"taps: teacher T={len(teacher_layers)} [{side(teacher_layers, teacher_shapes)}]; "
+            f"student S={len(student_layers)} [{side(student_layers, student_shapes)}]; "
+            f"plan {len(teacher_layers)} x {len(student_layers)}")
 
 
 class FeatureTap:

@@ -31,9 +31,10 @@ from .checkpoint import Checkpointer
 from .distributed import DistContext
 from .distributed import setup as _setup_distributed
 from ._io import atomic_save, atomic_write_text
+from .losses import KD_LOSSES, kd_term
 from .mi import BANK_LAYOUTS, MIBank
 from .plans import PLAN_STRATEGIES, ExactPlan, make_plan
-from .taps import FeatureTap, discover_layers
+from .taps import FeatureTap, check_tap_count, describe_taps, discover_layers
 
 __all__ = ["FitConfig", "FitResult", "fit"]
 
@@ -47,8 +48,13 @@ class FitConfig:
     strategy: str = "sinkhorn"  # one of PLAN_STRATEGIES; "fixed" when fit() was given a (T, S) tensor
     epochs: int = 10
     beta: float = 0.5  # weight of cross-entropy; (1 - beta) weighs the distillation terms
-    kd_weight: float = 1.0  # Hinton logit-KD term inside the (1 - beta) part (0 disables)
+    kd_weight: float = 1.0  # logit-KD term inside the (1 - beta) part (0 disables)
     kd_temperature: float = 4.0
+    kd_loss: str = "hinton"  # the logit term: "hinton", "dkd" (decoupled KD) or "ls" (logit-standardised KD)
+    kd_warmup: float = 0.0  # fraction of training over which the logit term's weight ramps from 0 to 1 (DKD: 20/240)
+    dkd_alpha: float = 1.0  # "dkd": weight of the target-class term (TCKD)
+    dkd_beta: float = 8.0  # "dkd": weight of the non-target term (NCKD)
+    ce_weight: float | None = None  # None: beta * CE + (1 - beta) * (...); a number: ce_weight * CE + kd_weight * KD - feature_weight * sum(lam * mi)
     feature_weight: float = 1.0  # weight of -sum(lam * mi) inside the (1 - beta) part
     tau: float = 0.1  # plan temperature (softmax / sinkhorn / exact)
     row_marginal: list[float] | None = None  # teacher-row masses summing to S; None: uniform S / T
@@ -80,6 +86,7 @@ class FitConfig:
     checkpoint_dir: str | None = None  # write checkpoint-epochNNNN.pt here after every epoch (rank 0)
     resume: bool = False  # continue from the newest good checkpoint in checkpoint_dir (fresh start if none)
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep (2: one fallback)
+    allow_few_taps: bool = False  # warn (instead of stopping) when a side has fewer than two feature taps
 
     def __post_init__(self):
         def check(cond, msg):
@@ -97,6 +104,14 @@ class FitConfig:
         for name in ("kd_temperature", "tau", "lr"):
             v = getattr(self, name)
             check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"Expected `{name}` > 0 but got {v!r}.")
+        check(self.kd_loss in KD_LOSSES, f"Expected argument `kd_loss` to be one of {list(KD_LOSSES)} but got {self.kd_loss!r}.")
+        check(isinstance(self.kd_warmup, (int, float)) and 0 <= self.kd_warmup <= 1,
+              f"Expected `kd_warmup` in [0, 1] (a fraction of training) but got {self.kd_warmup!r}.")
+        for name in ("dkd_alpha", "dkd_beta"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"Expected `{name}` >= 0 but got {v!r}.")
+        check(self.ce_weight is None or (isinstance(self.ce_weight, (int, float)) and math.isfinite(self.ce_weight) and self.ce_weight >= 0),
+              f"Expected `ce_weight` >= 0 or None but got {self.ce_weight!r}.")
         check(self.plan_lr is None or self.plan_lr > 0, f"Expected `plan_lr` > 0 or None but got {self.plan_lr!r}.")
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
         check(self.bank_layout in BANK_LAYOUTS,
@@ -115,7 +130,7 @@ class FitConfig:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         check(self.checkpoint_dir is None or (isinstance(self.checkpoint_dir, str) and self.checkpoint_dir != ""),
               f"Expected `checkpoint_dir` to be a directory path or None but got {self.checkpoint_dir!r}.")
-        for name in ("resume", "amp", "channels_last", "compile"):
+        for name in ("resume", "amp", "channels_last", "compile", "allow_few_taps"):
             v = getattr(self, name)
             check(isinstance(v, bool), f"Expected `{name}` to be True or False but got {v!r}.")
         check(not self.resume or self.checkpoint_dir is not None,
@@ -232,8 +247,23 @@ def _oom_message(cfg: FitConfig, loader, err: BaseException) -> str:
 # input checks
 
 
+def _looks_like_batch(item) -> bool:
+    return isinstance(item, dict) or (isinstance(item, (tuple, list)) and len(item) > 0 and isinstance(item[0], Tensor))
+
+
 def _split_data(data):
     if isinstance(data, (tuple, list)):
+        if len(data) > 0 and _looks_like_batch(data[0]):
+            first = data[0]
+            what = (f"dicts with keys {sorted(first)}" if isinstance(first, dict)
+                    else f"{type(first).__name__}s of {[type(b).__name__ for b in first]}")
+            raise TypeError(
+                f"Expected `data` to be a loader (an iterable of (inputs, labels) batches, e.g. a DataLoader) or a "
+                f"(train_loader, test_loader) pair, but got a {type(data).__name__} of {len(data)} batches ({what}). "
+                "Pass the batches as the training loader with no test loader: fit(teacher, student, (batches, None))"
+                + (", after converting each dict to a tuple, e.g. batches = [(b['image'], b['label']) for b in batches]."
+                   if isinstance(first, dict) else ".")
+            )
         if len(data) != 2:
             raise ValueError(f"Expected `data` to be a DataLoader or a (train_loader, test_loader) pair but got a sequence of length {len(data)}.")
         return data[0], data[1]
@@ -247,6 +277,14 @@ def _first_batch(loader, role: str):
         raise TypeError(f"Expected the {role} data to be an iterable of (inputs, labels) batches (e.g. a DataLoader) but got {type(loader).__name__}.") from None
     except StopIteration:
         raise ValueError(f"The {role} loader yielded no batch; is the dataset empty?") from None
+    if isinstance(batch, dict):
+        keys = sorted(map(str, batch))
+        raise TypeError(
+            f"Expected the {role} loader to yield (inputs tensor, labels tensor) pairs but it yielded dicts with keys "
+            f"{keys}. Wrap it so that it yields tuples, e.g. a generator class whose __iter__ yields "
+            "(b['image'], b['label']) for each batch b and whose __len__ is len(loader), or return tuples from the "
+            "dataset's __getitem__."
+        )
     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor)):
         got = type(batch).__name__ if not isinstance(batch, (tuple, list)) else f"a {type(batch).__name__} of {[type(b).__name__ for b in batch]}"
         raise TypeError(f"Expected the {role} loader to yield (inputs tensor, labels tensor) pairs but it yielded {got}.")
@@ -258,8 +296,30 @@ def _first_batch(loader, role: str):
     return x, y
 
 
+def _check_labels(loader, role: str, num_classes: int, first_labels: Tensor) -> None:
+    """Labels in 0..num_classes-1: every label of a TensorLoader, else those of its first batch."""
+    labels = getattr(loader, "labels", None)
+    if not isinstance(labels, Tensor):
+        labels = first_labels
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise ValueError(
+            f"The {role} loader has labels outside the teacher's class range 0..{num_classes - 1}: found "
+            f"{sorted(set(bad.tolist()))[:10]} ({len(bad)} of {len(labels)} checked). Expected class indices the teacher "
+            f"predicts; remap the labels or use a teacher with {int(labels.max()) + 1} outputs."
+        )
+
+
 def _num_classes(model: nn.Module, x: Tensor, role: str) -> int:
-    out = _eval_forward(model, x)
+    try:
+        out = _eval_forward(model, x)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        kind = TypeError if isinstance(err, TypeError) else RuntimeError
+        raise kind(
+            f"The {role} ({type(model).__name__}) cannot take the training batches: on a batch of shape "
+            f"{tuple(x.shape)} ({x.dtype}) it raised {type(err).__name__}: {_first_line(err)}. Expected a {role} that "
+            f"accepts the loader's inputs; check its input channels and size against the data (or the data's transform)."
+        ) from err
     if not isinstance(out, Tensor) or out.dim() != 2:
         raise TypeError(f"Expected the {role} to return logits of shape (B, num_classes) but got {getattr(out, 'shape', type(out).__name__)}.")
     return out.shape[1]
@@ -280,23 +340,23 @@ def _eval_forward(model: nn.Module, x: Tensor) -> Tensor:
 # the training engine
 
 
-def _kd_loss(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
-    """Hinton's KD: T^2 * KL(softmax(t / T) || softmax(s / T)), batch mean."""
-    t = F.log_softmax(t_logits.float() / temperature, dim=1)
-    s = F.log_softmax(s_logits.float() / temperature, dim=1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
-
-
 @torch.no_grad()
-def count_correct(model: nn.Module, loader, device) -> tuple[int, int]:
-    """(correct top-1 predictions, samples) of ``model`` over ``loader``; eval mode, flags restored."""
+def count_correct(model: nn.Module, loader, device, *, flip: bool = False) -> tuple[int, int]:
+    """(correct top-1 predictions, samples) of ``model`` over ``loader``; eval mode, flags restored.
+
+    ``flip=True`` is test-time augmentation: the logits of each image and of its horizontal mirror
+    are averaged before the argmax.
+    """
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     correct = total = 0
     try:
         for x, y, *_ in loader:
             x, y = x.to(device), y.to(device)
-            correct += int((model(x).argmax(1) == y).sum())
+            logits = model(x)  # (B, classes)
+            if flip:
+                logits = (logits + model(x.flip(-1))) / 2
+            correct += int((logits.argmax(1) == y).sum())
             total += len(y)
     finally:
         for m, f in flags:
@@ -361,18 +421,25 @@ class _Engine:
         self.device = self.dist.device
         self.teacher, self.student = teacher, student
         self.train_loader, self.test_loader = train_loader, test_loader
-        x, _ = _first_batch(train_loader, "training")
-        if test_loader is not None:
-            _first_batch(test_loader, "test")
+        x, first_labels = _first_batch(train_loader, "training")
+        test_labels = _first_batch(test_loader, "test")[1] if test_loader is not None else None
         x = x[:2].to(self.device)
         teacher.to(self.device)
         student.to(self.device)
         if cfg.channels_last:
             _to_channels_last(teacher)
             _to_channels_last(student)
+        if not any(p.requires_grad for p in student.parameters()):
+            raise ValueError(
+                f"The student ({type(student).__name__}) has no parameter with requires_grad=True, so fit() would train "
+                "nothing. Unfreeze it (student.requires_grad_(True)) or the parts you mean to train."
+            )
         nt, ns = _num_classes(teacher, x, "teacher"), _num_classes(student, x, "student")
         if nt != ns:
             raise ValueError(f"Teacher and student must predict the same classes but the teacher has {nt} outputs and the student {ns}.")
+        _check_labels(train_loader, "training", nt, first_labels)
+        if test_loader is not None:
+            _check_labels(test_loader, "test", nt, test_labels)
         self.teacher_layers = teacher_layers or discover_layers(teacher, x)
         self.student_layers = student_layers or discover_layers(student, x)
         t_info = FeatureTap.check_names(teacher, self.teacher_layers, x, role="teacher")
@@ -380,6 +447,15 @@ class _Engine:
         self.teacher_shapes = [list(i.shape) for i in t_info]
         self.student_shapes = [list(i.shape) for i in s_info]
         T, S = len(t_info), len(s_info)
+        uses_features = ((cfg.strategy != "hinton" or fixed_plan is not None) and cfg.feature_weight > 0
+                         and (cfg.beta < 1 or cfg.ce_weight is not None))
+        if uses_features:
+            for role, model, names, given in (("teacher", teacher, self.teacher_layers, teacher_layers),
+                                               ("student", student, self.student_layers, student_layers)):
+                check_tap_count(model, names, x, role=role, chosen=given is not None, allow_few=cfg.allow_few_taps)
+        if cfg.progress and self.dist.is_main:
+            print(describe_taps(self.teacher_layers, self.teacher_shapes, self.student_layers, self.student_shapes),
+                  flush=True)
 
         row_marginal = None if cfg.row_marginal is None else torch.tensor(cfg.row_marginal, dtype=torch.float32)
         if row_marginal is not None and (row_marginal.shape != (T,) or abs(float(row_marginal.sum()) - S) > 1e-4 * S or (row_marginal <= 0).any()):
@@ -390,9 +466,8 @@ class _Engine:
         self.plan = make_plan(strategy, T, S, tau=cfg.tau, row_marginal=row_marginal, init=cfg.plan_init).to(self.device)
         self.row_marginal = self.plan.row_marginal if hasattr(self.plan, "row_marginal") else (
             row_marginal if row_marginal is not None else torch.full((T,), S / T))
-        self.uses_features = cfg.strategy != "hinton" or fixed_plan is not None
-        self.uses_features = self.uses_features and cfg.beta < 1 and cfg.feature_weight > 0
-        self.uses_kd = cfg.kd_weight > 0 and cfg.beta < 1
+        self.uses_features = uses_features
+        self.uses_kd = cfg.kd_weight > 0 and (cfg.beta < 1 or cfg.ce_weight is not None)
         self.uses_teacher = self.uses_kd or self.uses_features  # else (labels only) skip its forward
         self.bank = (
             MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout,
@@ -469,6 +544,11 @@ class _Engine:
                 "input data. Lower `lr`, raise `tau` or check the data."
             )
 
+    def _kd_ramp(self) -> float:
+        """The logit term's warm-up factor: linear from 0 to 1 over the first kd_warmup of training."""
+        warm = self.cfg.kd_warmup * self.cfg.epochs * self.steps_per_epoch
+        return 1.0 if warm <= 0 else min(1.0, (self.step + 1) / warm)
+
     def train_step(self, x: Tensor, y: Tensor, t_tap: FeatureTap, s_tap: FeatureTap) -> dict | None:
         cfg = self.cfg
         x, y = self._batch(x), y.to(self.device, non_blocking=True)
@@ -485,8 +565,9 @@ class _Engine:
                     t_feats, t_logits = t_tap(x)
             s_feats, s_logits = s_tap(x)
         ce = F.cross_entropy(s_logits.float(), y.long())
-        kd = _kd_loss(s_logits, t_logits, cfg.kd_temperature) if self.uses_kd else ce.new_zeros(())
-        distil = cfg.kd_weight * kd
+        kd = (kd_term(cfg.kd_loss, s_logits, t_logits, y, cfg.kd_temperature, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta)
+              if self.uses_kd else ce.new_zeros(()))
+        distil = cfg.kd_weight * self._kd_ramp() * kd
         lam = self.plan()  # (T, S)
         mi, active = None, None
         if self.bank is not None:
@@ -500,7 +581,7 @@ class _Engine:
             # plan logits: gradient of sum(lam * mi) at fixed mi
             feature = -mi.sum() - (lam * mi.detach()).sum()
             distil = distil + cfg.feature_weight * feature
-        loss = cfg.beta * ce + (1 - cfg.beta) * distil
+        loss = cfg.beta * ce + (1 - cfg.beta) * distil if cfg.ce_weight is None else cfg.ce_weight * ce + distil
         self.optimizer.zero_grad(set_to_none=True)
         bad = None if torch.isfinite(loss) else f"the loss is {loss.item()}"
         if bad is None:
