@@ -2,8 +2,11 @@
 
 The public verbs: ``fit`` (distil), ``discover_layers`` (default taps), ``sinkhorn`` / ``exact_plan``
 (plans), ``alignment_graph`` with its analyses (``max_matching``, ``crossings``, ``fan_in``,
-``compare``, ``stability``) and drawings (``draw_alignment``, ``draw_plan_heatmap``).
+``compare``, ``stability``) and drawings (``draw_alignment``, ``draw_plan_heatmap``). Submodules:
+``align_kd.zoo`` (shipped teachers), ``align_kd.losses`` (logit terms: Hinton, DKD, logit
+standardisation).
 """
+from . import losses, zoo
 from .exact import exact_plan
 from .graph import (
     alignment_graph,

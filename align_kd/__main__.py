@@ -1,4 +1,4 @@
-"""Command line: ``python -m align_kd {demo,fit,bench,graph} --help``."""
+"""Command line: ``python -m align_kd {demo,fit,bench,graph,zoo} --help``."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,8 @@ import sys
 import time
 from dataclasses import replace
 
-STRATEGY_HELP = "one of: alone (labels only), hinton, pairwise, uniform, softmax, sinkhorn, exact"
+STRATEGY_HELP = ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), pairwise, "
+                 "uniform, softmax, sinkhorn, exact")
 
 
 def _threads(n: int | None) -> None:
@@ -52,8 +53,9 @@ def cmd_demo(args) -> int:
     from .experiment import SETTINGS, quick
 
     setting = quick(SETTINGS["demo"]) if args.quick else SETTINGS["demo"]
+    teacher = f"shipped teacher {setting.teacher_zoo}" if setting.teacher_zoo else f"teacher {setting.teacher}{setting.teacher_kwargs}"
     print(f"align_kd demo: {setting.description}\n"
-          f"teacher {setting.teacher}{setting.teacher_kwargs} -> student {setting.student}{setting.student_kwargs}, "
+          f"{teacher} -> student {setting.student}{setting.student_kwargs}, "
           f"{setting.train_limit or 50000} training images, {setting.epochs} distillation epochs per strategy")
     _run_and_report(setting, args.strategies, [args.seed], args.out, args)
     return 0
@@ -75,13 +77,44 @@ def cmd_fit(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .experiment import SETTINGS, quick
+    from pathlib import Path
 
-    for name in args.settings:
-        setting = quick(SETTINGS[name]) if args.quick else SETTINGS[name]
+    from .experiment import REAL_TABLE, SETTINGS, quick, report
+
+    names = args.settings or (list(REAL_TABLE) if args.protocol == "real" else
+                              [n for n, s in SETTINGS.items() if s.protocol == "toy"])
+    settings = [quick(SETTINGS[n]) if args.quick else SETTINGS[n] for n in names]
+    readme = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
+    readme = readme if (not args.quick and Path(args.out).resolve() == (readme.parent / "results").resolve()) else None
+    if not args.report:
         seeds = [0] if args.quick else list(range(args.seeds))
-        print(f"== {name}: {setting.description}")
-        _run_and_report(setting, args.strategies, seeds, args.out, args)
+        for setting in settings:
+            print(f"== {setting.name}: {setting.description}")
+            _run_and_report(setting, args.strategies, seeds, args.out, args)
+    if args.report or any(s.protocol == "real" for s in settings):
+        print(report(settings, args.out, readme=readme))
+        if readme is not None:
+            print(f"tables regenerated from the record files into {readme}")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from . import zoo
+
+    if args.action == "list":
+        for name in zoo.RECIPES:
+            shipped = name in zoo.list_teachers()
+            card = zoo.load_teacher(name)[1] if shipped else None
+            state = (f"test acc {card['test_acc']:.4f} (flip {card['test_acc_flip']:.4f}), {card['params']:,} parameters, "
+                     f"trained in {card['train_seconds']:.0f} s on {card['threads']} threads") if card else "not shipped"
+            print(f"{name:10s} {state}\n           {zoo.RECIPES[name].description}")
+        return 0
+    for name in args.names:
+        model, card = zoo.train_teacher(name, data_root=args.data, seed=args.seed, weights_dir=args.weights_dir,
+                                        train_limit=args.train_limit, epochs=args.epochs, progress=not args.no_progress)
+        print(f"{name}: test acc {card['test_acc']:.4f} (with test-time flips {card['test_acc_flip']:.4f}) on "
+              f"{card['test_images']} test images; {card['params']:,} parameters; trained in {card['train_seconds']:.0f} s "
+              f"on {card['threads']} threads; sha256 {card['sha256'][:16]}...")
     return 0
 
 
@@ -103,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on the same budget, print the accuracy table and save the accuracy plot and the "
                                    "alignment pictures.")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--strategies", nargs="+", default=["alone", "hinton", "uniform", "sinkhorn", "exact"], choices=ALL_STRATEGIES,
-                   help="strategies to compare (default: alone hinton uniform sinkhorn exact)")
+    p.add_argument("--strategies", nargs="+", default=["alone", "hinton", "sinkhorn"], choices=ALL_STRATEGIES,
+                   help="strategies to compare (default: alone hinton sinkhorn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few hundred images and one epoch (smoke test)")
     _common(p)
@@ -145,13 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the strategy benchmark (all settings x strategies x seeds)",
                        description="Reproduce and extend the originating study's table: every named setting, every "
                                    "strategy, several seeds, identical budgets; writes JSON, markdown tables and plots.")
-    p.add_argument("--settings", nargs="+", default=[s for s in SETTINGS if s != "demo"], choices=sorted(SETTINGS))
+    p.add_argument("--protocol", choices=["toy", "real"], default="toy",
+                   help="toy: the small-budget settings; real: shipped teachers, full CIFAR-10 (resumable: finished runs are skipped)")
+    p.add_argument("--settings", nargs="+", default=None, choices=sorted(s for s in SETTINGS if s != "demo"),
+                   help="settings to run (default: every setting of --protocol)")
     p.add_argument("--strategies", nargs="+", default=list(ALL_STRATEGIES), choices=ALL_STRATEGIES)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: rebuild the tables from the finished runs' record files (and benchmarks/README.md)")
     p.add_argument("--quick", action="store_true", help="a few hundred images, one epoch, one seed (CI)")
     p.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("zoo", help="the shipped teachers: list them, or retrain one from scratch",
+                       description="`zoo list` prints every shipped teacher's card; `zoo train NAME` retrains NAME with "
+                                   "its recipe on the full CIFAR-10 training set and writes its weights and card.")
+    p.add_argument("action", choices=["list", "train"])
+    p.add_argument("names", nargs="*", default=[], help="teachers to train (see `zoo list`)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="shorten the recipe (smoke runs)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on this many images only (smoke runs)")
+    p.add_argument("--weights-dir", default=None, help="where to write weights and card (default: the package's zoo folder)")
+    _common(p)
+    p.set_defaults(func=cmd_zoo)
 
     from .graph import add_cli
 

@@ -454,6 +454,7 @@ class TensorLoader:
         images: (N, 3, H, W) uint8 pixels (normalised with CIFAR-10 mean/std on the fly), or a float
             tensor taken as already normalised.
         labels: (N,) integer class indices.
+        padding: with ``augment``, the random crop's zero padding (a translation by up to that many pixels).
     """
 
     def __init__(
@@ -469,6 +470,7 @@ class TensorLoader:
         device: str | torch.device = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        padding: int = 4,
     ):
         if not isinstance(images, Tensor) or images.dim() != 4:
             got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
@@ -483,6 +485,7 @@ class TensorLoader:
         _check_int("batch_size", batch_size, 1)
         _check_int("world_size", world_size, 1)
         _check_int("seed", seed, 0)
+        _check_int("padding", padding, 0)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"Expected rank in 0..{world_size - 1} (world_size={world_size}) but got {rank!r}.")
         self.device = torch.device(device)
@@ -490,6 +493,7 @@ class TensorLoader:
         self.labels = labels.to(self.device, torch.int64)  # (N,)
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, bool(shuffle), bool(augment), seed
         self.drop_last, self.rank, self.world_size = bool(drop_last), rank, world_size
+        self.padding = padding  # augmentation: random translation by up to this many pixels (zero fill)
         self.dataset_size = len(labels)
         if drop_last and world_size > 1:
             self.num_samples = self.dataset_size // world_size
@@ -544,7 +548,7 @@ class TensorLoader:
             batch = index[i * self.batch_size : (i + 1) * self.batch_size]  # (B,)
             x = self.images[batch]  # (B, C, H, W)
             if self.augment:
-                x = augment(x, generator)
+                x = augment(x, generator, padding=self.padding)
             x = normalize(x) if x.dtype == torch.uint8 else x.float()  # (B, C, H, W) float32
             yield x, self.labels[batch]
 

@@ -302,7 +302,7 @@ class DistContext:
                 out = TensorLoader(
                     loader.images, loader.labels, batch_size=loader.batch_size, shuffle=loader.shuffle,
                     augment=loader.augment, seed=loader.seed, drop_last=loader.drop_last, device=loader.device,
-                    rank=self.rank, world_size=ws,
+                    rank=self.rank, world_size=ws, padding=loader.padding,
                 )
                 out.data_tag = loader.data_tag
         elif isinstance(loader, DataLoader):

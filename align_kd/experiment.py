@@ -17,17 +17,22 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_write_text
 from .data import cifar10_loaders
 from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
 from .training import fit
 
-__all__ = ["ALL_STRATEGIES", "SETTINGS", "Setting", "format_table", "plan_patterns", "plot_curves", "run_setting", "summarise",
-           "versions", "write_outputs"]
+__all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
+           "format_table", "paired_interval", "plan_patterns", "plot_curves", "report", "row_settings", "run_key",
+           "run_setting", "summarise", "versions", "write_outputs"]
 
-#: "alone" is the student trained on labels only (beta = 1, no KD), same loop and budget
-ALL_STRATEGIES = ("alone", "hinton", "pairwise", "uniform", "softmax", "sinkhorn", "exact")
+#: "alone" is the student trained on labels only (beta = 1, no KD), same loop and budget; "dkd" and
+#: "ls" are the logit baselines (decoupled KD, logit-standardised KD) at their papers' settings
+ALL_STRATEGIES = ("alone", "hinton", "dkd", "ls", "pairwise", "uniform", "softmax", "sinkhorn", "exact")
 LEARNED = ("softmax", "sinkhorn", "exact")
+FIXED = ("pairwise", "uniform")
+LOGIT_BASELINES = ("dkd", "ls")
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Setting:
     teacher_lr: float = 0.05
     fit_options: dict = field(default_factory=dict)  # any FitConfig field (beta, tau, kd_weight, ...)
     description: str = ""
+    teacher_zoo: str | None = None  # a shipped teacher (align_kd.zoo) instead of training one
+    protocol: str = "toy"  # "toy" (small budgets, the old tables) or "real" (full CIFAR-10, shipped teachers)
 
 
 # Budgets are sized for a 2-core CPU: the demo in a few minutes, the benchmark (4 settings x 7
@@ -56,9 +63,6 @@ _BENCH = dict(teacher_epochs=6, epochs=3, train_limit=8192, test_limit=2000)
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
-        Setting("demo", "cnn", {"width": 32}, "cnn", {"width": 8}, teacher_epochs=4, epochs=2,
-                train_limit=10000, test_limit=2000,
-                description="the study's 3 conv + 2 linear family, teacher 4x wider than the student (demo budget)"),
         Setting("seed-size", "cnn", {"width": 12}, "cnn", {"width": 8}, **_BENCH,
                 description="the study's regime: 3 conv + 2 linear on both sides, teacher only 1.5x wider"),
         Setting("big-teacher", "resnet", {"depth": 20, "width": 16}, "cnn", {"width": 8}, **_BENCH,
@@ -69,6 +73,40 @@ SETTINGS: dict[str, Setting] = {
                 **_BENCH, description="heterogeneous: CNN teacher (5 taps) into a small ViT student (6 taps, tokens)"),
     ]
 }
+
+# The `real` protocol: shipped teachers, all 50,000 training and 10,000 test images, bf16 autocast
+# and channels_last (the CPU has AMX), batch 256. Every KD and feature row weighs cross-entropy 1
+# (the step size of `alone`) plus the T^2-scaled logit term; see REAL_ROWS.
+_REAL = dict(train_limit=None, test_limit=None, batch_size=256, lr=0.1,
+             fit_options={"amp": True, "channels_last": True, "ce_weight": 1.0, "kd_weight": 1.0})
+REAL_SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting("real-cnn", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=8, **_REAL,
+                description="(i) the study's 3 conv + 2 linear student (width 16) from the shipped fast CNN teacher"),
+        Setting("real-resnet", "resnet", {"depth": 20, "width": 16}, "cnn", {"width": 16}, teacher_zoo="resnet20",
+                protocol="real", epochs=8, **_REAL,
+                description="(ii) the same student from the shipped ResNet-20 (T much larger than S)"),
+        Setting("real-vit", "fastcnn", {}, "vit", {"hidden_dim": 64, "mlp_dim": 128, "num_layers": 4}, teacher_zoo="fastcnn",
+                protocol="real", epochs=8, **_REAL,
+                description="(iii) the fast CNN teacher into a small ViT student (tokens)"),
+        Setting("real-mlp", "fastcnn", {}, "mlp", {"hidden": [512, 256, 128]}, teacher_zoo="fastcnn", protocol="real",
+                epochs=8, **_REAL, description="(iv) the fast CNN teacher into an MLP student"),
+    ]
+}
+#: the four settings of the `real` protocol's table (issue 12: (i) to (iv))
+REAL_TABLE = tuple(REAL_SETTINGS)
+# the library's default weighting (beta 0.5: 0.5 CE + 0.5 KD) on setting (i), to measure what it costs
+REAL_SETTINGS["real-cnn-beta"] = replace(
+    REAL_SETTINGS["real-cnn"], name="real-cnn-beta",
+    fit_options={k: v for k, v in REAL_SETTINGS["real-cnn"].fit_options.items() if k not in ("ce_weight", "kd_weight")},
+    description="(i) with the library's default weighting beta = 0.5 (0.5 CE + 0.5 KD): what the smaller CE step costs")
+SETTINGS.update(REAL_SETTINGS)
+SETTINGS["demo"] = Setting(
+    "demo", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=2,
+    **{**_REAL, "fit_options": {**_REAL["fit_options"]}},
+    description="the study's 3 conv + 2 linear student from the shipped fast CNN teacher, full CIFAR-10 (demo budget)",
+)
 
 
 def versions() -> dict:
@@ -81,10 +119,57 @@ def versions() -> dict:
 
 
 def _fit_options(setting: Setting, strategy: str, seed: int, progress: bool) -> tuple[str, dict]:
+    """The fit() strategy and options of one row: alone (labels only), the logit baselines at their
+    papers' settings (:data:`align_kd.losses.KD_PAPER_SETTINGS`), or a plan with the setting's KD term."""
+    from .losses import KD_PAPER_SETTINGS
+
     opts = {"epochs": setting.epochs, "lr": setting.lr, "seed": seed, "progress": progress, **setting.fit_options}
     if strategy == "alone":
-        return "hinton", {**opts, "beta": 1.0, "kd_weight": 0.0}
+        return "hinton", {**opts, "beta": 1.0, "kd_weight": 0.0, "ce_weight": None}
+    if strategy in LOGIT_BASELINES:
+        paper = KD_PAPER_SETTINGS[strategy]
+        opts.update(kd_loss=strategy, ce_weight=paper["ce_weight"], kd_weight=paper["kd_weight"],
+                    kd_temperature=paper["temperature"], kd_warmup=paper["warmup"])
+        if strategy == "dkd":
+            opts.update(dkd_alpha=paper["alpha"], dkd_beta=paper["beta"])
+        return "hinton", opts
     return strategy, opts
+
+
+def _teacher(setting: Setting, train, test, *, progress: bool) -> tuple[torch.nn.Module, dict]:
+    """The setting's teacher: a shipped zoo teacher (its card's accuracy), else trained or cached."""
+    if setting.teacher_zoo is not None:
+        from . import zoo
+
+        teacher, card = zoo.load_teacher(setting.teacher_zoo)
+        return teacher, {"test_acc": card["test_acc"], "key": card["sha256"][:12], "path": f"zoo:{setting.teacher_zoo}",
+                         "cached": True, "card": {k: card[k] for k in ("test_acc", "test_acc_flip", "params", "train_seconds")}}
+    tag = f"cifar10-train{setting.train_limit or 'all'}-bs{setting.batch_size}-aug"
+    return load_or_train_teacher(setting.teacher, setting.teacher_kwargs, train, test, epochs=setting.teacher_epochs,
+                                 lr=setting.teacher_lr, data_tag=tag, progress=progress)
+
+
+def run_key(setting: Setting, strategy: str, seed: int) -> str:
+    """Hash of everything that determines one run (setting with its budget, row, seed, library version)."""
+    import hashlib
+
+    import align_kd
+
+    blob = json.dumps({"setting": asdict(setting), "strategy": strategy, "seed": seed, "align_kd": align_kd.__version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished_record(run_dir: Path, key: str) -> dict | None:
+    """The record of a finished run in ``run_dir`` when it was made with the same ``key``, else None."""
+    file = Path(run_dir) / "record.json"
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged record: run again
+    return record if record.get("run_key") == key else None
 
 
 def run_setting(
@@ -113,45 +198,84 @@ def run_setting(
     with dist.main_first():  # rank 0 decodes the data and trains the teacher; the others then read the caches
         train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit,
                                       test_limit=setting.test_limit, seed=0)
-        tag = f"cifar10-train{setting.train_limit or 'all'}-bs{setting.batch_size}-aug"
-        teacher, tinfo = load_or_train_teacher(
-            setting.teacher, setting.teacher_kwargs, train, test, epochs=setting.teacher_epochs,
-            lr=setting.teacher_lr, data_tag=tag, progress=progress,
-        )
+        teacher, tinfo = _teacher(setting, train, test, progress=progress)
     log(f"teacher {setting.teacher}{setting.teacher_kwargs}: test acc {tinfo['test_acc']:.4f} "
         f"({'cached' if tinfo['cached'] else 'trained'}: {tinfo['path']})")
     records = []
-    for strategy in strategies:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed, so that an interrupted benchmark leaves complete, paired seeds
+        for strategy in strategies:
+            run_dir = out / f"{strategy}-s{seed}"
+            key = run_key(setting, strategy, seed)
+            done = finished_record(run_dir, key)
+            if done is not None:  # resumable: a finished run is read back, never rerun
+                records.append(done)
+                log(f"  {strategy:<9} seed {seed}: test acc {done['test_acc']:.4f} (finished earlier: {run_dir})")
+                continue
+            # paired seeds: the same student initialisation and data order for every row of a seed
             torch.manual_seed(seed)
             student = build_model(setting.student, **setting.student_kwargs)
             name, opts = _fit_options(setting, strategy, seed, progress)
             start = time.perf_counter()
             result = fit(teacher, student, (train, test), strategy=name, **opts)
             wall = time.perf_counter() - start
-            run_dir = result.save(out / f"{strategy}-s{seed}") if dist.is_main else out / f"{strategy}-s{seed}"
-            records.append({
-                "dataset": "cifar10", "setting": setting.name, "strategy": strategy, "seed": seed,
-                "test_acc": result.test_acc, "best_acc": result.best_acc, "epochs": setting.epochs,
-                "teacher_acc": tinfo["test_acc"], "wall_s": wall, "run_dir": str(run_dir),
+            record = {
+                "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
+                "seed": seed, "test_acc": result.test_acc, "best_acc": result.best_acc, "epochs": setting.epochs,
+                "teacher_acc": tinfo["test_acc"], "test_images": len(test.labels), "train_images": len(train.labels),
+                "wall_s": wall, "run_dir": str(run_dir), "run_key": key,
                 "curve": [h["test_acc"] for h in result.history],
                 "plan": result.plan.tolist(), "teacher_layers": result.teacher_layers,
-                "student_layers": result.student_layers,
-            })
+                "student_layers": result.student_layers, "fit_strategy": name, "fit_options": opts,
+                "setting_config": asdict(setting), "versions": versions(),
+            }
+            if dist.is_main:
+                result.save(run_dir)
+                atomic_write_text(run_dir / "record.json", json.dumps(record, indent=1))  # written the moment it finishes
+            records.append(record)
             log(f"  {strategy:<9} seed {seed}: test acc {result.test_acc:.4f} (best {result.best_acc:.4f}, {wall:.0f} s)")
     return records, tinfo
 
 
-def summarise(records: list[dict]) -> list[dict]:
-    """Per strategy: mean/std of last-epoch and best-epoch accuracy, and the share of the gap closed.
+def paired_interval(a: list[float], b: list[float], confidence: float = 0.95) -> dict:
+    """Mean of the paired differences a - b over seeds with its Student-t interval.
 
-    gap closed = (acc - student alone) / (teacher - student alone), from the means.
+    Returns ``{"mean", "lo", "hi", "n"}`` (lo/hi None with fewer than two pairs).
+    """
+    from scipy import stats
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"Expected two equally long, non-empty lists of paired results but got {len(a)} and {len(b)}.")
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.mean(d)
+    if len(d) < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": len(d)}
+    half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
+
+
+def _paired(by: dict, strategy: str, reference: str) -> dict | None:
+    """Paired difference of ``strategy`` to ``reference`` over the seeds both have run."""
+    if reference not in by or strategy == reference:
+        return None
+    ref = {r["seed"]: r["test_acc"] for r in by[reference]}
+    pairs = [(r["test_acc"], ref[r["seed"]]) for r in by[strategy] if r["seed"] in ref]
+    return paired_interval([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per strategy: mean/std of last-epoch and best-epoch accuracy, the share of the gap closed, and
+    the paired differences (95% interval over seeds) to ``hinton`` and to the best fixed plan.
+
+    gap closed = (acc - student alone) / (teacher - student alone), from the means. The best fixed
+    plan is whichever of ``pairwise`` / ``uniform`` has the higher mean.
     """
     by = {}
     for r in records:
         by.setdefault(r["strategy"], []).append(r)
     teacher = records[0]["teacher_acc"] if records else None
     alone = statistics.mean(r["test_acc"] for r in by["alone"]) if "alone" in by else None
+    fixed = [f for f in FIXED if f in by]
+    best_fixed = max(fixed, key=lambda f: statistics.mean(r["test_acc"] for r in by[f])) if fixed else None
     rows = []
     for strategy in [s for s in ALL_STRATEGIES if s in by]:
         rs = by[strategy]
@@ -166,20 +290,33 @@ def summarise(records: list[dict]) -> list[dict]:
             "test_std": statistics.stdev(last) if len(last) > 1 else 0.0,
             "best_acc": statistics.mean(best), "best_std": statistics.stdev(best) if len(best) > 1 else 0.0,
             "gap_closed": gap, "wall_s": statistics.mean(r["wall_s"] for r in rs),
+            "vs_hinton": _paired(by, strategy, "hinton"),
+            "best_fixed": best_fixed, "vs_best_fixed": _paired(by, strategy, best_fixed) if best_fixed else None,
         })
     return rows
 
 
+def _diff(p: dict | None) -> str:
+    if p is None:
+        return ""
+    if p["lo"] is None:
+        return f"{100 * p['mean']:+.2f}"
+    return f"{100 * p['mean']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]"
+
+
 def format_table(rows: list[dict], teacher_acc: float, *, title: str = "") -> str:
     """Markdown table: teacher, then each strategy (last-epoch accuracy mean +- std, best epoch, gap)."""
+    best_fixed = next((r["best_fixed"] for r in rows if r.get("best_fixed")), None)
     lines = [f"### {title}" if title else "", "",
-             "| | runs | test acc (last epoch) | best-epoch acc | gap closed | wall s/run |",
-             "|---|---|---|---|---|---|",
-             f"| teacher | 1 | {teacher_acc:.4f} | | | |"]
+             "| | runs | test acc (last epoch) | best-epoch acc | gap closed | vs hinton (points, 95% CI) | "
+             f"vs best fixed{f' ({best_fixed})' if best_fixed else ''} | wall s/run |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| teacher | 1 | {teacher_acc:.4f} | | | | | |"]
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
         lines.append(f"| {r['strategy']} | {r['runs']} | {r['test_acc']:.4f} ± {r['test_std']:.4f} | "
-                     f"{r['best_acc']:.4f} ± {r['best_std']:.4f} | {gap} | {r['wall_s']:.0f} |")
+                     f"{r['best_acc']:.4f} ± {r['best_std']:.4f} | {gap} | {_diff(r.get('vs_hinton'))} | "
+                     f"{_diff(r.get('vs_best_fixed'))} | {r['wall_s']:.0f} |")
     return "\n".join(lines).strip() + "\n"
 
 
@@ -286,6 +423,71 @@ def write_outputs(setting: Setting, records: list[dict], teacher_info: dict, out
         draw_panels([b["run_dir"] for b in best.values()], out / "alignment.png",
                     titles=[f"{s} ({b['test_acc']:.3f})" for s, b in best.items()])
     return {"table": table, "rows": rows, "dir": out}
+
+
+def row_settings(setting: Setting) -> str:
+    """Markdown lines stating each row's loss settings (weights, temperature, warm-up), from the code that runs them."""
+    lines = ["", f"Rows ({setting.protocol} protocol; {setting.epochs} epochs, batch {setting.batch_size}, lr {setting.lr}, "
+                 f"{setting.train_limit or 50000} training and {setting.test_limit or 10000} test images):", ""]
+    for strategy in ALL_STRATEGIES:
+        name, opts = _fit_options(setting, strategy, 0, False)
+        if strategy == "alone":
+            what = "cross-entropy only (weight 1)"
+        elif opts.get("ce_weight") is not None:
+            what = (f"{opts['ce_weight']} CE + {opts.get('kd_weight', 1.0)} x {opts.get('kd_loss', 'hinton')} "
+                    f"(T {opts.get('kd_temperature', 4.0)}, warm-up {opts.get('kd_warmup', 0.0):.3f} of training)")
+        else:
+            b = opts.get("beta", 0.5)
+            what = f"{b} CE + {1 - b} x ({opts.get('kd_weight', 1.0)} x hinton (T {opts.get('kd_temperature', 4.0)}) ...)"
+        if name not in ("hinton",):
+            what += f" - {opts.get('feature_weight', 1.0)} x sum(lambda * MI), plan {name}"
+        lines.append(f"- `{strategy}`: {what}")
+    return "\n".join(lines) + "\n"
+
+
+def collect_records(out_dir, setting: Setting) -> list[dict]:
+    """Every finished run's record of ``setting`` under ``out_dir`` made with the current configuration."""
+    records = []
+    for strategy in ALL_STRATEGIES:
+        for file in sorted((Path(out_dir) / setting.name).glob(f"{strategy}-s*/record.json")):
+            seed = int(file.parent.name.rpartition("-s")[2])
+            done = finished_record(file.parent, run_key(setting, strategy, seed))
+            if done is not None:
+                records.append(done)
+    return records
+
+
+README_START, README_END = "<!-- real-tables:start (generated by `python -m align_kd bench --report`) -->", "<!-- real-tables:end -->"
+
+
+def report(settings: list[Setting], out_dir, readme=None) -> str:
+    """Rebuild each setting's table.md (and results.json, plots) from its record files; with ``readme``,
+    replace the block between the markers in that file by the tables. Returns the tables' markdown."""
+    parts = []
+    for setting in settings:
+        records = collect_records(out_dir, setting)
+        if not records:
+            parts.append(f"### {setting.name}: {setting.description}\n\nno finished runs yet\n")
+            continue
+        seeds = sorted({r["seed"] for r in records})
+        strategies = [s for s in ALL_STRATEGIES if any(r["strategy"] == s for r in records)]
+        tinfo = {"test_acc": records[0]["teacher_acc"], "key": "", "path": setting.teacher_zoo or setting.teacher, "cached": True}
+        summary = write_outputs(setting, records, tinfo, out_dir, seeds=seeds, strategies=strategies)
+        wall = sum(r["wall_s"] for r in records)
+        parts.append(summary["table"] + row_settings(setting)
+                     + f"\n{len(records)} runs, {wall / 3600:.2f} h of this machine in all (seeds {seeds}).\n")
+    text = "\n".join(parts)
+    if readme is not None:
+        readme = Path(readme)
+        body = readme.read_text() if readme.is_file() else ""
+        block = f"{README_START}\n\n{text}\n{README_END}"
+        if README_START in body and README_END in body:
+            head, _, rest = body.partition(README_START)
+            body = head + block + rest.partition(README_END)[2]
+        else:
+            body = body.rstrip() + "\n\n## The `real` protocol\n\n" + block + "\n"
+        atomic_write_text(readme, body)
+    return text
 
 
 def quick(setting: Setting) -> Setting:

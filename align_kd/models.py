@@ -8,6 +8,8 @@ nets) so that forward hooks on submodules see every intermediate representation.
 - ``ResNetCIFAR``: the classic CIFAR ResNet (depth 6n+2, BasicBlocks, stages ``layer1..layer3``).
 - ``MLP``: Flatten, then Linear+ReLU blocks, then a Linear head.
 - ``tiny_vit``: a small ``torchvision.models.VisionTransformer`` (patch 4, 4 layers, dim 128).
+- ``FastCNN``: the fast-training CIFAR-10 net of the airbench family (a frozen patch-whitening
+  conv, three conv groups with max-pooling, BatchNorm and GELU, a linear head), the zoo's teacher.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_save
 
 __all__ = [
+    "FastCNN",
     "MLP",
     "MODELS",
     "ResNetCIFAR",
@@ -201,8 +204,80 @@ def tiny_vit(
     )
 
 
+class ConvGroup(nn.Module):
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU: (B, C_in, H, W) -> (B, C_out, H // 2, W // 2).
+
+    As in airbench: convs start as identity on their first ``C_in`` filters (Dirac init), BatchNorm
+    has fixed scale 1 (only its shift trains) and running-statistics momentum 0.4.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(out_channels, eps=1e-12, momentum=0.4)
+        self.act1 = nn.GELU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels, eps=1e-12, momentum=0.4)
+        self.act2 = nn.GELU()
+        for conv in (self.conv1, self.conv2):  # identity init of the first filters: an implicit residual
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+        for bn in (self.bn1, self.bn2):  # BatchNorm scales stay 1; only the shifts train
+            bn.weight.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act1(self.bn1(self.pool(self.conv1(x))))  # (B, C_out, H // 2, W // 2)
+        return self.act2(self.bn2(self.conv2(x)))  # (B, C_out, H // 2, W // 2)
+
+
+class Scale(nn.Module):
+    """Multiply by a fixed constant (the head's output scale)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+class FastCNN(nn.Sequential):
+    """A fast-training CIFAR-10 CNN in the style of airbench (Keller Jordan, 2024).
+
+    Children: ``whiten`` (2x2 conv, 3 -> 24 channels, no padding: 32 -> 31; its weights are set from
+    the training images' patch covariance by :func:`align_kd.zoo.whiten_init` and then frozen),
+    ``act`` (GELU), ``block1..block3`` (:class:`ConvGroup`, 31 -> 15 -> 7 -> 3), ``pool`` (3x3 max:
+    -> 1), ``flatten``, ``head`` (Linear, no bias), ``scale`` (x 1/9). Input (B, 3, 32, 32) ->
+    logits (B, num_classes). ``widths=(64, 256, 256)`` is airbench94's net; the zoo default is narrower.
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), num_classes: int = 10):
+        if isinstance(widths, int) or len(widths) != 3:
+            raise ValueError(f"Expected widths to be three ints (block1, block2, block3) but got {widths!r}.")
+        for w in widths:
+            _check_int("each width", w)
+        _check_int("num_classes", num_classes)
+        widths = tuple(int(w) for w in widths)
+        super().__init__(OrderedDict(
+            whiten=nn.Conv2d(3, 24, 2, padding=0, bias=True),
+            act=nn.GELU(),
+            block1=ConvGroup(24, widths[0]),
+            block2=ConvGroup(widths[0], widths[1]),
+            block3=ConvGroup(widths[1], widths[2]),
+            pool=nn.MaxPool2d(3),
+            flatten=nn.Flatten(),
+            head=nn.Linear(widths[2], num_classes, bias=False),
+            scale=Scale(1 / 9),
+        ))
+        self.widths, self.num_classes = widths, num_classes
+        self.whiten.weight.requires_grad_(False)  # set by whiten_init, never trained
+
+
 #: name -> constructor; every constructor takes ``num_classes`` and 32x32 RGB input
-MODELS = {"cnn": SmallCNN, "resnet": ResNetCIFAR, "mlp": MLP, "vit": tiny_vit}
+MODELS = {"cnn": SmallCNN, "resnet": ResNetCIFAR, "mlp": MLP, "vit": tiny_vit, "fastcnn": FastCNN}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
@@ -231,14 +306,15 @@ def _resolve_device(model: nn.Module, loader, device) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device=None) -> float:
+def evaluate(model: nn.Module, loader, device=None, *, flip: bool = False) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` over ``loader`` batches ``(x (B, ...), y (B,))``.
 
-    Runs in eval mode without gradients and restores ``model.training`` afterwards.
+    Runs in eval mode without gradients and restores ``model.training`` afterwards. ``flip=True``
+    averages the logits of each image and its mirror (test-time flip augmentation).
     """
     from .training import count_correct
 
-    correct, total = count_correct(model, loader, _resolve_device(model, loader, device))
+    correct, total = count_correct(model, loader, _resolve_device(model, loader, device), flip=flip)
     if total == 0:
         raise ValueError("Expected a loader that yields at least one batch but it yielded none.")
     return correct / total
@@ -255,42 +331,93 @@ def train_supervised(
     seed: int = 0,
     device=None,
     progress: bool = True,
+    momentum: float = 0.9,
+    label_smoothing: float = 0.0,
+    warmup_epochs: float = 0.0,
+    schedule: str = "cosine",
+    flip_eval: bool = False,
+    channels_last: bool = False,
+    amp: bool = False,
+    lr_start: float = 0.0,
+    lr_end: float = 0.0,
+    param_groups: list[dict] | None = None,
 ) -> dict:
-    """Train with cross-entropy, SGD (momentum 0.9, Nesterov) and a per-step cosine learning rate.
+    """Train with cross-entropy and SGD (Nesterov momentum), the learning rate set every step.
+
+    ``schedule="cosine"``: linear warm-up over ``warmup_epochs`` from ``lr_start * lr``, then cosine
+    decay to ``lr_end * lr``; ``"linear"``: the same warm-up, then linear decay (a one-cycle triangle).
+    ``param_groups``: torch optimiser groups (default: every trainable parameter in one group); a
+    group's optional ``"lr_scale"`` multiplies its learning rate, its ``"weight_decay"`` overrides. Cross-entropy uses
+    ``label_smoothing``. ``flip_eval`` scores the test set with test-time flips (see :func:`evaluate`).
+    ``channels_last`` puts the model and each batch in channels_last memory format (faster
+    convolutions on CPU and GPU; the same results up to float round-off). ``amp`` runs the forward
+    under bfloat16 autocast (the loss in float32; about 1.6x faster on CPUs with AMX).
 
     ``train_loader`` yields ``(x (B, 3, 32, 32) float, y (B,) int64)``; if it has ``set_epoch`` it is
     called with 0..epochs-1. Seeds torch's global RNG with ``seed``. The model is moved to ``device``
-    (default: the loader's ``device`` attribute, else the model's current device).
+    (default: the loader's ``device`` attribute, else the model's current device). Parameters with
+    ``requires_grad=False`` stay as they are.
 
     Returns:
         ``{"epoch": [1..E], "train_loss": [E], "train_acc": [E], "test_acc": [E] (None without a test
-        loader), "lr": [E] (at the end of each epoch)}``.
+        loader), "lr": [E] (at the end of each epoch), "seconds": [E] (training time of each epoch)}``.
     """
+    import time
+
     _check_int("epochs", epochs)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"Expected lr to be a positive finite number but got {lr!r}.")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise ValueError(f"Expected weight_decay to be a number >= 0 but got {weight_decay!r}.")
+    if not (isinstance(momentum, (int, float)) and 0 < momentum < 1):
+        raise ValueError(f"Expected momentum in (0, 1) (Nesterov SGD) but got {momentum!r}.")
+    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+        raise ValueError(f"Expected label_smoothing in [0, 1) but got {label_smoothing!r}.")
+    if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs < epochs):
+        raise ValueError(f"Expected warmup_epochs in [0, epochs={epochs}) but got {warmup_epochs!r}.")
+    if schedule not in ("cosine", "linear"):
+        raise ValueError(f"Expected schedule to be 'cosine' or 'linear' but got {schedule!r}.")
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("Expected a train_loader with at least one batch but len(train_loader) == 0.")
     device = _resolve_device(model, train_loader, device)
     torch.manual_seed(seed)
     model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    criterion = nn.CrossEntropyLoss()
-    history: dict[str, list] = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": [], "lr": []}
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"train {type(model).__name__}", disable=not progress, unit="step")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True; there is nothing to train.")
+    groups = [dict(g) for g in param_groups] if param_groups is not None else [{"params": trainable}]
+    scales = [g.pop("lr_scale", 1.0) for g in groups]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    total_steps, warmup_steps = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+
+    def lr_factor(step: int) -> float:  # the factor for the step about to be taken (0-based)
+        if step < warmup_steps:
+            return lr_start + (1 - lr_start) * (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        decay = 0.5 * (1 + math.cos(math.pi * progress_)) if schedule == "cosine" else 1 - progress_
+        return lr_end + (1 - lr_end) * decay
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    history: dict[str, list] = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": [], "lr": [], "seconds": []}
+    bar = tqdm(total=total_steps, desc=f"train {type(model).__name__}", disable=not progress, unit="step")
+    step = 0
     try:
         for epoch in range(epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             model.train()
             loss_sum = correct = seen = 0
+            start = time.perf_counter()
             for x, y in train_loader:
-                x, y = x.to(device), y.to(device)  # (B, 3, 32, 32), (B,)
-                logits = model(x)  # (B, num_classes)
+                x, y = x.to(device, memory_format=memory_format) if x.dim() == 4 else x.to(device), y.to(device)
+                for group, scale in zip(optimizer.param_groups, scales):
+                    group["lr"] = lr * scale * lr_factor(step)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(x).float()  # (B, num_classes)
                 loss = criterion(logits, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -299,22 +426,25 @@ def train_supervised(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                step += 1
                 loss_sum += loss.item() * len(y)
                 correct += (logits.argmax(dim=1) == y).sum().item()
                 seen += len(y)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-            test_acc = evaluate(model, test_loader, device) if test_loader is not None else None
+            history["seconds"].append(time.perf_counter() - start)
+            test_acc = evaluate(model, test_loader, device, flip=flip_eval) if test_loader is not None else None
             history["epoch"].append(epoch + 1)
             history["train_loss"].append(loss_sum / seen)
             history["train_acc"].append(correct / seen)
             history["test_acc"].append(test_acc)
-            history["lr"].append(optimizer.param_groups[0]["lr"])
+            history["lr"].append(lr * (lr_factor(step) if step < total_steps else lr_end))
             if test_acc is not None:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", test_acc=f"{test_acc:.3f}")
     finally:
         bar.close()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
 

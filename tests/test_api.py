@@ -32,7 +32,7 @@ def test_core_verbs_are_public():
 
 
 def test_submodule_all_names_exist():
-    for mod in ("taps", "mi", "plans", "training"):
+    for mod in ("taps", "mi", "plans", "training", "losses", "zoo", "experiment"):
         module = importlib.import_module(f"align_kd.{mod}")
         for name in module.__all__:
             assert hasattr(module, name), f"align_kd.{mod}.{name}"

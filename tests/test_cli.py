@@ -14,7 +14,25 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-COMMANDS = ["demo", "fit", "bench", "graph"]
+COMMANDS = ["demo", "fit", "bench", "graph", "zoo"]
+
+
+@pytest.fixture(scope="module")
+def decoded_data(tmp_path_factory):
+    """A folder of decoded CIFAR-10 caches shared by this module's tests (decoded once, on first use)."""
+    return tmp_path_factory.mktemp("cli_data")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch, decoded_data):
+    """Each test gets its own cache (its own teachers), never the user's ~/.cache/align_kd; only the
+    decoded images are shared, so the outcome cannot depend on test order or machine state."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (decoded_data / "cifar10").mkdir(exist_ok=True)
+    (cache / "cifar10").symlink_to(decoded_data / "cifar10", target_is_directory=True)
+    monkeypatch.setenv("ALIGN_KD_CACHE", str(cache))
+    return cache
 
 
 def test_top_level_help_lists_every_command():
@@ -49,13 +67,13 @@ needs_data = pytest.mark.skipif(not ARCHIVE.exists() and not os.environ.get("ALI
 def test_demo_quick_end_to_end_then_graph(tmp_path, capsys):
     data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--data", data, "--no-progress"]) == 0
+    strategies = ["alone", "hinton", "uniform", "sinkhorn", "exact"]
+    assert main(["demo", "--quick", "--out", str(out), "--data", data, "--no-progress", "--strategies", *strategies]) == 0
     printed = capsys.readouterr().out
     run_dir = out / "demo"
     for name in ("table.md", "results.json", "accuracy.png", "alignment.png"):
         assert (run_dir / name).stat().st_size > 0, name
     table = (run_dir / "table.md").read_text()
-    strategies = ["alone", "hinton", "uniform", "sinkhorn", "exact"]
     for s in ["teacher", *strategies]:
         assert f"| {s} |" in table
     assert "| teacher |" in printed

@@ -5,7 +5,6 @@ import io
 import os
 import pickle
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -205,15 +204,17 @@ def test_real_archive_test_split_matches_member_names(real_cache):
     assert checked == limit
 
 
-def test_real_archive_second_load_is_fast(real_cache):
+def test_real_archive_second_load_is_a_cache_hit(real_cache, monkeypatch):
     load_cifar10(REAL_ARCHIVE, split="test", limit=10, cache_dir=real_cache)  # decodes unless already cached
-    start = time.perf_counter()
+
+    def no_decode(*args):
+        raise AssertionError("a cached split must not be decoded again")
+
+    monkeypatch.setattr(data, "_decode_source", no_decode)  # a cache hit is observable without a clock
     train_x, train_y = load_cifar10(REAL_ARCHIVE, split="train", cache_dir=real_cache)
     test_x, _ = load_cifar10(REAL_ARCHIVE, split="test", cache_dir=real_cache)
-    elapsed = time.perf_counter() - start
     assert train_x.shape == (50_000, 3, 32, 32) and test_x.shape == (10_000, 3, 32, 32)
     assert torch.equal(torch.bincount(train_y), torch.full((10,), 5000))
-    assert elapsed < 1.0, f"cached load of both splits took {elapsed:.2f}s"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,11 +233,9 @@ def test_cache_is_hit_and_keyed_by_source_mtime(release_dir, tmp_path, monkeypat
     assert len(cached) == 2 and cached[0].startswith("test-") and cached[1].startswith("train-")
     assert sorted(os.listdir(release_dir)) == source_files  # nothing written next to the source
 
-    start = time.perf_counter()
     second = load_cifar10(release_dir, split="train", cache_dir=cache)
     test_split = load_cifar10(release_dir, split="test", cache_dir=cache)  # cached by the same decode
-    assert time.perf_counter() - start < 1.0
-    assert len(calls) == 1
+    assert len(calls) == 1  # both were cache hits
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert len(test_split[1]) == 6
 

