@@ -82,16 +82,16 @@ _REAL = dict(train_limit=None, test_limit=None, batch_size=256, lr=0.1,
 REAL_SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
-        Setting("real-cnn", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=8, **_REAL,
+        Setting("real-cnn", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=16, **_REAL,
                 description="(i) the study's 3 conv + 2 linear student (width 16) from the shipped fast CNN teacher"),
         Setting("real-resnet", "resnet", {"depth": 20, "width": 16}, "cnn", {"width": 16}, teacher_zoo="resnet20",
-                protocol="real", epochs=8, **_REAL,
+                protocol="real", epochs=16, **_REAL,
                 description="(ii) the same student from the shipped ResNet-20 (T much larger than S)"),
         Setting("real-vit", "fastcnn", {}, "vit", {"hidden_dim": 64, "mlp_dim": 128, "num_layers": 4}, teacher_zoo="fastcnn",
-                protocol="real", epochs=8, **_REAL,
+                protocol="real", epochs=16, **_REAL,
                 description="(iii) the fast CNN teacher into a small ViT student (tokens)"),
         Setting("real-mlp", "fastcnn", {}, "mlp", {"hidden": [512, 256, 128]}, teacher_zoo="fastcnn", protocol="real",
-                epochs=8, **_REAL, description="(iv) the fast CNN teacher into an MLP student"),
+                epochs=16, **_REAL, description="(iv) the fast CNN teacher into an MLP student"),
     ]
 }
 #: the four settings of the `real` protocol's table (issue 12: (i) to (iv))
@@ -103,7 +103,7 @@ REAL_SETTINGS["real-cnn-beta"] = replace(
     description="(i) with the library's default weighting beta = 0.5 (0.5 CE + 0.5 KD): what the smaller CE step costs")
 SETTINGS.update(REAL_SETTINGS)
 SETTINGS["demo"] = Setting(
-    "demo", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=2,
+    "demo", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=5,
     **{**_REAL, "fit_options": {**_REAL["fit_options"]}},
     description="the study's 3 conv + 2 linear student from the shipped fast CNN teacher, full CIFAR-10 (demo budget)",
 )
