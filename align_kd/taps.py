@@ -284,11 +284,9 @@ def describe_layers(model: nn.Module, example_input: Tensor) -> list[TapInfo]:
     return [TapInfo(c.name, c.shape) for c in sorted(calls, key=lambda c: c.end) if c.shape is not None]
 
 
-def _weight_layer_calls(model: nn.Module, example_input: Tensor) -> list[str]:
+def _weight_layer_calls(model: nn.Module, calls: list[_Call], last: _Call | None) -> list[str]:
     """Names of the calls of weight layers (Conv, Linear, ...) other than the logits layer, in execution order."""
-    calls, out = _trace_calls(model, example_input)
     modules = dict(model.named_modules())
-    last = _output_call(calls, out)
     logits_modules = {last.module_name} if last is not None else set()
     if last is not None:  # the head's own weight layers (e.g. a classifier's Linear inside a Sequential head)
         logits_modules |= {n for n in modules if n.startswith(last.module_name + ".")}
@@ -315,7 +313,7 @@ def check_tap_count(model: nn.Module, names: list[str], example_input: Tensor, *
         problem = (f"it has a single {role} tap {names}, so the plan has one {'row' if role == 'teacher' else 'column'} "
                    "and all-pairs distillation is one pair per layer on the other side")
     elif not chosen and len(features) < 2:
-        candidates = _weight_layer_calls(model, example_input)
+        candidates = _weight_layer_calls(model, calls, last)  # the same trace: no second forward
         if len(candidates) > len(features):
             problem = (f"layer discovery found {len(features)} {role} tap(s) besides the logits ({names}) although "
                        f"{type(model).__name__} has {len(candidates)} weight layers at other depths ({candidates[:8]}"

@@ -91,6 +91,6 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     text = report([setting], out, readme=readme)
     body = readme.read_text()
     assert body.startswith("# intro\n\nkept\n") and experiment.README_START in body and "| dkd |" in body
-    assert "| alone |" not in text or True  # alone-s0 was overwritten by the longer budget: not this setting's record
+    assert "| alone |" not in text  # alone-s0 now holds the longer budget's record: not this setting's run
     report([setting], out, readme=readme)  # regenerating replaces the block, never appends a second one
     assert readme.read_text().count(experiment.README_START) == 1
