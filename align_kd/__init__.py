@@ -26,7 +26,8 @@ from .graph import (
 from .mi import MIBank
 from .plans import PLAN_STRATEGIES, sinkhorn, sinkhorn_solve
 from .taps import FeatureTap, describe_layers, discover_layers
-from .training import FitConfig, FitResult, evaluate, fit
+from .result import FitResult
+from .training import FitConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
