@@ -1,6 +1,6 @@
 """align_kd: knowledge distillation between heterogeneous networks with a learned layer-alignment plan.
 
-The public verbs: ``fit`` (distil), ``discover_layers`` (default taps), ``sinkhorn`` / ``exact_plan``
+The public verbs: ``fit`` (distil), ``Distiller`` (the objective as a module for your own loop), ``discover_layers`` (default taps), ``sinkhorn`` / ``exact_plan``
 (plans), ``alignment_graph`` with its analyses (``max_matching``, ``crossings``, ``fan_in``,
 ``compare``, ``stability``) and drawings (``draw_alignment``, ``draw_plan_heatmap``). Submodules:
 ``align_kd.zoo`` (shipped teachers), ``align_kd.losses`` (logit terms: Hinton, DKD, logit
@@ -23,19 +23,24 @@ from .graph import (
     usage,
     weighted_crossings,
 )
+from .distiller import Distiller, DistillerOutput
+from .evaluation import evaluate
 from .mi import MIBank
-from .plans import PLAN_STRATEGIES, sinkhorn, sinkhorn_solve
+from .plans import PLAN_STRATEGIES, PLANS, register_plan, sinkhorn, sinkhorn_solve
 from .taps import FeatureTap, describe_layers, discover_layers
 from .result import FitResult
-from .training import FitConfig, evaluate, fit
+from .training import FitConfig, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Distiller",
+    "DistillerOutput",
     "FeatureTap",
     "FitConfig",
     "FitResult",
     "MIBank",
+    "PLANS",
     "PLAN_STRATEGIES",
     "alignment_graph",
     "compare",
@@ -52,6 +57,7 @@ __all__ = [
     "fan_in",
     "fit",
     "max_matching",
+    "register_plan",
     "sinkhorn",
     "sinkhorn_solve",
     "stability",

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_zoo)
 
-    from .graph import add_cli
+    from .graph.reporting import add_cli
 
     add_cli(sub)
     return parser

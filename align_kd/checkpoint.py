@@ -184,11 +184,12 @@ def _teacher_digest(teacher) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the engine's side
+# fit()'s side
 
 
 class Checkpointer:
-    """Saves an engine after every epoch (rank 0) and restores it on resume (every rank).
+    """Saves a fit() run after every epoch (rank 0) and restores it on resume (every rank): the
+    state dicts of the Distiller, optimiser and scheduler, fit()'s loop state and every rank's RNGs.
 
     Args:
         directory: where ``checkpoint-epochNNNN.pt`` files go.
@@ -215,27 +216,21 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def _payload(self, engine, rng: list[dict]) -> dict:
+    def _payload(self, distiller, optimizer, scheduler, state, rng: list[dict]) -> dict:
         return {
             "format": FORMAT,
-            "epoch": len(engine.history),
-            "step": engine.step,
-            "student": engine.student.state_dict(),
-            "bank": None if engine.bank is None else engine.bank.state_dict(),
-            "plan": engine.plan.state_dict(),
-            "optimizer": engine.optimizer.state_dict(),
-            "scheduler": engine.scheduler.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "distiller": distiller.state_dict(),  # student, MI bank, plan (and its warm start)
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loop": state.state_dict(),  # counters, history, solves, held batches, last MI
             "rng": rng,
-            "history": engine.history,
-            "solves": engine.solves,
-            "held": [(x.detach().cpu(), y.detach().cpu()) for x, y in engine.held],
-            "mi_last": None if engine.mi_last is None else engine.mi_last.detach().cpu(),
-            "bad_in_a_row": engine.bad_in_a_row,
             "config": self.config,
-            "teacher_layers": list(engine.teacher_layers),
-            "student_layers": list(engine.student_layers),
-            "teacher_shapes": engine.teacher_shapes,
-            "student_shapes": engine.student_shapes,
+            "teacher_layers": list(distiller.teacher_layers),
+            "student_layers": list(distiller.student_layers),
+            "teacher_shapes": distiller.teacher_shapes,
+            "student_shapes": distiller.student_shapes,
             "teacher_sha256": self.teacher_sha(),
             "world_size": self.dist.world_size,
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
@@ -250,23 +245,22 @@ class Checkpointer:
                 old.unlink()
         return path
 
-    def save(self, engine) -> Path | None:
+    def save(self, distiller, optimizer, scheduler, state, loader) -> Path | None:
         """Collective: gather every rank's RNG state, then rank 0 writes the checkpoint."""
-        rng = self.dist.all_gather_object(capture_rng(engine.train_loader))
+        rng = self.dist.all_gather_object(capture_rng(loader))
         if not self.dist.is_main:
-            self.saved_epoch = len(engine.history)
+            self.saved_epoch = state.epoch
             return None
-        return self._write(self._payload(engine, rng))
+        return self._write(self._payload(distiller, optimizer, scheduler, state, rng))
 
-    def on_interrupt(self, engine) -> None:
+    def on_interrupt(self, distiller, optimizer, scheduler, state, loader) -> None:
         """After Ctrl-C: make sure the last completed epoch is on disk (rank 0), say how to resume."""
-        done = len(engine.history) if engine is not None else 0
         if not self.dist.is_main:
             return
-        if engine is not None and self.saved_epoch < done:
+        if self.saved_epoch < state.epoch:
             # interrupted at an epoch boundary, before or while saving: the state is still that epoch's
             # end; no collectives here (other ranks may be gone), so every rank gets rank 0's RNG state
-            self._write(self._payload(engine, [capture_rng(engine.train_loader)] * self.dist.world_size))
+            self._write(self._payload(distiller, optimizer, scheduler, state, [capture_rng(loader)] * self.dist.world_size))
         if self.saved_epoch == 0:
             msg = (f"fit() interrupted before the first epoch finished; no checkpoint was written to {self.directory}. "
                    "Nothing to resume from.")
@@ -295,8 +289,9 @@ class Checkpointer:
             return payload, problems
         return None, problems
 
-    def prepare(self, engine, resume: bool) -> None:
-        """Collective: on ``resume`` load the newest good checkpoint into ``engine``; else insist on a clean directory."""
+    def prepare(self, distiller, optimizer, scheduler, state, loader, resume: bool) -> None:
+        """Collective: on ``resume`` load the newest good checkpoint into the distiller, optimiser,
+        scheduler, loop state and RNGs; else insist on a clean directory."""
         message = None
         if self.dist.is_main:
             existing = list_checkpoints(self.directory)
@@ -327,16 +322,16 @@ class Checkpointer:
             warnings.warn(message[1], RuntimeWarning, stacklevel=3)
         if not resume or payload is None:
             return
-        self._load(engine, payload)
+        self._load(distiller, optimizer, scheduler, state, loader, payload)
 
-    def _load(self, engine, p: dict) -> None:
+    def _load(self, distiller, optimizer, scheduler, state, loader, p: dict) -> None:
         diff = config_diff(p["config"], self.config)
         for key in ("teacher_layers", "student_layers", "teacher_shapes", "student_shapes"):
-            if p[key] != getattr(engine, key):
+            if p[key] != getattr(distiller, key):
                 diff.append(key)
         if diff:
             details = "; ".join(f"{k}: checkpoint {p['config'].get(k, p.get(k))!r}, now "
-                                f"{self.config.get(k, getattr(engine, k, None))!r}" for k in diff)
+                                f"{self.config.get(k, getattr(distiller, k, None))!r}" for k in diff)
             raise ValueError(
                 f"Cannot resume from {self.directory}: the checkpoint was written with different options: {details}. "
                 "Resume with the same options (only " + ", ".join(RUNTIME_FIELDS) + " may change), or start a new "
@@ -346,22 +341,13 @@ class Checkpointer:
             warnings.warn("The teacher's weights differ from those of the checkpointed run; the resumed run will not "
                           "match an uninterrupted one.", RuntimeWarning, stacklevel=4)
         try:
-            engine.student.load_state_dict(p["student"])
-            if engine.bank is not None:
-                engine.bank.load_state_dict(p["bank"])
-            engine.plan.load_state_dict(p["plan"])
+            distiller.load_state_dict(p["distiller"])
         except RuntimeError as err:
             raise ValueError(f"Cannot resume from {self.directory}: the student (or MI bank) does not match the "
                              f"checkpoint's weights: {err}") from err
-        engine.optimizer.load_state_dict(p["optimizer"])
-        engine.scheduler.load_state_dict(p["scheduler"])
-        engine.step = p["step"]
-        engine.history = list(p["history"])
-        engine.solves = list(p["solves"])
-        engine.held = [(x.to(engine.device), y.to(engine.device)) for x, y in p["held"]]
-        engine.mi_last = p["mi_last"]
-        engine.bad_in_a_row = p["bad_in_a_row"]
-        engine.start_epoch = p["epoch"]
+        optimizer.load_state_dict(p["optimizer"])
+        scheduler.load_state_dict(p["scheduler"])
+        state.load_state_dict(p["loop"], distiller.device)
         rng = p["rng"]
         if len(rng) != self.dist.world_size:
             if self.dist.is_main:
@@ -369,5 +355,5 @@ class Checkpointer:
                               "data shards and RNG streams differ, so results will not match an uninterrupted run.",
                               RuntimeWarning, stacklevel=4)
             rng = [rng[0]] * self.dist.world_size
-        restore_rng(rng[self.dist.rank], engine.train_loader)
+        restore_rng(rng[self.dist.rank], loader)
         self.saved_epoch, self.last_path = p["epoch"], checkpoint_path(self.directory, p["epoch"])

@@ -8,11 +8,11 @@ initialises the default process group when nobody has (NCCL on CUDA with the dev
   ``world_size``; a ``DataLoader`` over a map-style dataset is rebuilt with a
   ``DistributedSampler`` (shuffled when the original was, seed ``FitConfig.seed``, ``set_epoch``
   every epoch); anything else is refused unless wrapped with :func:`presharded`;
-* broadcasts rank 0's teacher, student, MI bank and plan (parameters and buffers) at the start;
-* after every backward, averages the gradient of every trained parameter (student, MI bank, plan
-  logits) across ranks in one flat bucket, a missing gradient counting as zeros (a parameter keeps
-  ``grad=None`` only when it has none on every rank, as in a single process). A skipped step
-  (non-finite input or loss) on any rank is skipped on every rank, in the same collective;
+* trains the :class:`~align_kd.Distiller` wrapped in torch's ``DistributedDataParallel`` (the
+  frozen teacher is not a submodule, so it is not wrapped; it is broadcast from rank 0 once), which
+  averages the gradients of the student, the MI bank and the plan logits in backward. A skipped
+  step (non-finite input or loss) on any rank is skipped on every rank (:meth:`DistContext.agree_on_skip`,
+  one collective before the backward);
 * averages floating-point buffers (BatchNorm running statistics, the MI standardisers) and
   broadcasts the others from rank 0 at the end of every epoch, so every rank ends with the same
   state (the plan, including the Sinkhorn warm-start potential, follows from identical gradients);
@@ -227,48 +227,34 @@ class DistContext:
             _unflatten_into(flat, floats)
         self.broadcast_tensors(others)
 
-    def all_reduce_grads(self, params: list[Tensor], bad: str | None) -> str | None:
-        """Average the gradients of ``params`` over ranks; agree on whether to skip the step.
-
-        ``bad`` is this rank's reason to skip the step (None: its gradients are valid). One
-        all-reduce carries the flattened gradients (None counts as zeros), one has-gradient flag
-        per parameter and the number of ranks that want to skip. Returns None when every rank is
-        fine, else the reason (this rank's, or a note that another rank skipped).
-        """
+    def agree_on_skip(self, bad: str | None) -> str | None:
+        """Whether to skip this step on every rank: ``bad`` is this rank's reason (None: fine). One
+        all-reduce of a single number; returns None when every rank is fine, else this rank's
+        reason or a note that another rank skipped."""
         if not self.enabled:
             return bad
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        dev = self._comm_device()
-        parts = []
-        for p in params:
-            g = p.grad
-            if g is not None and g.is_sparse:
-                raise TypeError("Distributed fit() does not support sparse gradients; use dense parameters.")
-            if bad is None and g is not None:
-                parts.append(g.detach().reshape(-1).to(dev, dtype))
-            else:
-                parts.append(torch.zeros(p.numel(), device=dev, dtype=dtype))
-        flags = [0.0 if (bad is not None or p.grad is None) else 1.0 for p in params]
-        meta = torch.tensor(flags + [0.0 if bad is None else 1.0], device=dev, dtype=dtype)
-        flat = torch.cat(parts + [meta])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        n_bad = round(float(flat[-1]))
-        if n_bad:
-            return bad or f"{n_bad} of {self.world_size} ranks had a non-finite input or loss"
-        has = flat[-1 - len(params) : -1].clone()
-        flat /= self.world_size
-        offset = 0
-        with torch.no_grad():
-            for k, p in enumerate(params):
-                n = p.numel()
-                if has[k] > 0:
-                    avg = flat[offset : offset + n].view_as(p).to(p.device, p.dtype)
-                    if p.grad is None:
-                        p.grad = avg.clone()
-                    else:
-                        p.grad.copy_(avg)
-                offset += n
-        return None
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=self._comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        n_bad = round(float(flag))
+        if n_bad == 0:
+            return None
+        return bad or f"{n_bad} of {self.world_size} ranks had a non-finite input or loss"
+
+    def wrap(self, module: nn.Module, *, find_unused_parameters: bool = False) -> nn.Module:
+        """``module`` in :class:`torch.nn.parallel.DistributedDataParallel` (rank 0's parameters and
+        buffers on every rank; gradients averaged in backward), or ``module`` itself in one process.
+
+        Buffers are not broadcast at every forward: :meth:`sync_buffers` averages them at epoch
+        ends. ``find_unused_parameters``: some parameters may get no gradient in a step (the MI
+        pairs that ``skip_pairs_below`` leaves out; the same on every rank, since plans agree).
+        """
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
+                                       find_unused_parameters=find_unused_parameters)
 
     # ------------------------------------------------------------------------------------------
     # data
@@ -345,7 +331,7 @@ class DistContext:
         dist.all_reduce(buf, op=dist.ReduceOp.MIN)
         return buf.cpu()
 
-    def _eval_shard(self, loader):
+    def eval_shard(self, loader):
         """(loader over this rank's disjoint share of the test set, True) or (loader, False) when it cannot be split."""
         key = id(loader)
         if key in self._eval_cache and self._eval_cache[key][0] is loader:
@@ -378,20 +364,6 @@ class DistContext:
             split = True  # already sharded by the caller (padding may count a few samples twice)
         self._eval_cache[key] = (loader, shard, split)
         return shard, split
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, device) -> float:
-        """Top-1 accuracy of ``model`` on the whole of ``loader``, each sample counted once."""
-        from .training import count_correct, evaluate
-
-        if not self.enabled:
-            return evaluate(model, loader, device)
-        shard, split = self._eval_shard(loader)
-        correct, total = count_correct(model, shard, device)
-        if split:
-            counts = self.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
-            correct, total = int(counts[0]), int(counts[1])
-        return correct / max(total, 1)
 
     def reduce_epoch_stats(self, sums: dict, n: int, mi_sum: Tensor | None, mi_n: int):
         """Add up an epoch's running sums over ranks (so every rank records the same history)."""

@@ -362,7 +362,7 @@ def plan_patterns(records: list[dict]) -> list[dict]:
     """
     from itertools import combinations
 
-    from .graph import alignment_graph, compare, fan_in, stability, weighted_crossings
+    from .graph.analysis import alignment_graph, compare, fan_in, stability, weighted_crossings
 
     rows = []
     for strategy in [s for s in ALL_STRATEGIES if s in LEARNED]:
@@ -399,7 +399,7 @@ def format_patterns(rows: list[dict]) -> str:
 
 def write_outputs(setting: Setting, records: list[dict], teacher_info: dict, out_dir, *, seeds, strategies) -> dict:
     """JSON (records + configuration + versions), markdown table, accuracy plot, alignment panels."""
-    from .graph import draw_panels
+    from .graph.drawing import draw_panels
 
     out = Path(out_dir) / setting.name
     rows = summarise(records)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
+from .evaluation import _resolve_device, evaluate
 
 __all__ = [
     "FastCNN",
@@ -296,30 +297,6 @@ def build_model(name: str, **kwargs) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-def _resolve_device(model: nn.Module, loader, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if getattr(loader, "device", None) is not None:
-        return torch.device(loader.device)
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device=None, *, flip: bool = False) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` over ``loader`` batches ``(x (B, ...), y (B,))``.
-
-    Runs in eval mode without gradients and restores ``model.training`` afterwards. ``flip=True``
-    averages the logits of each image and its mirror (test-time flip augmentation).
-    """
-    from .training import count_correct
-
-    correct, total = count_correct(model, loader, _resolve_device(model, loader, device), flip=flip)
-    if total == 0:
-        raise ValueError("Expected a loader that yields at least one batch but it yielded none.")
-    return correct / total
-
-
 def train_supervised(
     model: nn.Module,
     train_loader,

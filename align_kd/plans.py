@@ -21,18 +21,19 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "PLANS",
     "PLAN_STRATEGIES",
+    "Plan",
     "SinkhornResult",
     "make_plan",
     "pairwise_plan",
+    "register_plan",
     "sinkhorn",
     "sinkhorn_solve",
     "uniform_plan",
     "validate_plan",
 ]
 
-#: strategies that ``fit(strategy=...)`` accepts by name (a (T, S) tensor is accepted too)
-PLAN_STRATEGIES = ("hinton", "pairwise", "uniform", "softmax", "sinkhorn", "exact")
 GRAD_MODES = ("implicit", "unrolled")
 
 
@@ -432,20 +433,63 @@ def validate_plan(plan, T: int, S: int, atol: float = 1e-4) -> Tensor:
 
 
 class Plan(nn.Module):
-    """A lambda strategy as a module: ``plan()`` returns the current (T, S) plan."""
+    """A lambda strategy as a module: ``plan()`` returns the current (T, S) plan.
 
-    learned = False
+    Each strategy is one subclass registered under its name (:func:`register_plan`); it owns its
+    construction (:meth:`build` from the Distiller's options), its update rule (gradient steps on
+    its parameters, or :meth:`update` from data of its own when :attr:`needs_data`) and its
+    checkpoint state (its parameters, buffers and extra state in ``state_dict()``).
+    """
+
+    name = ""
+    learned = False  # has parameters trained by the optimiser
+    uses_features = True  # False: no feature term at all (logit KD only), so no MI bank is built
+    needs_data = False  # True: update(distiller, batches) sets the plan from batches of its own
 
     def __init__(self, T: int, S: int):
         super().__init__()
         self.T, self.S = T, S
 
+    @classmethod
+    def build(cls, T: int, S: int, *, tau: float, row_marginal: Tensor, prior: Tensor, options: dict) -> "Plan":
+        """The plan for a (T, S) problem. ``row_marginal``: (T,) teacher-row masses summing to S;
+        ``prior``: (T, S) initial logits (``plan_init``); ``options``: the Distiller's options."""
+        raise NotImplementedError
+
     def forward(self) -> Tensor:  # (T, S)
         raise NotImplementedError
 
+    def update_due(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether ``fit()`` calls :meth:`update` after training step ``step`` (counted from 1)."""
+        return False
+
+    def update(self, distiller, batches) -> dict | None:
+        """Set the plan from ``batches`` (plans with ``needs_data``); returns a record of what was done."""
+        raise TypeError(f"The {self.name!r} plan is not updated from data (it has needs_data=False).")
+
+
+#: strategy name -> plan class, in the order tables and the CLI list them
+PLANS: dict[str, type[Plan]] = {}
+
+
+def register_plan(name: str):
+    """Class decorator: register a :class:`Plan` subclass as ``strategy=name`` (for fit(), the
+    Distiller, the CLI and the benchmarks)."""
+
+    def decorate(cls):
+        if name in PLANS:
+            raise ValueError(f"A plan named {name!r} is already registered ({PLANS[name].__name__}).")
+        cls.name = name
+        PLANS[name] = cls
+        return cls
+
+    return decorate
+
 
 class FixedPlan(Plan):
-    """hinton (no feature term), pairwise, uniform, or a user-given tensor."""
+    """A constant plan: a user-given (T, S) tensor (strategy "fixed") and the base of the fixed strategies."""
+
+    name = "fixed"
 
     def __init__(self, plan: Tensor):
         super().__init__(*plan.shape)
@@ -455,6 +499,36 @@ class FixedPlan(Plan):
         return self.value
 
 
+@register_plan("hinton")
+class HintonPlan(FixedPlan):
+    """No feature term (logit KD only): an all-zero plan, no MI bank."""
+
+    uses_features = False
+
+    @classmethod
+    def build(cls, T, S, **_):
+        return cls(torch.zeros(T, S))
+
+
+@register_plan("pairwise")
+class PairwisePlan(FixedPlan):
+    """One-to-one by relative depth (:func:`pairwise_plan`)."""
+
+    @classmethod
+    def build(cls, T, S, **_):
+        return cls(pairwise_plan(T, S))
+
+
+@register_plan("uniform")
+class UniformPlan(FixedPlan):
+    """1/T everywhere (:func:`uniform_plan`)."""
+
+    @classmethod
+    def build(cls, T, S, **_):
+        return cls(uniform_plan(T, S))
+
+
+@register_plan("softmax")
 class SoftmaxPlan(Plan):
     """Learned logits Z (T, S), lambda = column softmax of Z / tau."""
 
@@ -465,10 +539,15 @@ class SoftmaxPlan(Plan):
         self.tau = tau
         self.logits = nn.Parameter(init.clone() * tau)
 
+    @classmethod
+    def build(cls, T, S, *, tau, prior, **_):
+        return cls(T, S, tau=tau, init=prior)
+
     def forward(self) -> Tensor:
         return torch.softmax(self.logits / self.tau, dim=0)
 
 
+@register_plan("sinkhorn")
 class SinkhornPlan(Plan):
     """Learned logits Z (T, S), lambda = sinkhorn(Z, r, tau), warm-started from the last potentials."""
 
@@ -485,6 +564,10 @@ class SinkhornPlan(Plan):
         self.register_buffer("row_marginal", row_marginal.float().clone())
         self.register_buffer("potential", torch.zeros(T))  # warm start, saved with checkpoints
         self.last_iterations = 0
+
+    @classmethod
+    def build(cls, T, S, *, tau, row_marginal, prior, **_):
+        return cls(T, S, tau=tau, init=prior, row_marginal=row_marginal)
 
     def forward(self) -> Tensor:
         res = _project(self.logits, self.row_marginal, self.tau, self.tol, max_iter=2000, check_every=10,
@@ -506,38 +589,64 @@ class SinkhornPlan(Plan):
         return res.plan
 
 
+@register_plan("exact")
 class ExactPlan(Plan):
-    """lambda solved exactly from MI estimates (see ``align_kd.exact``); held fixed between solves."""
+    """lambda solved exactly (``align_kd.exact``) from MI estimates on batches of its own; held
+    fixed between solves. First solve after ``exact_warmup`` steps, then every ``exact_every``
+    steps (None: once per epoch)."""
 
-    def __init__(self, T: int, S: int, *, init: Tensor):
+    needs_data = True
+
+    def __init__(self, T: int, S: int, *, init: Tensor, row_marginal: Tensor, tau: float, method: str = "auto",
+                 every: int | None = None, warmup: int = 50):
         super().__init__(T, S)
         self.register_buffer("value", init.clone())
+        self.register_buffer("row_marginal", row_marginal.float().clone())
+        self.tau, self.method, self.every, self.warmup = tau, method, every, warmup
+
+    @classmethod
+    def build(cls, T, S, *, tau, row_marginal, prior, options):
+        exact_tau = options.get("exact_tau")
+        return cls(T, S, init=sinkhorn(prior, row_marginal, tau=1.0), row_marginal=row_marginal,
+                   tau=tau if exact_tau is None else exact_tau, method=options.get("exact_method", "auto"),
+                   every=options.get("exact_every"), warmup=options.get("exact_warmup", 50))
 
     def forward(self) -> Tensor:
         return self.value
 
+    def update_due(self, step: int, steps_per_epoch: int) -> bool:
+        return step == self.warmup or step % (self.every or steps_per_epoch) == 0
 
-def make_plan(strategy, T: int, S: int, *, tau: float, row_marginal: Tensor | None, init: str = "depth") -> Plan:
-    """Build the plan module for ``strategy`` (a name from PLAN_STRATEGIES or a fixed (T, S) tensor)."""
+    def update(self, distiller, batches) -> dict:
+        """Solve the plan from the (T, S) MI that ``distiller`` estimates on ``batches`` (averaged
+        over ranks in a data-parallel run); returns the solve's record."""
+        from .exact import exact_plan_info
+
+        mi = distiller.estimate_mi(batches)  # (T, S), eval mode
+        # exact_plan rescales a float32 marginal that misses sum(r) = S by round-off
+        plan, info = exact_plan_info(mi.double().cpu(), self.row_marginal.double().cpu(), tau=self.tau,
+                                     method=self.method)
+        self.value.copy_(plan.to(self.value))
+        return {**info, "tau": self.tau, "mi": mi.tolist(), "plan": plan.tolist()}
+
+
+#: strategies that ``fit(strategy=...)`` and ``Distiller(strategy=...)`` accept by name (a (T, S)
+#: tensor is accepted too), read from the registry
+PLAN_STRATEGIES = tuple(PLANS)
+
+
+def make_plan(strategy, T: int, S: int, *, tau: float, row_marginal: Tensor | None, init: str = "depth",
+              options: dict | None = None) -> Plan:
+    """Build the plan module for ``strategy`` (a registered name or a fixed (T, S) tensor)."""
     if isinstance(strategy, Tensor):
         return FixedPlan(validate_plan(strategy, T, S))
-    if strategy not in PLAN_STRATEGIES:
+    if strategy not in PLANS:
         raise ValueError(
-            f"Expected argument `strategy` to be one of {list(PLAN_STRATEGIES)} or a (T, S) tensor but got {strategy!r}."
+            f"Expected argument `strategy` to be one of {list(PLANS)} or a (T, S) tensor but got {strategy!r}."
         )
     if init not in ("depth", "zeros"):
         raise ValueError(f"Expected argument `plan_init` to be one of ['depth', 'zeros'] but got {init!r}.")
     prior = depth_prior(T, S) if init == "depth" else torch.zeros(T, S)
-    if strategy == "hinton":
-        return FixedPlan(torch.zeros(T, S))
-    if strategy == "pairwise":
-        return FixedPlan(pairwise_plan(T, S))
-    if strategy == "uniform":
-        return FixedPlan(uniform_plan(T, S))
-    if strategy == "softmax":
-        return SoftmaxPlan(T, S, tau=tau, init=prior)
     if row_marginal is None:
         row_marginal = torch.full((T,), S / T)
-    if strategy == "sinkhorn":
-        return SinkhornPlan(T, S, tau=tau, init=prior, row_marginal=row_marginal)
-    return ExactPlan(T, S, init=sinkhorn(prior, row_marginal, tau=1.0))
+    return PLANS[strategy].build(T, S, tau=tau, row_marginal=row_marginal, prior=prior, options=options or {})

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ._io import atomic_save, atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["FitResult"]
 
@@ -26,6 +32,8 @@ class FitResult:
     history: one dict per epoch: losses, accuracies, plan, mi, wall time, skipped steps, share of pairs evaluated.
     solves: for "exact", one record per solve (step, method, solver, status, seconds).
     config: the options used (JSON-able).
+    path / display_name: where a run read from disk lives and its folder name (set by
+    :func:`align_kd.graph.load_run`; display only: not in :meth:`to_dict`, not compared).
     """
 
     student: nn.Module | None
@@ -38,6 +46,65 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     solves: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)
+    display_name: str = field(default="", compare=False)
+
+    @property
+    def T(self) -> int:
+        """Number of teacher layers (rows of the plan)."""
+        return int(self.plan.shape[0])
+
+    @property
+    def S(self) -> int:
+        """Number of student layers (columns of the plan)."""
+        return int(self.plan.shape[1])
+
+    @property
+    def name(self) -> str:
+        """A short display name: ``display_name``, else ``config["name"]`` or the strategy; may be ""."""
+        if self.display_name:
+            return self.display_name
+        c = self.config if isinstance(self.config, Mapping) else {}
+        return str(c.get("name") or c.get("strategy") or "")
+
+    @property
+    def strategy(self) -> str:
+        """``config["strategy"]`` as a string ("" if unset)."""
+        s = self.config.get("strategy") if isinstance(self.config, Mapping) else None
+        return "" if s is None else str(s)
+
+    @property
+    def final_test_acc(self) -> float | None:
+        """``test_acc`` of the last history entry that has a finite one (None if none does; unlike
+        :attr:`test_acc`, which reads the last entry only)."""
+        for h in reversed(self.history):
+            acc = h.get("test_acc") if isinstance(h, Mapping) else None
+            if acc is not None and isinstance(acc, (int, float)) and math.isfinite(float(acc)):
+                return float(acc)
+        return None
+
+    def history_plans(self) -> list[tuple[int, np.ndarray, float | None]]:
+        """``(epoch, plan, test_acc)`` for every history entry that stores a plan of shape (T, S).
+
+        Each plan is a float64 numpy array; raises ValueError for a stored plan of another shape.
+        """
+        from .graph.analysis import _to_array
+
+        shape = tuple(self.plan.shape)
+        out = []
+        for k, h in enumerate(self.history):
+            if not isinstance(h, Mapping) or h.get("plan") is None:
+                continue
+            p = _to_array(h["plan"], f"history[{k}]['plan']")
+            if p.shape != shape:
+                raise ValueError(
+                    f"Expected history[{k}]['plan'] to have the run's plan shape (T, S) = {shape} "
+                    f"but got shape {p.shape}."
+                )
+            acc = h.get("test_acc")
+            acc = float(acc) if isinstance(acc, (int, float)) else None
+            out.append((int(h.get("epoch", k)), p, acc))
+        return out
 
     @property
     def test_acc(self) -> float | None:
@@ -51,7 +118,7 @@ class FitResult:
 
     def graph(self, threshold: float = 1e-3):
         """The networkx alignment graph of the final plan (see :func:`align_kd.alignment_graph`)."""
-        from .graph import alignment_graph
+        from .graph.analysis import alignment_graph
 
         return alignment_graph(self, threshold=threshold)
 

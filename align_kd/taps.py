@@ -29,11 +29,12 @@ Taps may be maps ``(B, C, H, W)``, tokens ``(B, N, D)`` or vectors ``(B, D)``.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from .evaluation import preserve_mode
 
 __all__ = ["FeatureTap", "TapInfo", "check_tap_count", "describe_layers", "describe_taps", "discover_layers", "feature_kind"]
 
@@ -74,18 +75,6 @@ def _split_name(tap: str) -> tuple[str, int | None]:
     return tap, None
 
 
-@contextlib.contextmanager
-def _preserve_mode(model: nn.Module, training: bool | None):
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        if training is not None:
-            model.train(training)
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _trace_calls(model: nn.Module, example_input) -> tuple[list[_Call], object]:
     """Run one eval-mode, no-grad forward recording every module call in order."""
     calls: list[_Call] = []
@@ -119,7 +108,7 @@ def _trace_calls(model: nn.Module, example_input) -> tuple[list[_Call], object]:
             handles.append(mod.register_forward_pre_hook(pre_hook(name)))
             handles.append(mod.register_forward_hook(post_hook(name)))
     try:
-        with _preserve_mode(model, False), torch.no_grad():
+        with preserve_mode(model, training=False), torch.no_grad():
             out = model(example_input)
     finally:
         for h in handles:
@@ -353,6 +342,7 @@ class FeatureTap:
         self._store: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
         self._handles = []
+        self._armed = False  # hooks record only inside __call__ (the model called on its own leaves nothing behind)
         self._wanted: dict[str, dict[int | None, str]] = {}
         modules = dict(model.named_modules())
         dupes = sorted({n for n in self.names if self.names.count(n) > 1})
@@ -405,6 +395,8 @@ class FeatureTap:
         wanted = self._wanted[base]
 
         def hook(mod, args, out):
+            if not self._armed:
+                return
             k = self._counts.get(base, 0)
             self._counts[base] = k + 1
             name = wanted.get(k) or (wanted.get(None) if k == 0 else None)
@@ -416,7 +408,11 @@ class FeatureTap:
     def __call__(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         self._store.clear()
         self._counts.clear()
-        out = self.model(x)
+        self._armed = True
+        try:
+            out = self.model(x)
+        finally:
+            self._armed = False
         missing = [n for n in self.names if n not in self._store]
         if missing:
             raise RuntimeError(

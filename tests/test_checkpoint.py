@@ -270,13 +270,16 @@ def test_checkpoint_contents(tmp_path):
     res, _ = run(checkpoint_dir=tmp_path, epochs=1)
     ck = read_checkpoint(checkpoint_path(tmp_path, 1))
     assert ck["epoch"] == 1 and ck["step"] == STEPS and ck["world_size"] == 1
-    assert {"logits", "potential", "row_marginal"} <= set(ck["plan"])  # Sinkhorn warm start saved
-    assert torch.isfinite(ck["plan"]["potential"]).all()
-    assert any("running_mean" in k for k in ck["student"]) and any(k.endswith(".var") for k in ck["bank"])
+    state = ck["distiller"]  # the Distiller's state_dict: student, bank and plan
+    assert {"plan.logits", "plan.potential", "plan.row_marginal"} <= set(state)  # Sinkhorn warm start saved
+    assert torch.isfinite(state["plan.potential"]).all()
+    assert any(k.startswith("student.") and "running_mean" in k for k in state)
+    assert any(k.startswith("bank.") and k.endswith(".var") for k in state)
+    assert not any(k.startswith("teacher") for k in state)
     assert ck["optimizer"]["state"] and ck["scheduler"]["last_epoch"] == STEPS
     assert set(ck["rng"][0]) == {"torch", "cuda", "python", "numpy", "generators"}
     assert ck["config"]["lr"] == 0.05 and ck["config"]["checkpoint_dir"] == str(tmp_path)
-    assert ck["history"] == res.history
+    assert ck["loop"]["history"] == res.history
     assert ck["teacher_layers"] == res.teacher_layers and len(ck["teacher_sha256"]) == 64
 
 

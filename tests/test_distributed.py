@@ -214,7 +214,14 @@ def test_only_rank_zero_prints_and_writes(ddp):
     assert log.count("[sinkhorn] epoch 1/2") == 1 and log.count("[sinkhorn] epoch 2/2") == 1
     assert [os.path.basename(p) for p in load(out, "tensor", 0)["writes"]] == ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"]
     assert load(out, "tensor", 1)["writes"] == []
-    assert sorted(p.name for p in (out / "ck1").iterdir()) == ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"]
+    assert sorted(p.name for p in (out / "ck1").glob("*.pt")) == ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"]
+    # the run's logs (log_dir defaults to checkpoint_dir), written by rank 0 alone: one row per step and epoch
+    import csv
+
+    with open(out / "ck1" / "epochs.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+    with open(out / "ck1" / "steps.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == [str(k) for k in range(1, 7)]
     from align_kd.checkpoint import read_checkpoint
 
     ck = read_checkpoint(out / "ck1" / "checkpoint-epoch0002.pt")
@@ -237,9 +244,9 @@ def test_single_process_context_is_a_no_op():
     assert not ctx.enabled and ctx.is_main and ctx.world_size == 1 and ctx.device == torch.device("cpu")
     loader = DataLoader(TensorDataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)), batch_size=2)
     assert ctx.shard_train(loader) is loader
-    p = torch.nn.Parameter(torch.ones(3))
-    assert ctx.all_reduce_grads([p], None) is None and p.grad is None
-    assert ctx.all_reduce_grads([p], "bad") == "bad"
+    assert ctx.agree_on_skip(None) is None and ctx.agree_on_skip("bad") == "bad"
+    module = torch.nn.Linear(2, 2)
+    assert ctx.wrap(module) is module  # no DistributedDataParallel in one process
     assert is_main()
 
 

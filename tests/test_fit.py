@@ -352,21 +352,24 @@ def test_bad_batches_not_in_a_row_do_not_stop():
 
 
 def test_log_variances_and_plan_logits_get_no_weight_decay():
-    from align_kd.training import FitConfig, _Engine
+    from align_kd import Distiller
+    from align_kd.training import FitConfig, make_optimizer
 
     cfg = FitConfig(strategy="sinkhorn", weight_decay=0.1, progress=False, device="cpu", width=8)
     student = make_student()
-    engine = _Engine(make_teacher().eval(), student, loaders()[0], None, cfg, None, None, None)
-    decay = {id(p): g["weight_decay"] for g in engine.optimizer.param_groups for p in g["params"]}
-    n_params = sum(len(g["params"]) for g in engine.optimizer.param_groups)
-    expected = [*student.parameters(), *engine.bank.parameters(), *engine.plan.parameters()]
+    distiller = Distiller(make_teacher().eval(), student, next(iter(loaders()[0]))[0][:2], strategy="sinkhorn", width=8)
+    optimizer = make_optimizer(distiller, cfg)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    expected = [*student.parameters(), *distiller.bank.parameters(), *distiller.plan.parameters()]
     assert n_params == len(decay) == len(expected)  # every trainable tensor exactly once
     assert {id(p) for p in expected} == set(decay)
-    for a in engine.bank.alpha:
+    assert sorted(map(id, distiller.parameters())) == sorted(map(id, expected))  # nothing else is trained
+    for a in distiller.bank.alpha:
         assert decay[id(a)] == 0.0
-    assert decay[id(engine.plan.logits)] == 0.0
+    assert decay[id(distiller.plan.logits)] == 0.0
     assert all(decay[id(p)] == 0.1 for p in student.parameters())
-    assert decay[id(engine.bank.pair_maps)] == 0.1
+    assert decay[id(distiller.bank.pair_maps)] == 0.1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from align_kd import graph as g  # noqa: E402
+from align_kd.result import FitResult  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -120,6 +121,7 @@ def test_graph_from_run_object_dict_and_path(tmp_path):
     np.testing.assert_allclose(g.graph_plan(graphs[1]), np.array(d["plan"]), rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(g.graph_plan(graphs[0]), np.array(d["plan"]))
     r = g.load_run(tmp_path / "run")
+    assert isinstance(r, FitResult) and r.student is None
     assert r.path == (tmp_path / "run").resolve()
     assert r.T == 4 and r.S == 3 and r.strategy == "sinkhorn"
     assert r.final_test_acc == pytest.approx(0.5)
@@ -132,11 +134,84 @@ def test_load_run_defaults_and_missing_plan():
     r = g.load_run({"history": [{"epoch": 0, "plan": np.eye(2).tolist()}, {"epoch": 1, "plan": [[0.0, 1.0], [1.0, 0.0]]}]})
     assert r.teacher_layers == ["T0", "T1"] and r.student_layers == ["S0", "S1"]
     np.testing.assert_array_equal(r.plan, [[0.0, 1.0], [1.0, 0.0]])
-    assert r.teacher_shapes == ["", ""]
+    assert r.teacher_shapes == [[], []]  # FitResult shapes are lists of ints; [] = unknown
     with pytest.raises(ValueError, match="plan"):
         g.load_run({"teacher_layers": ["a"], "student_layers": ["b"]})
     with pytest.raises(FileNotFoundError, match="result.json"):
         g.load_run("/nonexistent/run_dir_xyz")
+
+
+def fit_result(d, **kw):
+    return FitResult(student=None, plan=torch.tensor(d["plan"], dtype=torch.float32),
+                     mi=torch.tensor(d["mi"], dtype=torch.float32), teacher_layers=d["teacher_layers"],
+                     student_layers=d["student_layers"], teacher_shapes=d["teacher_shapes"],
+                     student_shapes=d["student_shapes"], history=d["history"], config=d["config"], **kw)
+
+
+def test_load_run_of_saved_fit_result_round_trips(tmp_path):
+    d = make_run_dict(T=4, S=3, epochs=2)
+    res = fit_result(d, solves=[{"step": 0, "status": "optimal"}])
+    path = res.save(tmp_path / "run")
+    r = g.load_run(path)
+    assert isinstance(r, FitResult) and r.student is None
+    assert r.plan.dtype == torch.float64 and r.mi.dtype == torch.float64
+    torch.testing.assert_close(r.plan, res.plan.double(), rtol=0, atol=0)
+    torch.testing.assert_close(r.mi, res.mi.double(), rtol=0, atol=0)
+    assert r.teacher_layers == d["teacher_layers"] and r.student_layers == d["student_layers"]
+    assert r.teacher_shapes == d["teacher_shapes"] and r.student_shapes == d["student_shapes"]
+    assert r.history == res.history and r.solves == res.solves and r.config == res.config
+    assert r.to_dict() == res.to_dict()  # path / display_name stay out of result.json
+    assert r.path == path.resolve() and r.name == "run" and res.name == "sinkhorn"
+    assert r.T == res.T == 4 and r.S == res.S == 3 and r.strategy == res.strategy == "sinkhorn"
+    assert r.final_test_acc == res.final_test_acc == pytest.approx(0.5)
+    assert [(e, acc) for e, _, acc in r.history_plans()] == [(e, acc) for e, _, acc in res.history_plans()] == [
+        (0, pytest.approx(0.4)), (1, pytest.approx(0.5))]
+    for (_, a, _), h in zip(r.history_plans(), d["history"]):
+        np.testing.assert_array_equal(a, np.array(h["plan"]))
+    # a FitResult read back by FitResult.load is taken as is, and gives the same graph as the directory
+    loaded = FitResult.load(path)
+    assert g.load_run(loaded) is loaded and g.load_run(res) is res
+    G, H = g.alignment_graph(path), loaded.graph()
+    assert dict(G.nodes(data=True)) == dict(H.nodes(data=True))
+    assert G.nodes["layer1.0"]["shape"] == "64x16x16" and G.nodes["features.3"]["shape"] == "32x8x8"
+    assert {frozenset(e): dd for *e, dd in G.edges(data=True)} == {frozenset(e): dd for *e, dd in H.edges(data=True)}
+    assert G.graph["name"] == "run" and H.graph["name"] == "sinkhorn" and H.graph["strategy"] == "sinkhorn"
+
+
+def test_load_run_checks_a_fit_result_too():
+    d = make_run_dict(T=2, S=2, epochs=0)
+    bad = fit_result(d)
+    bad.plan[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf.*\(0, 1\)"):
+        g.load_run(bad)
+    with pytest.raises(ValueError, match="mi"):
+        g.load_run(fit_result({**d, "mi": np.eye(3).tolist()}))
+    with pytest.raises(ValueError, match=r"history\[0\]\['plan'\].*\(2, 2\).*\(3, 3\)"):
+        fit_result({**d, "history": [{"epoch": 0, "plan": np.eye(3).tolist()}]}).history_plans()
+
+
+def test_package_layout():
+    import importlib
+    from pathlib import Path
+
+    assert Path(g.__file__).name == "__init__.py" and not (Path(g.__file__).parent.parent / "graph.py").exists()
+    assert not hasattr(g, "RunData")
+    where = {"analysis": ["load_run", "alignment_graph", "graph_plan", "max_matching", "crossings",
+                          "weighted_crossings", "fan_in", "dominant_teacher", "usage", "summary", "compare",
+                          "stability"],
+             "drawing": ["draw_alignment", "draw_plan_heatmap", "draw_plan_evolution", "draw_panels"],
+             "reporting": ["report", "format_table", "add_cli", "_cli_graph"]}
+    seen = []
+    for mod, funcs in where.items():
+        m = importlib.import_module(f"align_kd.graph.{mod}")
+        assert set(m.__all__) == {name for name in funcs if not name.startswith("_")}
+        for name in funcs:
+            assert getattr(m, name).__module__ == f"align_kd.graph.{mod}", name
+            if not name.startswith("_"):
+                assert getattr(g, name) is getattr(m, name), name
+                seen.append(name)
+    assert sorted(seen) == sorted(g.__all__)
+    assert g._alignment_size.__module__ == "align_kd.graph.drawing"
 
 
 @pytest.mark.parametrize(

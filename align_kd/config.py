@@ -1,0 +1,128 @@
+"""Every option of :func:`align_kd.fit` and :class:`align_kd.Distiller`, validated in one place.
+
+:data:`DISTILLER_OPTIONS` are the loss, plan, bank and model-path fields a :class:`~align_kd.Distiller`
+takes; the other fields drive ``fit()``'s loop (epochs, optimiser, schedule, checkpoints, logging).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from .losses import KD_LOSSES
+from .mi import BANK_LAYOUTS
+from .plans import PLAN_STRATEGIES
+
+__all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS"]
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class FitConfig:
+    """Every option of :func:`fit`, with units; validated on construction."""
+
+    strategy: str = "sinkhorn"  # one of PLAN_STRATEGIES; "fixed" when fit() was given a (T, S) tensor
+    epochs: int = 10
+    beta: float = 0.5  # weight of cross-entropy; (1 - beta) weighs the distillation terms
+    kd_weight: float = 1.0  # logit-KD term inside the (1 - beta) part (0 disables)
+    kd_temperature: float = 4.0
+    kd_loss: str = "hinton"  # the logit term: "hinton", "dkd" (decoupled KD) or "ls" (logit-standardised KD)
+    kd_warmup: float = 0.0  # fraction of training over which the logit term's weight ramps from 0 to 1 (DKD: 20/240)
+    dkd_alpha: float = 1.0  # "dkd": weight of the target-class term (TCKD)
+    dkd_beta: float = 8.0  # "dkd": weight of the non-target term (NCKD)
+    ce_weight: float | None = None  # None: beta * CE + (1 - beta) * (...); a number: ce_weight * CE + kd_weight * KD - feature_weight * sum(lam * mi)
+    feature_weight: float = 1.0  # weight of -sum(lam * mi) inside the (1 - beta) part
+    tau: float = 0.1  # plan temperature (softmax / sinkhorn / exact)
+    row_marginal: list[float] | None = None  # teacher-row masses summing to S; None: uniform S / T
+    plan_init: str = "depth"  # "depth" (soft diagonal by relative depth) or "zeros"
+    plan_lr: float | None = None  # learning rate of the plan logits (None: same as lr)
+    lr: float = 0.05
+    weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
+    momentum: float = 0.9
+    optimizer: str = "sgd"  # "sgd" (nesterov) or "adam"
+    warmup_epochs: float = 0.0  # linear LR warm-up, then cosine decay to 0
+    bank_layout: str = "shared"  # MI bank regressors: "shared" (cheap) or "full" (reference VID)
+    pool: int | None = 2  # cap on the resolution at which pairs are compared (shared bank)
+    width: int | None = None  # hidden width of the MI regressors (None: from the student's channels, 16-64)
+    skip_pairs_below: float | None = None  # skip pairs with lambda below this (last estimate reused); None: all pairs
+    full_pass_every: int = 10  # with skip_pairs_below: every this many steps all pairs are evaluated
+    exact_every: int | None = None  # "exact": steps between solves (None: once per epoch)
+    exact_warmup: int = 50  # "exact": first solve after this many steps
+    exact_method: str = "auto"  # "exact": exact_plan method
+    exact_tau: float | None = None  # "exact": entropy weight (None: use tau; 0 for the LP)
+    held_batches: int = 2  # "exact": training batches kept aside to estimate the MI matrix
+    grad_clip: float | None = None  # max gradient norm (None: no clipping)
+    max_bad_steps: int = 10  # consecutive non-finite losses or inputs before stopping
+    amp: bool = False  # bfloat16 autocast (likelihood stays float32)
+    channels_last: bool = False  # models, the "full" bank's convolutions and 4-D batches in channels_last memory format
+    compile: bool = False  # torch.compile the teacher and student forwards (with their taps) and the MI bank
+    seed: int = 0
+    device: str | None = None  # None: CUDA when available, else CPU (under torchrun: cuda:$LOCAL_RANK)
+    progress: bool = True  # progress bar and one line per epoch (rank 0 only)
+    checkpoint_dir: str | None = None  # write checkpoint-epochNNNN.pt here after every epoch (rank 0)
+    resume: bool = False  # continue from the newest good checkpoint in checkpoint_dir (fresh start if none)
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep (2: one fallback)
+    log_dir: str | None = None  # steps.csv / epochs.csv (and TensorBoard events when installed) here (rank 0); None: checkpoint_dir
+    allow_few_taps: bool = False  # warn (instead of stopping) when a side has fewer than two feature taps
+
+    def __post_init__(self):
+        def check(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        check(isinstance(self.strategy, str) and self.strategy in PLAN_STRATEGIES + ("fixed",),
+              f"Expected argument `strategy` to be one of {list(PLAN_STRATEGIES)} or a (T, S) tensor but got {self.strategy!r}.")
+        check(isinstance(self.epochs, int) and self.epochs >= 1, f"Expected `epochs` to be an int >= 1 but got {self.epochs!r}.")
+        check(isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
+              f"Expected `beta` in [0, 1] (weight of cross-entropy) but got {self.beta!r}.")
+        for name in ("kd_weight", "feature_weight", "weight_decay", "momentum", "warmup_epochs"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"Expected `{name}` >= 0 but got {v!r}.")
+        for name in ("kd_temperature", "tau", "lr"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"Expected `{name}` > 0 but got {v!r}.")
+        check(self.kd_loss in KD_LOSSES, f"Expected argument `kd_loss` to be one of {list(KD_LOSSES)} but got {self.kd_loss!r}.")
+        check(isinstance(self.kd_warmup, (int, float)) and 0 <= self.kd_warmup <= 1,
+              f"Expected `kd_warmup` in [0, 1] (a fraction of training) but got {self.kd_warmup!r}.")
+        for name in ("dkd_alpha", "dkd_beta"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"Expected `{name}` >= 0 but got {v!r}.")
+        check(self.ce_weight is None or (isinstance(self.ce_weight, (int, float)) and math.isfinite(self.ce_weight) and self.ce_weight >= 0),
+              f"Expected `ce_weight` >= 0 or None but got {self.ce_weight!r}.")
+        check(self.plan_lr is None or self.plan_lr > 0, f"Expected `plan_lr` > 0 or None but got {self.plan_lr!r}.")
+        check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
+        check(self.bank_layout in BANK_LAYOUTS,
+              f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {self.bank_layout!r}.")
+        check(self.plan_init in ("depth", "zeros"), f"Expected argument `plan_init` to be one of ['depth', 'zeros'] but got {self.plan_init!r}.")
+        check(self.exact_every is None or (isinstance(self.exact_every, int) and self.exact_every >= 1),
+              f"Expected `exact_every` to be an int >= 1 or None but got {self.exact_every!r}.")
+        check(self.exact_tau is None or self.exact_tau >= 0, f"Expected `exact_tau` >= 0 or None but got {self.exact_tau!r}.")
+        check(isinstance(self.max_bad_steps, int) and self.max_bad_steps >= 1, f"Expected `max_bad_steps` >= 1 but got {self.max_bad_steps!r}.")
+        check(self.grad_clip is None or self.grad_clip > 0, f"Expected `grad_clip` > 0 or None but got {self.grad_clip!r}.")
+        check(self.skip_pairs_below is None or (isinstance(self.skip_pairs_below, (int, float)) and 0 < self.skip_pairs_below < 1),
+              f"Expected `skip_pairs_below` in (0, 1) (a plan weight; columns sum to 1) or None but got {self.skip_pairs_below!r}.")
+        check(isinstance(self.full_pass_every, int) and not isinstance(self.full_pass_every, bool) and self.full_pass_every >= 1,
+              f"Expected `full_pass_every` to be an int >= 1 but got {self.full_pass_every!r}.")
+        for name in ("checkpoint_dir", "log_dir"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, str) and v != ""), f"Expected `{name}` to be a directory path or None but got {v!r}.")
+        for name in ("resume", "amp", "channels_last", "compile", "allow_few_taps"):
+            v = getattr(self, name)
+            check(isinstance(v, bool), f"Expected `{name}` to be True or False but got {v!r}.")
+        check(not self.resume or self.checkpoint_dir is not None,
+              "resume=True needs `checkpoint_dir` (the directory the interrupted run wrote its checkpoints to).")
+        check(isinstance(self.keep_checkpoints, int) and not isinstance(self.keep_checkpoints, bool) and self.keep_checkpoints >= 1,
+              f"Expected `keep_checkpoints` to be an int >= 1 but got {self.keep_checkpoints!r}.")
+
+
+#: the fields of FitConfig a Distiller takes (the objective, the plan, the MI bank, the model path)
+DISTILLER_OPTIONS = (
+    "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
+    "tau", "row_marginal", "plan_init", "bank_layout", "pool", "width", "skip_pairs_below", "full_pass_every",
+    "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
+)
+#: the fields that only fit()'s loop reads
+LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

@@ -1,0 +1,420 @@
+"""``Distiller``: the align_kd objective as an ``nn.Module`` for your own training loop.
+
+    distiller = Distiller(teacher, student, example_batch, strategy="sinkhorn")
+    opt = torch.optim.SGD(distiller.param_groups(lr=0.05, weight_decay=5e-4), lr=0.05, momentum=0.9)
+    for x, y in loader:
+        out = distiller(x, y)          # out.loss, out.logits (B, K), out.terms, out.plan (T, S), out.mi (T, S)
+        opt.zero_grad(); out.loss.backward(); opt.step()
+
+One forward (rows of every (T, S) matrix are teacher layers, columns student layers):
+
+    t_1..t_T, t_logits = teacher(x)            eval mode, no grad, never trained
+    s_1..s_S, s_logits = student(x)
+    lam = plan()                               (T, S), every column sums to 1
+    mi  = bank(t, s, student_grad_weight=lam)  (T, S) nats per element
+    loss = beta * CE + (1 - beta) * (kd_weight * KD - feature_weight * sum(lam * mi))
+
+(``ce_weight`` given: ``ce_weight * CE + kd_weight * KD - feature_weight * sum(lam * mi)``.)
+``out.loss`` has the value of that objective and the gradient of its surrogate: the student
+receives sum_ij lam_ij * grad(mi_ij); each pair's variational regressor receives the full
+grad(mi_ij), so that every bound stays tight (and the MI matrix stays meaningful for pairs the plan
+has switched off); the plan's logits receive the gradient of sum(lam * mi) with mi held fixed.
+
+The teacher is not a submodule: it is frozen (eval mode, ``requires_grad`` off) and none of its
+tensors is in ``parameters()`` or ``state_dict()``; ``.to()`` moves it along. ``state_dict()``
+holds the student, the MI bank (regressors, log-variances, standardisers) and the plan (logits,
+Sinkhorn warm start, or the solved value). Wrap it in ``DistributedDataParallel`` for data
+parallelism (see ``examples/torchrun_distill.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DISTILLER_OPTIONS, LOOP_OPTIONS, FitConfig
+from .evaluation import preserve_mode
+from .losses import kd_term
+from .mi import MIBank
+from .plans import PLANS, Plan, make_plan
+from .taps import FeatureTap, check_tap_count, describe_taps, discover_layers
+
+__all__ = ["Distiller", "DistillerOutput"]
+
+
+@dataclass
+class DistillerOutput:
+    """What ``distiller(x, y)`` returns.
+
+    loss: scalar to call ``.backward()`` on; its value is the objective (see the module docstring).
+    logits: (B, K) the student's logits.
+    terms: named detached scalars: ``ce``, ``kd`` (the logit term, unweighted), ``feature``
+        (sum(lam * mi), nats; 0 without a feature term).
+    plan: (T, S) the plan of this step, every column sums to 1 (detached).
+    mi: (T, S) MI estimates of this step (detached), None without a feature term.
+    pairs_evaluated: share of the T x S bounds computed this step (1.0 unless ``skip_pairs_below``).
+    """
+
+    loss: Tensor
+    logits: Tensor
+    terms: dict[str, Tensor]
+    plan: Tensor
+    mi: Tensor | None
+    pairs_evaluated: float = 1.0
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or ["no details"])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU path: channels_last memory format and torch.compile
+
+
+def channels_last_batch(x: Tensor) -> Tensor:
+    """A 4-D batch (B, C, H, W) in channels_last memory format (same values); other tensors unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@torch.no_grad()
+def to_channels_last(module: nn.Module) -> None:
+    """Every 4-D parameter and buffer of ``module`` (the conv weights) to channels_last, in place (same Parameters)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.dim() == 4:
+            t.data = channels_last_batch(t.data)
+
+
+class ChannelsLastInput(nn.Module):
+    """``model`` run on batches converted by :func:`channels_last_batch` (evaluation under channels_last=True)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(channels_last_batch(x))
+
+
+def compile_error(err: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"compile=True: torch.compile failed ({type(err).__name__}: {_first_line(err)}). Run with compile=False "
+        "(eager; the same results); on CPU the inductor backend also needs a working C++ compiler."
+    )
+
+
+def is_compile_error(err: BaseException) -> bool:
+    import torch._dynamo  # already loaded once torch.compile has run
+
+    return isinstance(err, torch._dynamo.exc.TorchDynamoException)
+
+
+def _compiled(fn, enabled: bool):
+    """``torch.compile(fn)`` when enabled (``fn`` itself is not changed), else ``fn``."""
+    if not enabled:
+        return fn
+    try:
+        return torch.compile(fn)
+    except Exception as err:  # e.g. a Python version or platform torch.compile does not support
+        raise compile_error(err) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# model checks
+
+
+def _num_classes(model: nn.Module, x: Tensor, role: str) -> int:
+    try:
+        with torch.no_grad(), preserve_mode(model, training=False):
+            out = model(x)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        kind = TypeError if isinstance(err, TypeError) else RuntimeError
+        raise kind(
+            f"The {role} ({type(model).__name__}) cannot take the training batches: on a batch of shape "
+            f"{tuple(x.shape)} ({x.dtype}) it raised {type(err).__name__}: {_first_line(err)}. Expected a {role} that "
+            f"accepts the loader's inputs; check its input channels and size against the data (or the data's transform)."
+        ) from err
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise TypeError(f"Expected the {role} to return logits of shape (B, num_classes) but got {getattr(out, 'shape', type(out).__name__)}.")
+    return out.shape[1]
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    t = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    return None if t is None else t.device
+
+
+def check_options(options: dict, where: str = "Distiller") -> None:
+    """Refuse option names that are not Distiller options (with what to do instead)."""
+    loop = sorted(set(options) & set(LOOP_OPTIONS))
+    if loop:
+        raise TypeError(
+            f"{where}() got training-loop option(s) {loop}: those belong to fit() (or to your own loop: the optimiser, "
+            f"schedule, epochs). A Distiller takes: {sorted(DISTILLER_OPTIONS)}."
+        )
+    unknown = sorted(set(options) - set(DISTILLER_OPTIONS))
+    if unknown:
+        raise TypeError(f"{where}() got unknown option(s) {unknown}; valid options: {sorted(DISTILLER_OPTIONS)}.")
+
+
+class Distiller(nn.Module):
+    """The distillation objective of align_kd as a module: ``out = distiller(x, y)``.
+
+    Args:
+        teacher: trained ``nn.Module`` returning logits (B, K); frozen here (eval, no grad).
+        student: ``nn.Module`` returning logits (B, K), on the same device as the teacher.
+        example_input: a batch (B >= 1, on the models' device) used to find the layers and their shapes.
+        strategy: a name from :data:`align_kd.PLAN_STRATEGIES` or a fixed (T, S) tensor.
+        teacher_layers / student_layers: tap names; default :func:`align_kd.discover_layers`.
+        verbose: print the taps used (``fit()`` passes its ``progress``).
+        **options: the loss, plan, bank and model-path fields of :class:`align_kd.FitConfig`
+            (:data:`align_kd.config.DISTILLER_OPTIONS`: beta, kd_weight, kd_temperature, kd_loss,
+            feature_weight, tau, row_marginal, plan_init, bank_layout, pool, width, ...), checked as
+            ``fit()`` checks them.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, example_input: Tensor, *, strategy="sinkhorn",
+                 teacher_layers: list[str] | None = None, student_layers: list[str] | None = None,
+                 verbose: bool = False, **options):
+        super().__init__()
+        for role, model in (("teacher", teacher), ("student", student)):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"Expected the {role} to be a torch.nn.Module but got {type(model).__name__}.")
+        if teacher is student:
+            raise ValueError("The teacher and the student are the same module; distil into a separate student.")
+        check_options(options)
+        fixed = strategy if isinstance(strategy, Tensor) else None
+        cfg = FitConfig(strategy="fixed" if fixed is not None else strategy, **options)
+        self.cfg = cfg
+        self.strategy = cfg.strategy
+        if not isinstance(example_input, Tensor) or example_input.dim() < 1 or len(example_input) == 0:
+            got = tuple(example_input.shape) if isinstance(example_input, Tensor) else type(example_input).__name__
+            raise TypeError(f"Expected `example_input` to be a non-empty batch tensor (B, ...) but got {got}.")
+        x = example_input[:2]
+        self.device = x.device
+        for role, model in (("teacher", teacher), ("student", student)):
+            where = _model_device(model)
+            if where is not None and where != x.device:
+                raise ValueError(
+                    f"The {role} is on {where} but `example_input` is on {x.device}. Move both models and the batches to "
+                    f"one device first (e.g. {role}.to({str(x.device)!r}))."
+                )
+        if not any(p.requires_grad for p in student.parameters()):
+            raise ValueError(
+                f"The student ({type(student).__name__}) has no parameter with requires_grad=True, so it would train "
+                "nothing. Unfreeze it (student.requires_grad_(True)) or the parts you mean to train."
+            )
+        if cfg.channels_last:
+            to_channels_last(teacher)
+            to_channels_last(student)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: no parameters, no state_dict entries
+        self.student = student
+
+        nt, ns = _num_classes(teacher, x, "teacher"), _num_classes(student, x, "student")
+        if nt != ns:
+            raise ValueError(f"Teacher and student must predict the same classes but the teacher has {nt} outputs and the student {ns}.")
+        self.num_classes = nt
+        self.teacher_layers = list(teacher_layers or discover_layers(teacher, x))
+        self.student_layers = list(student_layers or discover_layers(student, x))
+        t_info = FeatureTap.check_names(teacher, self.teacher_layers, x, role="teacher")
+        s_info = FeatureTap.check_names(student, self.student_layers, x, role="student")
+        self.teacher_shapes = [list(i.shape) for i in t_info]
+        self.student_shapes = [list(i.shape) for i in s_info]
+        T, S = len(t_info), len(s_info)
+        plan_cls = PLANS.get(cfg.strategy)
+        weighs_distil = cfg.beta < 1 or cfg.ce_weight is not None
+        self.uses_features = ((fixed is not None or plan_cls.uses_features) and cfg.feature_weight > 0 and weighs_distil)
+        if self.uses_features:
+            for role, model, names, given in (("teacher", teacher, self.teacher_layers, teacher_layers),
+                                               ("student", student, self.student_layers, student_layers)):
+                check_tap_count(model, names, x, role=role, chosen=given is not None, allow_few=cfg.allow_few_taps)
+        if verbose:
+            print(describe_taps(self.teacher_layers, self.teacher_shapes, self.student_layers, self.student_shapes),
+                  flush=True)
+
+        row_marginal = None if cfg.row_marginal is None else torch.tensor(cfg.row_marginal, dtype=torch.float32)
+        if row_marginal is not None and (row_marginal.shape != (T,) or abs(float(row_marginal.sum()) - S) > 1e-4 * S or (row_marginal <= 0).any()):
+            raise ValueError(
+                f"Expected `row_marginal` to have T={T} positive entries summing to S={S} but got {cfg.row_marginal}."
+            )
+        self.plan: Plan = make_plan(fixed if fixed is not None else cfg.strategy, T, S, tau=cfg.tau,
+                                    row_marginal=row_marginal, init=cfg.plan_init,
+                                    options={k: getattr(cfg, k) for k in DISTILLER_OPTIONS}).to(self.device)
+        self.uses_kd = cfg.kd_weight > 0 and weighs_distil
+        self.uses_teacher = self.uses_kd or self.uses_features  # else (labels only) skip its forward
+        self.bank = (
+            MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout,
+                   pool=cfg.pool if cfg.bank_layout == "shared" else None, width=cfg.width).to(self.device)
+            if self.uses_features else None
+        )
+        if cfg.channels_last and cfg.bank_layout == "full" and self.bank is not None:
+            to_channels_last(self.bank.regressors)  # 1x1 convolutions; the shared layout has none (pair_maps are matrices)
+        # training forwards so far: the full-pass schedule of skip_pairs_below (saved with the state)
+        self.register_buffer("forward_count", torch.zeros((), dtype=torch.long, device=self.device))
+        # the taps' hooks stay registered for the Distiller's life (close() removes them); they only
+        # record inside the Distiller's own forwards
+        self._taps = [FeatureTap(teacher, self.teacher_layers).__enter__(), FeatureTap(student, self.student_layers).__enter__()]
+        # what forward calls: each tap's call (the model's forward with its hooks) and the bank's
+        # forward, compiled under compile=True (the modules themselves are not wrapped)
+        self._teacher_call, self._student_call = (_compiled(t.__call__, cfg.compile) for t in self._taps)
+        self._bank_call = _compiled(self.bank.forward, cfg.compile) if self.bank is not None else None
+
+    # -- modes and devices ------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()  # whatever the mode, the teacher stays in eval mode
+        return self
+
+    def _apply(self, fn, recurse=True):
+        self.teacher._apply(fn)  # .to(), .cuda(), .double() move the (frozen) teacher along
+        out = super()._apply(fn, recurse)
+        self.device = self.forward_count.device
+        return out
+
+    def close(self) -> None:
+        """Remove the taps' hooks from the teacher and the student (the Distiller cannot run after this)."""
+        for tap in self._taps:
+            tap.__exit__(None, None, None)
+
+    def autocast(self):
+        """bfloat16 autocast on the Distiller's device under ``amp=True``, else a no-op context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
+
+    def batch(self, x: Tensor) -> Tensor:
+        """An input batch on the device; (B, C, H, W) batches in channels_last under channels_last=True."""
+        x = x.to(self.device, non_blocking=True)
+        return channels_last_batch(x) if self.cfg.channels_last else x
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The student as evaluation should call it (batches converted under channels_last=True)."""
+        return ChannelsLastInput(self.student) if self.cfg.channels_last else self.student
+
+    # -- optimisation ---------------------------------------------------------------------------
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0, plan_lr: float | None = None) -> list[dict]:
+        """torch optimiser parameter groups: student and regressors with ``weight_decay``; the
+        log-variances and the plan logits without (plan logits at ``plan_lr``, default ``lr``)."""
+        groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        if self.bank is not None:
+            no_decay = {id(p) for p in self.bank.no_decay_parameters()}
+            groups.append({"params": [p for p in self.bank.parameters() if id(p) not in no_decay], "weight_decay": weight_decay})
+            groups.append({"params": self.bank.no_decay_parameters(), "weight_decay": 0.0})
+        plan_params = list(self.plan.parameters())
+        if plan_params and self.bank is not None:
+            groups.append({"params": plan_params, "weight_decay": 0.0, "lr": plan_lr or lr})
+        return groups
+
+    def running_buffers(self) -> list[Tensor]:
+        """The running statistics a training forward updates in place (student BatchNorm, the bank's
+        standardisers); ``fit()`` restores them when it skips a step."""
+        return [b for m in (self.student, self.bank) if m is not None for b in m.buffers()] + [self.forward_count]
+
+    # -- the objective --------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, y: Tensor, *, kd_scale: float = 1.0) -> DistillerOutput:
+        """The objective on batch ``x`` (B, ...) with labels ``y`` (B,); ``kd_scale`` multiplies the
+        logit term (``fit()``'s ``kd_warmup`` ramp)."""
+        try:
+            return self._forward(x, y, kd_scale)
+        except RuntimeError as err:
+            if self.cfg.compile and is_compile_error(err):
+                raise compile_error(err) from err
+            raise
+
+    def _forward(self, x: Tensor, y: Tensor, kd_scale: float) -> DistillerOutput:
+        cfg = self.cfg
+        x, y = self.batch(x), y.to(self.device, non_blocking=True)
+        training = self.training and torch.is_grad_enabled()
+        with self.autocast():
+            if self.uses_teacher:
+                with torch.no_grad():
+                    t_feats, t_logits = self._teacher_call(x)
+            s_feats, s_logits = self._student_call(x)
+        ce = F.cross_entropy(s_logits.float(), y.long())
+        kd = (kd_term(cfg.kd_loss, s_logits, t_logits, y, cfg.kd_temperature, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta)
+              if self.uses_kd else ce.new_zeros(()))
+        distil = cfg.kd_weight * kd_scale * kd
+        lam = self.plan()  # (T, S)
+        mi, active, objective_gap = None, None, None
+        if self.bank is not None:
+            if cfg.skip_pairs_below is not None and training and int(self.forward_count) % cfg.full_pass_every != 0:
+                # pairs with a small plan weight send almost no gradient to the student: evaluate
+                # them only on full passes and reuse their last estimate in between
+                active = lam.detach() >= cfg.skip_pairs_below  # (T, S)
+            with self.autocast():
+                mi = self._bank_call(t_feats, s_feats, student_grad_weight=lam, active=active)  # (T, S)
+            # gradient surrogate: regressors get the full gradient of every bound, the student the
+            # lam-weighted one (inside the bank), the plan logits that of sum(lam * mi) at fixed mi
+            surrogate = -mi.sum() - (lam * mi.detach()).sum()
+            objective = -(lam.detach() * mi.detach()).sum()
+            objective_gap = cfg.feature_weight * (objective - surrogate.detach())
+            distil = distil + cfg.feature_weight * surrogate
+        outer = 1 - cfg.beta if cfg.ce_weight is None else 1.0
+        loss = cfg.beta * ce + (1 - cfg.beta) * distil if cfg.ce_weight is None else cfg.ce_weight * ce + distil
+        if objective_gap is not None:  # the value of the objective, the gradient of the surrogate
+            loss = loss + outer * objective_gap
+        if training:
+            with torch.no_grad():
+                self.forward_count += 1
+        plan = lam.detach()
+        feature = (plan * mi.detach()).sum().float() if mi is not None else ce.new_zeros(())
+        return DistillerOutput(
+            loss=loss, logits=s_logits,
+            terms={"ce": ce.detach(), "kd": kd.detach().float(), "feature": feature.detach()},
+            plan=plan, mi=None if mi is None else mi.detach(),
+            pairs_evaluated=0.0 if mi is None else 1.0 if active is None else float(active.float().mean()),
+        )
+
+    # -- plans that learn from data of their own --------------------------------------------------
+
+    @torch.no_grad()
+    def estimate_mi(self, batches) -> Tensor:
+        """(T, S) MI averaged over ``batches`` of (x, y, ...), everything in eval mode (running
+        statistics untouched); averaged over ranks when a process group is initialised."""
+        if self.bank is None:
+            raise ValueError(f"strategy={self.strategy!r} has no feature term, so there is no MI to estimate.")
+        total, n = None, 0
+        with preserve_mode(self.student, self.bank, training=False):
+            for x, *_ in batches:
+                x = self.batch(x)
+                with self.autocast():
+                    t_feats, _ = self._teacher_call(x)
+                    s_feats, _ = self._student_call(x)
+                    mi = self._bank_call(t_feats, s_feats).float()
+                total, n = (mi if total is None else total + mi), n + 1
+        if n == 0:
+            raise ValueError("estimate_mi() got no batches; pass a few held-out (x, y) batches.")
+        mi = total / n
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            buf = mi.detach().clone()
+            torch_dist.all_reduce(buf)  # data parallel: every rank's batches
+            mi = buf / torch_dist.get_world_size()
+        return mi
+
+    def update_plan(self, batches) -> dict | None:
+        """Update a plan that learns from data of its own (``strategy="exact"``) from ``batches``;
+        call it from your loop when :meth:`plan_update_due` says so. Returns the update's record
+        (None for plans that need no data). Data parallel: every rank calls it; the plan ends
+        identical on all ranks (rank 0's)."""
+        if not self.plan.needs_data:
+            return None
+        record = self.plan.update(self, batches)
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            for b in self.plan.buffers():  # identical plans even if a solver is not deterministic
+                torch_dist.broadcast(b, src=0)
+        return record
+
+    def plan_update_due(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether the plan wants :meth:`update_plan` after training step ``step`` (counted from 1)."""
+        return self.plan.needs_data and self.plan.update_due(step, steps_per_epoch)
+
+    def extra_repr(self) -> str:
+        return (f"strategy={self.strategy!r}, T={len(self.teacher_layers)}, S={len(self.student_layers)}, "
+                f"teacher={type(self.teacher).__name__}")
+

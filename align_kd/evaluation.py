@@ -1,0 +1,78 @@
+"""Top-1 evaluation, and the one place that restores modules' training flags.
+
+:func:`evaluate` is the library's only evaluation: ``fit()``, the teacher zoo, ``train_supervised``
+and data-parallel runs all call it. Under ``torchrun`` (pass the run's
+:class:`~align_kd.distributed.DistContext`) every rank scores a disjoint shard of the test set and
+the correct/total counts are summed, so the accuracy is that of one process on the whole set.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+__all__ = ["count_correct", "evaluate", "preserve_mode"]
+
+
+@contextlib.contextmanager
+def preserve_mode(*modules: nn.Module | None, training: bool | None = None):
+    """Inside: ``modules`` set to ``train(training)`` (unchanged when None); on exit every submodule's
+    own ``training`` flag is back as it was (a frozen BatchNorm inside a training model stays frozen)."""
+    flags = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
+    try:
+        if training is not None:
+            for mod in modules:
+                if mod is not None:
+                    mod.train(training)
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _resolve_device(model: nn.Module, loader, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if getattr(loader, "device", None) is not None:
+        return torch.device(loader.device)
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, loader, device=None, *, flip: bool = False) -> tuple[int, int]:
+    """(correct top-1 predictions, samples) of ``model`` over ``loader``; eval mode, flags restored.
+
+    ``flip=True`` is test-time augmentation: the logits of each image and of its horizontal mirror
+    are averaged before the argmax.
+    """
+    device = _resolve_device(model, loader, device)
+    correct = total = 0
+    with preserve_mode(model, training=False):
+        for x, y, *_ in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)  # (B, classes)
+            if flip:
+                logits = (logits + model(x.flip(-1))) / 2
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    return correct, total
+
+
+def evaluate(model: nn.Module, loader, device=None, *, flip: bool = False, dist=None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` over ``loader`` batches ``(x (B, ...), y (B,))``.
+
+    Eval mode, no gradients, every training flag restored afterwards. ``device``: where batches go
+    (None: the loader's device, else the model's). ``flip=True`` averages the logits of each image
+    and its mirror. ``dist``: a data-parallel run's DistContext; each sample is then counted once
+    over all ranks.
+    """
+    shard, split = (loader, False) if dist is None or not dist.enabled else dist.eval_shard(loader)
+    correct, total = count_correct(model, shard, device, flip=flip)
+    if split:
+        counts = dist.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
+        correct, total = int(counts[0]), int(counts[1])
+    if total == 0:
+        raise ValueError("Expected a test loader that yields at least one batch but it yielded none.")
+    return correct / total
