@@ -7,8 +7,11 @@ import sys
 import time
 from dataclasses import replace
 
-STRATEGY_HELP = ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), pairwise, "
-                 "uniform, softmax, sinkhorn, exact")
+def _strategy_help() -> str:
+    from .experiment import ALL_STRATEGIES
+
+    return ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), "
+            + ", ".join(s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls")) + " (the registered plans)")
 
 
 def _threads(n: int | None) -> None:
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-kwargs", default='{"width": 32}', help="JSON keyword arguments of the teacher")
     p.add_argument("--student", default="cnn", help="student model: cnn, resnet, mlp, vit (default cnn)")
     p.add_argument("--student-kwargs", default='{"width": 8}', help="JSON keyword arguments of the student")
-    p.add_argument("--strategy", default="sinkhorn", choices=ALL_STRATEGIES, help=STRATEGY_HELP)
+    p.add_argument("--strategy", default="sinkhorn", choices=ALL_STRATEGIES, help=_strategy_help())
     p.add_argument("--epochs", type=int, default=None, help="distillation epochs")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher training epochs (when not cached)")
     p.add_argument("--beta", type=float, default=None, help="weight of cross-entropy in [0, 1]")

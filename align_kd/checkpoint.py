@@ -49,7 +49,7 @@ MAGIC = b"ALIGN_KD_CHECKPOINT v1\n"
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 #: FitConfig fields that may change between a run and its resumption (they do not change results
 #: beyond float round-off)
-RUNTIME_FIELDS = ("checkpoint_dir", "resume", "keep_checkpoints", "progress", "device", "channels_last", "compile")
+RUNTIME_FIELDS = ("checkpoint_dir", "resume", "keep_checkpoints", "progress", "device", "channels_last", "compile", "log_dir")
 
 
 class CheckpointError(RuntimeError):

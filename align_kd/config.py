@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .losses import KD_LOSSES
 from .mi import BANK_LAYOUTS
-from .plans import PLAN_STRATEGIES
+from .plans import PLANS
 
 __all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS"]
 
@@ -71,8 +71,8 @@ class FitConfig:
             if not cond:
                 raise ValueError(msg)
 
-        check(isinstance(self.strategy, str) and self.strategy in PLAN_STRATEGIES + ("fixed",),
-              f"Expected argument `strategy` to be one of {list(PLAN_STRATEGIES)} or a (T, S) tensor but got {self.strategy!r}.")
+        check(isinstance(self.strategy, str) and (self.strategy in PLANS or self.strategy == "fixed"),
+              f"Expected argument `strategy` to be one of {list(PLANS)} or a (T, S) tensor but got {self.strategy!r}.")
         check(isinstance(self.epochs, int) and self.epochs >= 1, f"Expected `epochs` to be an int >= 1 but got {self.epochs!r}.")
         check(isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
               f"Expected `beta` in [0, 1] (weight of cross-entropy) but got {self.beta!r}.")

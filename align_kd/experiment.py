@@ -21,6 +21,7 @@ from ._io import atomic_write_text
 from .data import cifar10_loaders
 from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
+from .plans import PLANS
 from .training import fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
@@ -28,11 +29,13 @@ __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting
            "run_setting", "summarise", "versions", "write_outputs"]
 
 #: "alone" is the student trained on labels only (beta = 1, no KD), same loop and budget; "dkd" and
-#: "ls" are the logit baselines (decoupled KD, logit-standardised KD) at their papers' settings
-ALL_STRATEGIES = ("alone", "hinton", "dkd", "ls", "pairwise", "uniform", "softmax", "sinkhorn", "exact")
-LEARNED = ("softmax", "sinkhorn", "exact")
-FIXED = ("pairwise", "uniform")
+#: "ls" are the logit baselines (decoupled KD, logit-standardised KD) at their papers' settings;
+#: the other rows are the registered plans (:data:`align_kd.plans.PLANS`), "hinton" first
 LOGIT_BASELINES = ("dkd", "ls")
+ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"))
+#: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
+LEARNED = tuple(name for name, cls in PLANS.items() if cls.learned or cls.needs_data)
+FIXED = tuple(name for name, cls in PLANS.items() if cls.uses_features and name not in LEARNED)
 
 
 @dataclass
@@ -216,7 +219,8 @@ def run_setting(
             student = build_model(setting.student, **setting.student_kwargs)
             name, opts = _fit_options(setting, strategy, seed, progress)
             start = time.perf_counter()
-            result = fit(teacher, student, (train, test), strategy=name, **opts)
+            # steps.csv / epochs.csv (and TensorBoard events when installed) beside the record
+            result = fit(teacher, student, (train, test), strategy=name, log_dir=str(run_dir), **opts)
             wall = time.perf_counter() - start
             record = {
                 "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,

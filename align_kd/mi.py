@@ -78,6 +78,12 @@ class _ScaleGrad(torch.autograd.Function):
         return g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))), None
 
 
+def _data_parallel() -> bool:
+    """Whether a torch.distributed process group of more than one rank is running."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class RunningStandardizer(nn.Module):
     """Per-channel standardisation with running (EMA) statistics; nothing learned.
 
@@ -97,7 +103,15 @@ class RunningStandardizer(nn.Module):
     @torch.no_grad()
     def update(self, t: Tensor) -> None:
         t = t.float().flatten(0, 1)  # (B*P, C)
-        mean, var = t.mean(0), t.var(0, unbiased=False)
+        if _data_parallel():
+            # every rank's rows: counts, sums and sums of squares added up in one all-reduce
+            stats = torch.cat([t.new_tensor([t.shape[0]]), t.sum(0), (t * t).sum(0)])
+            torch.distributed.all_reduce(stats)
+            n, c = stats[0], t.shape[1]
+            mean = stats[1:1 + c] / n
+            var = (stats[1 + c:] / n - mean * mean).clamp_min(0.0)
+        else:
+            mean, var = t.mean(0), t.var(0, unbiased=False)
         # the first batch sets the statistics; chosen with torch.where, not a Python branch on the
         # flag, so there is no host sync and no graph break under fit(compile=True)
         self.mean.copy_(torch.where(self.initialised, self.mean.lerp(mean, self.momentum), mean))
@@ -275,7 +289,12 @@ class MIBank(nn.Module):
         out = torch.stack([torch.stack(row) for row in mi])  # (T, S)
         if self.training:
             with torch.no_grad():
-                self.last_mi.copy_(out.detach().float())
+                last = out.detach().float()
+                if _data_parallel():  # the global batch's estimate, the same buffer on every rank
+                    last = last.clone()
+                    torch.distributed.all_reduce(last)
+                    last /= torch.distributed.get_world_size()
+                self.last_mi.copy_(last)
         return out
 
     def _forward_shared(self, student_feats, targets, variances, weight, mi, pairs) -> None:

@@ -630,8 +630,8 @@ class ExactPlan(Plan):
         return {**info, "tau": self.tau, "mi": mi.tolist(), "plan": plan.tolist()}
 
 
-#: strategies that ``fit(strategy=...)`` and ``Distiller(strategy=...)`` accept by name (a (T, S)
-#: tensor is accepted too), read from the registry
+#: the built-in strategies (``PLANS`` also holds those registered later); ``fit(strategy=...)`` and
+#: ``Distiller(strategy=...)`` accept any name in ``PLANS`` (or a fixed (T, S) tensor)
 PLAN_STRATEGIES = tuple(PLANS)
 
 

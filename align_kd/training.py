@@ -162,18 +162,17 @@ def train_step(model, distiller: Distiller, optimizer, scheduler, x: Tensor, y: 
                grad_clip: float | None, dist: DistContext) -> DistillerOutput | str:
     """One optimiser step on (x, y); returns the Distiller's output, or why the step was skipped.
 
-    A non-finite input or loss on any rank skips the step on every rank (one small collective);
-    the running statistics the forward updated (BatchNorm, the bank's standardisers) are put back.
+    A non-finite input or loss on any rank skips the step on every rank (a one-number collective
+    before and one after the forward); the running statistics the forward updated (BatchNorm, the
+    bank's standardisers) are put back.
     """
-    out, bad = None, None
     saved = [b.detach().clone() for b in distiller.running_buffers()]
-    if not torch.isfinite(x).all():
-        bad = "the input batch contains NaN or inf"
-    else:
+    # agreed before the forward too: a data-parallel forward has collectives of its own (the bank's
+    # standardisers), which a rank that skipped would leave waiting
+    bad = dist.agree_on_skip(None if torch.isfinite(x).all() else "the input batch contains NaN or inf")
+    if bad is None:
         out = model(x, y, kd_scale=kd_scale)
-        if not torch.isfinite(out.loss):
-            bad = f"the loss is {out.loss.item()}"
-    bad = dist.agree_on_skip(bad)
+        bad = dist.agree_on_skip(None if torch.isfinite(out.loss) else f"the loss is {out.loss.item()}")
     if bad is not None:
         with torch.no_grad():
             for b, v in zip(distiller.running_buffers(), saved):

@@ -3,10 +3,15 @@
 
 What is measured (issue 7):
 
-1. **Step time** of the real engine (``align_kd.training._Engine.train_step``) on fixed real
-   CIFAR-10 batches (128 images, augmented once, then reused), for each teacher/student pair and
-   each strategy: ``alone`` (plain student: beta=1, kd_weight=0), ``hinton``, ``pairwise``,
-   ``uniform``, ``sinkhorn`` (all T x S pairs, learned plan, shared MI bank). Strategies run
+1. **Step time** of the step ``fit()`` runs (``align_kd.training.train_step`` on an
+   ``align_kd.Distiller`` built as ``fit()`` builds it: FitConfig -> Distiller with the
+   DISTILLER_OPTIONS fields, ``make_optimizer``, ``make_scheduler``) on fixed real CIFAR-10 batches
+   (128 images, augmented once, then reused), for each teacher/student pair and each strategy:
+   ``alone`` (plain student: beta=1, kd_weight=0), ``hinton``, ``pairwise``, ``uniform``,
+   ``sinkhorn`` (all T x S pairs, learned plan, shared MI bank). The timed step is exactly
+   ``train_step``: running-buffer snapshot, finiteness checks of the input and the loss, the
+   Distiller's forward, backward, optimizer and scheduler step (not fit()'s per-step logging,
+   which reads the loss terms with ``.item()`` after it). Strategies run
    round-robin (the order rotates every round) so that load from other processes hits them all
    alike; warm-up rounds are excluded; we report the median ms/step, the median over rounds of
    the per-round ratio to hinton, and its interquartile range. Extra rows, not in the default
@@ -15,17 +20,18 @@ What is measured (issue 7):
    ``sinkhorn-skip`` (skip_pairs_below=0.05: pairs with a smaller plan weight evaluated only on
    every 10th step; the share of pairs evaluated is in the row's ``pairs_evaluated``).
    Targets: <= 1.3x hinton for SmallCNN(32) -> SmallCNN(8); <= 1.6x for the deep pairs.
-2. **Where the time goes**: an instrumented pass (wall-clock timers wrapped around the teacher
-   and student taps, the plan, the MI bank, ``Tensor.backward``, the implicit-Sinkhorn backward
-   and ``optimizer.step``), giving per-phase medians for hinton and sinkhorn and the fraction of
+2. **Where the time goes**: an instrumented pass (wall-clock timers wrapped around the Distiller's
+   teacher and student tap calls ``_teacher_call`` / ``_student_call``, ``plan.forward``, the MI
+   bank call ``_bank_call``, ``Tensor.backward``, the implicit-Sinkhorn backward and
+   ``optimizer.step``), giving per-phase medians for hinton and sinkhorn and the fraction of
    the sinkhorn step spent in the plan projection (SinkhornPlan.forward, warm-started, plus its
    implicit backward). Target < 1% of a step. Plus a ``torch.profiler`` table of the top ops of
    the MI bank's forward+backward on the pair's real features, and bank ablations (pool, width,
    one teacher tap fewer).
 3. **Peak memory** per strategy, each in a fresh subprocess: resident set size (Linux
-   ``/proc/self/status``), high-water mark reset via ``/proc/self/clear_refs`` after the engine
-   is built, so ``peak_delta_mib`` = VmHWM after the steps minus VmRSS before them (activations,
-   gradients, optimizer state, allocator growth). Falls back to ``resource.getrusage`` max RSS
+   ``/proc/self/status``), high-water mark reset via ``/proc/self/clear_refs`` after the Distiller,
+   optimizer and scheduler are built, so ``peak_delta_mib`` = VmHWM after the steps minus VmRSS
+   before them (activations, gradients, optimizer state, allocator growth). Falls back to ``resource.getrusage`` max RSS
    deltas where clear_refs is unavailable. On CUDA: ``torch.cuda.max_memory_allocated``.
 4. **Scaling with T x S**: the MI bank alone (forward + backward, shared layout, the library's
    default pool and width) on synthetic features, T = S in {5, 10, 15, 20}, teacher and student
@@ -35,7 +41,7 @@ What is measured (issue 7):
    least-squares fit of log(time) on log(T*S) gives the growth exponent (sub-linear if < 1). The
    shared bank with skip_pairs_below is timed on a band of 3 teacher layers per student layer
    (what learned plans keep above 0.05) and amortised with a full pass every 10 steps.
-   Plot: ``results/overhead_scaling.png``.
+   Plot: ``results/overhead_scaling.png`` (default; ``--plot``, else beside a non-default ``--out``).
 
 GPU: ``--device cuda --amp --channels-last [--compile]`` applies those fit() options to every
 strategy alike (``benchmarks/gpu_overhead.sh`` is the prepared run). Threads:
@@ -44,7 +50,7 @@ random weights (timing and memory do not depend on the weights).
 
 Usage:
     python benchmarks/overhead.py            # full run (about 5 minutes on one core)
-    python benchmarks/overhead.py --quick    # smoke run, about a minute
+    python benchmarks/overhead.py --quick --out /tmp/overhead-quick.json   # smoke run, about a minute
 """
 from __future__ import annotations
 
@@ -77,9 +83,11 @@ from align_kd.data import cifar10_loaders  # noqa: E402
 from _common import default_root, write_json  # noqa: E402
 from align_kd.mi import MIBank  # noqa: E402
 from align_kd.models import MLP, ResNetCIFAR, SmallCNN  # noqa: E402
+from align_kd.config import DISTILLER_OPTIONS  # noqa: E402
+from align_kd.distiller import Distiller  # noqa: E402
+from align_kd.distributed import DistContext  # noqa: E402
 from align_kd.plans import SinkhornPlan, depth_prior  # noqa: E402
-from align_kd.taps import FeatureTap  # noqa: E402
-from align_kd.training import FitConfig, _Engine  # noqa: E402
+from align_kd.training import FitConfig, make_optimizer, make_scheduler, train_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -156,7 +164,7 @@ def nparams(module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# engines and data
+# Distillers (built as fit() builds them) and data
 
 
 def fixed_batches(root, n_batches: int, batch_size: int = 128, seed: int = 0):
@@ -165,11 +173,25 @@ def fixed_batches(root, n_batches: int, batch_size: int = 128, seed: int = 0):
     return [(x.clone(), y.clone()) for x, y in train][:n_batches]
 
 
-def make_engine(pair: str, name: str, batches, *, seed: int = 0, device: str = "cpu", total_steps: int = 1000,
-                gpu_opts: dict | None = None):
-    """(engine, teacher tap, student tap); the taps are entered (close with close_engine) and, under
-    compile=True, called through torch.compile as fit() does.
-    gpu_opts: FitConfig options applied to every strategy (amp, channels_last, compile)."""
+class Run:
+    """What fit() trains for one strategy: the Distiller, the model it steps (the Distiller itself
+    in one process), the optimizer and scheduler of ``make_optimizer`` / ``make_scheduler``."""
+
+    def __init__(self, distiller: Distiller, model, optimizer, scheduler, cfg: FitConfig, dist: DistContext):
+        self.distiller, self.model, self.optimizer, self.scheduler = distiller, model, optimizer, scheduler
+        self.cfg, self.dist = cfg, dist
+        self.pairs_evaluated: list[float] = []  # per step: share of the T x S bounds the bank computed
+
+    def close(self) -> None:
+        self.distiller.close()  # the taps' hooks come off the teacher and the student
+
+
+def make_run(pair: str, name: str, batches, *, seed: int = 0, device: str = "cpu", total_steps: int = 1000,
+             gpu_opts: dict | None = None) -> Run:
+    """The Distiller, optimizer and scheduler of strategy ``name`` on ``pair``, built as fit() builds
+    them (FitConfig -> Distiller with the DISTILLER_OPTIONS fields -> make_optimizer ->
+    make_scheduler; under compile=True the Distiller compiles its tap calls and bank). Close with
+    ``Run.close()``. gpu_opts: FitConfig options applied to every strategy (amp, channels_last, compile)."""
     spec = PAIRS[pair]
     opts = dict({**STRATEGIES, **EXTRA}[name], **(gpu_opts or {}))
     strategy = opts.pop("strategy")
@@ -177,24 +199,19 @@ def make_engine(pair: str, name: str, batches, *, seed: int = 0, device: str = "
     teacher = spec["teacher"][1]()
     torch.manual_seed(seed + 1)
     student = spec["student"][1]()
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     epochs = max(1, math.ceil(total_steps / len(batches)))  # keeps the cosine schedule in its first half-period
     cfg = FitConfig(strategy=strategy, epochs=epochs, device=device, progress=False, seed=seed, **opts)
-    torch.manual_seed(seed)
-    engine = _Engine(teacher, student, batches, None, cfg, None, None, None)  # a list of batches is a loader here
-    engine.skipped = 0
-    engine.pairs_evaluated = []  # per timed step: share of the T x S bounds the bank computed
-    engine.student.train()
-    engine.bench_taps = (FeatureTap(engine.teacher, engine.teacher_layers).__enter__(),
-                         FeatureTap(engine.student, engine.student_layers).__enter__())
-    return engine, *(engine._compiled(tap.__call__) for tap in engine.bench_taps)
-
-
-def close_engine(engine, t_tap, s_tap):
-    for tap in reversed(engine.bench_taps):
-        tap.__exit__(None, None, None)
+    dist = DistContext(device=torch.device(device))  # a single process, as fit() outside torchrun
+    torch.manual_seed(cfg.seed)
+    teacher.to(dist.device)
+    student.to(dist.device)
+    distiller = Distiller(teacher, student, batches[0][0][:2].to(dist.device), strategy=cfg.strategy,
+                          verbose=False, **{k: getattr(cfg, k) for k in DISTILLER_OPTIONS})
+    optimizer = make_optimizer(distiller, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(batches))  # the list of batches is the epoch
+    model = dist.wrap(distiller, find_unused_parameters=cfg.skip_pairs_below is not None)  # the Distiller itself here
+    distiller.train()
+    return Run(distiller, model, optimizer, scheduler, cfg, dist)
 
 
 def _sync(device):
@@ -202,16 +219,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed_step(engine, t_tap, s_tap, x, y, device) -> float:
+def timed_step(run: Run, x, y, device) -> float:
+    """Seconds for one ``align_kd.training.train_step`` (the step fit() runs), device synchronised."""
     _sync(device)
     t0 = time.perf_counter()
-    out = engine.train_step(x, y, t_tap, s_tap)
+    out = train_step(run.model, run.distiller, run.optimizer, run.scheduler, x, y, kd_scale=1.0,
+                     grad_clip=run.cfg.grad_clip, dist=run.dist)  # kd_scale: no strategy here sets kd_warmup
     _sync(device)
     dt = time.perf_counter() - t0
-    if out is None:
-        raise RuntimeError("a benchmark step was skipped (non-finite loss)")
-    engine.step += 1  # as _Engine.run does after every step (the full-pass schedule of skip_pairs_below)
-    engine.pairs_evaluated.append(out["pairs_evaluated"])
+    if isinstance(out, str):
+        raise RuntimeError(f"a benchmark step was skipped ({out})")
+    run.pairs_evaluated.append(out.pairs_evaluated)  # the Distiller counts its forwards (skip_pairs_below schedule)
     return dt
 
 
@@ -221,33 +239,33 @@ def timed_step(engine, t_tap, s_tap, x, y, device) -> float:
 
 def time_pair(pair: str, names: list[str], batches, *, warmup: int, steps: int, device: str, seed: int,
               gpu_opts: dict | None = None) -> dict:
-    engines = {n: make_engine(pair, n, batches, seed=seed, device=device, total_steps=warmup + steps + 50, gpu_opts=gpu_opts)
-               for n in names}
+    runs: dict[str, Run] = {}
     times = {n: [] for n in names}
     try:
+        for n in names:
+            runs[n] = make_run(pair, n, batches, seed=seed, device=device, total_steps=warmup + steps + 50, gpu_opts=gpu_opts)
         for r in range(warmup + steps):
             k = r % len(names)
             order = names[k:] + names[:k]  # rotate so no strategy always runs first / after the same one
             x, y = batches[r % len(batches)]
             for n in order:
-                e, tt, st = engines[n]
-                dt = timed_step(e, tt, st, x, y, device)
+                dt = timed_step(runs[n], x, y, device)
                 if r >= warmup:
                     times[n].append(dt)
-        e0 = engines[names[0]][0]
+        d0 = runs[names[0]].distiller
         info = {
-            "teacher_layers": list(e0.teacher_layers),
-            "student_layers": list(e0.student_layers),
-            "teacher_shapes": e0.teacher_shapes,
-            "student_shapes": e0.student_shapes,
-            "T": len(e0.teacher_layers),
-            "S": len(e0.student_layers),
-            "teacher_params": nparams(e0.teacher),
-            "student_params": nparams(e0.student),
+            "teacher_layers": list(d0.teacher_layers),
+            "student_layers": list(d0.student_layers),
+            "teacher_shapes": d0.teacher_shapes,
+            "student_shapes": d0.student_shapes,
+            "T": len(d0.teacher_layers),
+            "S": len(d0.student_layers),
+            "teacher_params": nparams(d0.teacher),
+            "student_params": nparams(d0.student),
         }
         rows = {}
         for n in names:
-            e = engines[n][0]
+            run, e = runs[n], runs[n].distiller
             ts = times[n]
             ratios = [a / b for a, b in zip(ts, times["hinton"])] if "hinton" in times else []
             q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [float("nan")] * 3
@@ -261,14 +279,14 @@ def time_pair(pair: str, names: list[str], batches, *, warmup: int, steps: int, 
                 "s_per_cifar_epoch_est": med * CIFAR_TRAIN_STEPS_PER_EPOCH,
                 "bank_params": nparams(e.bank),
                 "plan_params": sum(p.numel() for p in e.plan.parameters()),
-                "pairs_evaluated": statistics.fmean(e.pairs_evaluated[warmup:]),
+                "pairs_evaluated": statistics.fmean(run.pairs_evaluated[warmup:]),
                 "bank_layout": e.cfg.bank_layout if e.bank is not None else None,
                 "samples_ms": [round(1e3 * t, 3) for t in ts],
             }
         return {"info": info, "rows": rows}
     finally:
-        for e, tt, st in engines.values():
-            close_engine(e, tt, st)
+        for run in runs.values():
+            run.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,9 +310,12 @@ class _Timed:
 
 
 @contextlib.contextmanager
-def _instrumented(engine, timers, device):
-    """Time the phases of train_step: plan, bank forward, Tensor.backward (and the implicit-Sinkhorn
-    backward inside it), optimizer.step. The taps are timed by the caller's proxies."""
+def _instrumented(run: Run, timers, device):
+    """Time the phases of train_step by wrapping what the Distiller calls: the teacher and student
+    tap calls (``_teacher_call`` / ``_student_call``), ``plan.forward``, the bank call
+    (``_bank_call``), plus Tensor.backward (and the implicit-Sinkhorn backward inside it) and
+    optimizer.step (its pre/post hooks). Everything is put back on exit."""
+    distiller = run.distiller
     orig_backward = torch.Tensor.backward
     orig_sink_bwd = plans_module._ImplicitSinkhorn.__dict__["backward"]
     opt_start = []
@@ -307,12 +328,16 @@ def _instrumented(engine, timers, device):
         _sync(device)
         timers["optimizer"] = timers.get("optimizer", 0.0) + time.perf_counter() - opt_start.pop()
 
-    hooks = [engine.optimizer.register_step_pre_hook(pre_hook), engine.optimizer.register_step_post_hook(post_hook)]
+    hooks = [run.optimizer.register_step_pre_hook(pre_hook), run.optimizer.register_step_post_hook(post_hook)]
+    # the Distiller's calls (compiled under compile=True) as instance attributes: wrapped, then put back
+    calls = {"_teacher_call": "teacher_fwd", "_student_call": "student_fwd", "_bank_call": "bank_fwd"}
+    originals = {a: getattr(distiller, a) for a in calls}
+    for a, key in calls.items():
+        if originals[a] is not None:  # _bank_call is None without a feature term
+            setattr(distiller, a, _Timed(originals[a], timers, key, device))
     # look the class's forward up at call time (the instance attribute shadows it while timed)
-    plan, bank_forward = engine.plan, engine.bank_forward
-    engine.plan.forward = _Timed(lambda *a, **k: type(plan).forward(plan, *a, **k), timers, "plan_fwd", device)
-    if bank_forward is not None:
-        engine.bank_forward = _Timed(bank_forward, timers, "bank_fwd", device)
+    plan = distiller.plan
+    plan.forward = _Timed(lambda *a, **k: type(plan).forward(plan, *a, **k), timers, "plan_fwd", device)
     timed_backward = _Timed(orig_backward, timers, "backward", device)
 
     def backward(self, *a, **k):  # a function, so that it binds as a method
@@ -333,8 +358,9 @@ def _instrumented(engine, timers, device):
     finally:
         torch.Tensor.backward = orig_backward
         plans_module._ImplicitSinkhorn.backward = orig_sink_bwd
-        del engine.plan.forward
-        engine.bank_forward = bank_forward
+        del plan.forward
+        for a, fn in originals.items():
+            setattr(distiller, a, fn)
         for h in hooks:
             h.remove()
 
@@ -344,21 +370,19 @@ PHASES = ["teacher_fwd", "student_fwd", "plan_fwd", "bank_fwd", "backward", "pla
 
 def breakdown_pair(pair: str, names: list[str], batches, *, warmup: int, steps: int, device: str, seed: int,
                    gpu_opts: dict | None = None) -> dict:
-    engines = {n: make_engine(pair, n, batches, seed=seed, device=device, total_steps=warmup + steps + 50, gpu_opts=gpu_opts)
-               for n in names}
+    runs: dict[str, Run] = {}
     per = {n: {p: [] for p in PHASES + ["total", "plan_fraction"]} for n in names}
     iters = {n: [] for n in names}
     try:
+        for n in names:
+            runs[n] = make_run(pair, n, batches, seed=seed, device=device, total_steps=warmup + steps + 50, gpu_opts=gpu_opts)
         for r in range(warmup + steps):
             k = r % len(names)
             x, y = batches[r % len(batches)]
             for n in names[k:] + names[:k]:
-                e, tt, st = engines[n]
                 timers: dict[str, float] = {}
-                t_proxy = _Timed(tt, timers, "teacher_fwd", device)
-                s_proxy = _Timed(st, timers, "student_fwd", device)
-                with _instrumented(e, timers, device):
-                    total = timed_step(e, t_proxy, s_proxy, x, y, device)
+                with _instrumented(runs[n], timers, device):
+                    total = timed_step(runs[n], x, y, device)
                 if r < warmup:
                     continue
                 top = sum(timers.get(p, 0.0) for p in ("teacher_fwd", "student_fwd", "plan_fwd", "bank_fwd", "backward", "optimizer"))
@@ -367,7 +391,7 @@ def breakdown_pair(pair: str, names: list[str], batches, *, warmup: int, steps: 
                     per[n][p].append(timers.get(p, 0.0))
                 per[n]["total"].append(total)
                 per[n]["plan_fraction"].append((timers.get("plan_fwd", 0.0) + timers.get("plan_bwd", 0.0)) / total)
-                iters[n].append(getattr(e.plan, "last_iterations", 0))
+                iters[n].append(getattr(runs[n].distiller.plan, "last_iterations", 0))
         out = {}
         for n in names:
             out[n] = {f"{p}_ms": 1e3 * statistics.median(per[n][p]) for p in PHASES + ["total"]}
@@ -376,8 +400,8 @@ def breakdown_pair(pair: str, names: list[str], batches, *, warmup: int, steps: 
             out[n]["sinkhorn_iterations_median"] = statistics.median(iters[n])
         return out
     finally:
-        for e, tt, st in engines.values():
-            close_engine(e, tt, st)
+        for run in runs.values():
+            run.close()
 
 
 def bank_fwd_bwd(bank, t_feats, s_feats, lam, device, active=None) -> tuple[float, float]:
@@ -400,20 +424,21 @@ def bank_profile_and_ablations(pair: str, batches, *, reps: int, device: str, se
     ablations (pool, width, fewer taps), interleaved with the default. Plain float32, eager."""
     from torch.profiler import ProfilerActivity, profile
 
-    e, tt, st = make_engine(pair, "sinkhorn", batches, seed=seed, device=device)
+    run = make_run(pair, "sinkhorn", batches, seed=seed, device=device)
+    e = run.distiller
     try:
-        x = batches[0][0].to(device)
+        x = e.batch(batches[0][0])
         with torch.no_grad():
-            t_feats, _ = tt(x)
-            s_feats, _ = st(x)
+            t_feats, _ = e._teacher_call(x)
+            s_feats, _ = e._student_call(x)
+        lam = e.plan().detach()
     finally:
-        close_engine(e, tt, st)
+        run.close()
     t_feats = [t.detach() for t in t_feats]
     s_feats = [s.detach().requires_grad_(True) for s in s_feats]
-    lam = e.plan().detach()
     T = len(t_feats)
 
-    width = e.bank.width  # the width the engine chose (library default)
+    width = e.bank.width  # the width the Distiller chose (library default)
 
     def bank(**kw):
         torch.manual_seed(seed)
@@ -503,7 +528,7 @@ def _status_kib(field: str) -> int:
 
 def memory_child(pair: str, name: str, batch_file: str, steps: int, device: str, seed: int, gpu_opts: dict) -> dict:
     batches = torch.load(batch_file, weights_only=True)
-    e, tt, st = make_engine(pair, name, batches, seed=seed, device=device, gpu_opts=gpu_opts)
+    run = make_run(pair, name, batches, seed=seed, device=device, gpu_opts=gpu_opts)
     cuda = torch.device(device).type == "cuda"
     method = None
     if cuda:
@@ -522,7 +547,7 @@ def memory_child(pair: str, name: str, batch_file: str, steps: int, device: str,
             method = "ru_maxrss after - ru_maxrss before (getrusage; may underestimate if setup peaked higher)"
     for r in range(steps):
         x, y = batches[r % len(batches)]
-        timed_step(e, tt, st, x, y, device)
+        timed_step(run, x, y, device)
     if cuda:
         torch.cuda.synchronize()
         delta = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -533,7 +558,7 @@ def memory_child(pair: str, name: str, batch_file: str, steps: int, device: str,
     else:
         ru_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         delta, peak = (ru_after - ru_before) / 1024, ru_after / 1024
-    close_engine(e, tt, st)
+    run.close()
     return {"peak_delta_mib": delta, "peak_mib": peak, "method": method, "steps": steps}
 
 
@@ -771,7 +796,8 @@ def breakdown_table(pair: str, bd: dict) -> str:
             s = bd[n]
             lines.append(f"plan projection (fwd + implicit bwd) = {100 * s['plan_fraction_median']:.2f}% of the {n} step "
                          f"(max {100 * s['plan_fraction_max']:.2f}%; {s['sinkhorn_iterations_median']:.0f} warm-start iterations, median)")
-    lines.append("(backward includes plan_bwd; other = step total minus the timed phases: losses, buffer snapshot, .item())")
+    lines.append("(backward includes plan_bwd; other = step total minus the timed phases: losses, running-buffer snapshot, "
+                 "finiteness checks, zero_grad, scheduler)")
     return "\n".join(lines)
 
 
@@ -805,7 +831,9 @@ def versions() -> dict:
     import hashlib
 
     src = Path(align_kd.__file__).resolve().parent
-    hashes = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(src.glob("*.py"))}
+    # every module of the package, subpackages included (align_kd/graph/, align_kd/zoo/), keyed by relative path
+    hashes = {f.relative_to(src).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+              for f in sorted(src.glob("**/*.py"))}
     return {
         "align_kd_source_sha256_12": hashes,
         "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -831,16 +859,21 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="CIFAR-10 source (default: $ALIGN_KD_DATA or ../shared/data/cifar10-jpeg.tar.gz)")
     ap.add_argument("--out", default=str(RESULTS / "overhead.json"))
-    ap.add_argument("--plot", default=str(RESULTS / "overhead_scaling.png"))
+    ap.add_argument("--plot", default=None,
+                    help="scaling plot (default: results/overhead_scaling.png with the default --out, else OUT_scaling.png beside --out)")
     ap.add_argument("--_memory", nargs=3, metavar=("PAIR", "STRATEGY", "BATCHES"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.plot is None:  # a quick or side run with its own --out leaves the committed plot alone
+        out = Path(args.out)
+        args.plot = str(RESULTS / "overhead_scaling.png" if out.resolve() == (RESULTS / "overhead.json").resolve()
+                        else out.with_name(out.stem + "_scaling.png"))
     torch.set_num_threads(args.threads)
     q = args.quick
     steps = args.steps or (3 if q else 25)
     warmup = args.warmup if args.warmup is not None else (1 if q else 3)
     mem_steps = args.mem_steps or (2 if q else 4)
     gpu_opts = {k: True for k in GPU_FLAGS if getattr(args, k)}  # only the options asked for
-    if args.compile:  # one compiled tap/bank per engine and strategy: lift dynamo's per-function limit (8)
+    if args.compile:  # one compiled tap/bank per Distiller and strategy: lift dynamo's per-function limit (8)
         import torch._dynamo as dynamo
 
         for knob in ("recompile_limit", "cache_size_limit"):
@@ -875,7 +908,9 @@ def main(argv=None):
             "fit_defaults": {k: getattr(FitConfig(), k) for k in ("beta", "kd_weight", "feature_weight", "tau", "pool", "width",
                                                                   "bank_layout", "lr", "optimizer", "amp")},
             "strategies": {**{k: v for k, v in STRATEGIES.items()}, **EXTRA},
-            "timing_method": "time.perf_counter around _Engine.train_step (includes .item() syncs), round-robin with rotating order; "
+            "timing_method": "time.perf_counter around align_kd.training.train_step (the step fit() runs, on a Distiller built as "
+                             "fit() builds it; its finiteness checks of the input and the loss sync; device synchronised "
+                             "before and after), round-robin with rotating order; "
                              "ratio = median over rounds of t_strategy / t_hinton in the same round",
             "memory_method": "fresh subprocess per strategy; see pairs.*.memory.*.method",
             "teacher_weights": "random init (timing/memory do not depend on the weights); teacher in eval mode, frozen",
