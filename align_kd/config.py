@@ -13,7 +13,10 @@ from .losses import KD_LOSSES
 from .mi import BANK_LAYOUTS
 from .plans import PLANS
 
-__all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS"]
+__all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS", "PLAN_OBJECTIVES"]
+
+#: what a learned plan's logits follow: today's rule (the MI they weight) or held-out cross-entropy
+PLAN_OBJECTIVES = ("mi", "heldout")
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -37,6 +40,11 @@ class FitConfig:
     row_marginal: list[float] | None = None  # teacher-row masses summing to S; None: uniform S / T
     plan_init: str = "depth"  # "depth" (soft diagonal by relative depth) or "zeros"
     plan_lr: float | None = None  # learning rate of the plan logits (None: same as lr)
+    plan_objective: str = "mi"  # learned plans: "mi" (ascend sum(lam * mi)) or "heldout" (descend the held-out CE hypergradient)
+    heldout_fraction: float = 0.1  # plan_objective="heldout": share of the training set kept aside (never trained on)
+    heldout_every: int = 10  # plan_objective="heldout": steps between plan updates
+    heldout_lr: float = 0.05  # plan_objective="heldout": Adam step size on the plan logits
+    heldout_eps: float = 0.01  # plan_objective="heldout": finite-difference step: the student moves by this norm along the held-out gradient
     lr: float = 0.05
     weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
     momentum: float = 0.9
@@ -91,6 +99,18 @@ class FitConfig:
         check(self.ce_weight is None or (isinstance(self.ce_weight, (int, float)) and math.isfinite(self.ce_weight) and self.ce_weight >= 0),
               f"Expected `ce_weight` >= 0 or None but got {self.ce_weight!r}.")
         check(self.plan_lr is None or self.plan_lr > 0, f"Expected `plan_lr` > 0 or None but got {self.plan_lr!r}.")
+        check(self.plan_objective in PLAN_OBJECTIVES,
+              f"Expected argument `plan_objective` to be one of {list(PLAN_OBJECTIVES)} but got {self.plan_objective!r}.")
+        check(self.plan_objective == "mi" or self.strategy in ("softmax", "sinkhorn"),
+              f"plan_objective={self.plan_objective!r} updates a learned plan's logits; it needs strategy 'softmax' or "
+              f"'sinkhorn', not {self.strategy!r}.")
+        check(isinstance(self.heldout_fraction, (int, float)) and 0 < self.heldout_fraction < 1,
+              f"Expected `heldout_fraction` in (0, 1) (a share of the training set) but got {self.heldout_fraction!r}.")
+        check(isinstance(self.heldout_every, int) and not isinstance(self.heldout_every, bool) and self.heldout_every >= 1,
+              f"Expected `heldout_every` to be an int >= 1 but got {self.heldout_every!r}.")
+        for name in ("heldout_lr", "heldout_eps"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"Expected `{name}` > 0 but got {v!r}.")
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
         check(self.bank_layout in BANK_LAYOUTS,
               f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {self.bank_layout!r}.")
@@ -123,6 +143,7 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
+    "plan_objective", "heldout_every", "heldout_lr", "heldout_eps",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

@@ -48,6 +48,7 @@ __all__ = [
     "load_cifar10",
     "normalize",
     "sample_order",
+    "split_heldout",
 ]
 
 #: class names; index in this tuple is the label (the usual CIFAR-10 order, also the sorted order)
@@ -551,6 +552,35 @@ class TensorLoader:
                 x = augment(x, generator, padding=self.padding)
             x = normalize(x) if x.dtype == torch.uint8 else x.float()  # (B, C, H, W) float32
             yield x, self.labels[batch]
+
+
+def split_heldout(loader, fraction: float, *, seed: int = 0) -> tuple["TensorLoader", list[tuple[Tensor, Tensor]]]:
+    """Split a training :class:`TensorLoader` into (training loader, held-out batches).
+
+    A fixed random ``fraction`` of the images (permutation from ``seed``) is kept aside, never
+    trained on: returned as a list of (x, y) batches (normalised, unaugmented, in a fixed order,
+    the loader's batch size). The training loader keeps every other option of ``loader``.
+    """
+    if not isinstance(loader, TensorLoader):
+        raise TypeError(
+            f"A held-out split needs an align_kd.data.TensorLoader (its images can be split by index) but got "
+            f"{type(loader).__name__}. Build the training data with align_kd.data.cifar10_loaders or TensorLoader."
+        )
+    if loader.world_size != 1:
+        raise ValueError("Split the training data before sharding it (pass the unsharded TensorLoader).")
+    n = loader.dataset_size
+    k = round(fraction * n)
+    if not 1 <= k < n:
+        raise ValueError(f"heldout_fraction={fraction} of {n} training images keeps {k} aside; expected at least one "
+                         "image on each side. Raise the fraction or use more training data.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu").to(loader.images.device)
+    keep, held = order[:-k].sort().values, order[-k:].sort().values
+    train = TensorLoader(loader.images[keep], loader.labels[keep], batch_size=loader.batch_size, shuffle=loader.shuffle,
+                         augment=loader.augment, seed=loader.seed, drop_last=loader.drop_last, device=loader.device,
+                         padding=loader.padding)
+    train.data_tag = f"{loader.data_tag}-heldout{k}of{n}s{seed}" if loader.data_tag else ""
+    heldout = list(TensorLoader(loader.images[held], loader.labels[held], batch_size=loader.batch_size, device=loader.device))
+    return train, heldout
 
 
 def cifar10_loaders(

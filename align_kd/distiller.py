@@ -305,7 +305,7 @@ class Distiller(nn.Module):
             no_decay = {id(p) for p in self.bank.no_decay_parameters()}
             groups.append({"params": [p for p in self.bank.parameters() if id(p) not in no_decay], "weight_decay": weight_decay})
             groups.append({"params": self.bank.no_decay_parameters(), "weight_decay": 0.0})
-        plan_params = list(self.plan.parameters())
+        plan_params = list(self.plan.parameters()) if self.plan.learned else []  # not the held-out plan's: update_plan moves it
         if plan_params and self.bank is not None:
             groups.append({"params": plan_params, "weight_decay": 0.0, "lr": plan_lr or lr})
         return groups
@@ -351,7 +351,7 @@ class Distiller(nn.Module):
                 mi = self._bank_call(t_feats, s_feats, student_grad_weight=lam, active=active)  # (T, S)
             # gradient surrogate: regressors get the full gradient of every bound, the student the
             # lam-weighted one (inside the bank), the plan logits that of sum(lam * mi) at fixed mi
-            surrogate = -mi.sum() - (lam * mi.detach()).sum()
+            surrogate = -mi.sum() - ((lam if self.plan.learned else lam.detach()) * mi.detach()).sum()
             objective = -(lam.detach() * mi.detach()).sum()
             objective_gap = cfg.feature_weight * (objective - surrogate.detach())
             distil = distil + cfg.feature_weight * surrogate
@@ -397,14 +397,66 @@ class Distiller(nn.Module):
             mi = buf / torch_dist.get_world_size()
         return mi
 
-    def update_plan(self, batches) -> dict | None:
-        """Update a plan that learns from data of its own (``strategy="exact"``) from ``batches``;
-        call it from your loop when :meth:`plan_update_due` says so. Returns the update's record
-        (None for plans that need no data). Data parallel: every rank calls it; the plan ends
-        identical on all ranks (rank 0's)."""
-        if not self.plan.needs_data:
+    def _objective_weight(self) -> float:
+        """d(training loss)/d(-sum(lam * mi)): the factor of the feature term in the objective."""
+        cfg = self.cfg
+        return cfg.feature_weight * ((1 - cfg.beta) if cfg.ce_weight is None else 1.0)
+
+    def heldout_hypergradient(self, train, heldout, *, eps: float = 0.01) -> Tensor:
+        """(T, S) first-order derivative of the held-out cross-entropy after one SGD step of the
+        student with respect to the plan, per unit of learning rate.
+
+        One step of size lr moves the student by ``lr * w * sum_ij lam_ij * grad I_ij`` (w: the feature
+        term's weight in the loss), so d CE_heldout(theta') / d lam_ij = lr * w * <grad CE_heldout,
+        grad I_ij> + O(lr^2). All T x S inner products come from two extra forwards on ``train`` at
+        theta +- eps * v / |v| with v = grad CE_heldout on ``heldout`` (central differences of the MI
+        matrix). Everything runs in eval mode with the weights put back: running statistics, RNG
+        streams and gradients are left as they were. Averaged over ranks when data parallel.
+        """
+        if self.bank is None:
+            raise ValueError(f"strategy={self.strategy!r} has no feature term, so the plan has no held-out gradient.")
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        (xh, yh, *_), (xt, *_) = heldout, train
+        xh, yh, xt = self.batch(xh), yh.to(self.device), self.batch(xt)
+        with preserve_mode(self.student, self.bank, training=False):
+            with torch.enable_grad(), self.autocast():
+                ce = F.cross_entropy(self.student(xh).float(), yh.long())
+            v = torch.autograd.grad(ce, params)
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v))
+            if not torch.isfinite(norm) or norm == 0:
+                return torch.zeros(len(self.teacher_layers), len(self.student_layers), device=self.device)
+            step = eps / float(norm)
+            with torch.no_grad():
+                with self.autocast():
+                    t_feats, _ = self._teacher_call(xt)
+                mi_at, weights = [], [p.detach().clone() for p in params]
+                try:
+                    for sign in (1.0, -1.0):
+                        torch._foreach_copy_(params, weights)
+                        torch._foreach_add_(params, v, alpha=sign * step)
+                        with self.autocast():
+                            s_feats, _ = self._student_call(xt)
+                            mi_at.append(self._bank_call(t_feats, s_feats).float())
+                finally:
+                    torch._foreach_copy_(params, weights)  # the weights exactly as they were
+            directional = (mi_at[0] - mi_at[1]) / (2 * step)  # (T, S): <grad I_ij, v>
+        g = self._objective_weight() * directional
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            g = g.clone()
+            torch_dist.all_reduce(g)
+            g /= torch_dist.get_world_size()
+        return g
+
+    def update_plan(self, batches=None, *, train=None, heldout=None) -> dict | None:
+        """Update a plan that learns from data of its own; call it from your loop when
+        :meth:`plan_update_due` says so. ``strategy="exact"``: ``batches``, a few held batches of
+        (x, y); ``plan_objective="heldout"``: ``train=(x, y)`` (the step's batch) and
+        ``heldout=(x, y)`` (a batch never trained on). Returns the update's record (None for plans
+        that need no data). Data parallel: every rank calls it; the plan ends identical on all
+        ranks (rank 0's)."""
+        if self.plan.data is None:
             return None
-        record = self.plan.update(self, batches)
+        record = self.plan.update(self, batches, train=train, heldout=heldout)
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             for b in self.plan.buffers():  # identical plans even if a solver is not deterministic
                 torch_dist.broadcast(b, src=0)
@@ -412,7 +464,7 @@ class Distiller(nn.Module):
 
     def plan_update_due(self, step: int, steps_per_epoch: int) -> bool:
         """Whether the plan wants :meth:`update_plan` after training step ``step`` (counted from 1)."""
-        return self.plan.needs_data and self.plan.update_due(step, steps_per_epoch)
+        return self.plan.data is not None and self.plan.update_due(step, steps_per_epoch)
 
     def extra_repr(self) -> str:
         return (f"strategy={self.strategy!r}, T={len(self.teacher_layers)}, S={len(self.student_layers)}, "

@@ -252,9 +252,13 @@ class DistContext:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                       find_unused_parameters=find_unused_parameters)
+        # buffers synced at construction, not at every forward (torch >= 2.14 names it forward_sync_buffers)
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters, **no_forward_sync)
 
     # ------------------------------------------------------------------------------------------
     # data

@@ -34,7 +34,7 @@ __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting
 LOGIT_BASELINES = ("dkd", "ls")
 ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"))
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
-LEARNED = tuple(name for name, cls in PLANS.items() if cls.learned or cls.needs_data)
+LEARNED = tuple(name for name, cls in PLANS.items() if cls.learned or cls.data is not None)
 FIXED = tuple(name for name, cls in PLANS.items() if cls.uses_features and name not in LEARNED)
 
 

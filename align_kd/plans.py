@@ -23,6 +23,7 @@ from torch import Tensor, nn
 __all__ = [
     "PLANS",
     "PLAN_STRATEGIES",
+    "LearnedPlan",
     "Plan",
     "SinkhornResult",
     "make_plan",
@@ -437,14 +438,14 @@ class Plan(nn.Module):
 
     Each strategy is one subclass registered under its name (:func:`register_plan`); it owns its
     construction (:meth:`build` from the Distiller's options), its update rule (gradient steps on
-    its parameters, or :meth:`update` from data of its own when :attr:`needs_data`) and its
+    its parameters, or :meth:`update` from data of its own when :attr:`data` is set) and its
     checkpoint state (its parameters, buffers and extra state in ``state_dict()``).
     """
 
     name = ""
     learned = False  # has parameters trained by the optimiser
     uses_features = True  # False: no feature term at all (logit KD only), so no MI bank is built
-    needs_data = False  # True: update(distiller, batches) sets the plan from batches of its own
+    data: str | None = None  # what update() learns from: None (nothing), "held" (a few held training batches) or "heldout" (held-out batches)
 
     def __init__(self, T: int, S: int):
         super().__init__()
@@ -463,9 +464,10 @@ class Plan(nn.Module):
         """Whether ``fit()`` calls :meth:`update` after training step ``step`` (counted from 1)."""
         return False
 
-    def update(self, distiller, batches) -> dict | None:
-        """Set the plan from ``batches`` (plans with ``needs_data``); returns a record of what was done."""
-        raise TypeError(f"The {self.name!r} plan is not updated from data (it has needs_data=False).")
+    def update(self, distiller, batches=None, *, train=None, heldout=None) -> dict | None:
+        """Set the plan from data of its own (plans with :attr:`data`): ``batches`` (``exact``: held
+        batches), or a ``train`` and a ``heldout`` batch (the held-out objective); returns a record."""
+        raise TypeError(f"The {self.name!r} plan is not updated from data (its `data` is None).")
 
 
 #: strategy name -> plan class, in the order tables and the CLI list them
@@ -528,46 +530,98 @@ class UniformPlan(FixedPlan):
         return cls(uniform_plan(T, S))
 
 
-@register_plan("softmax")
-class SoftmaxPlan(Plan):
-    """Learned logits Z (T, S), lambda = column softmax of Z / tau."""
+class LearnedPlan(Plan):
+    """A plan with learned logits Z (T, S). ``objective="mi"``: Z is trained with the student by the
+    gradient of sum(lam * mi) at fixed mi (ascending the MI it weights). ``objective="heldout"``: Z
+    is left out of the student's optimiser and updated every ``every`` steps by :meth:`update`,
+    which descends the first-order hypergradient of held-out cross-entropy (see
+    :meth:`align_kd.Distiller.heldout_hypergradient`) through the plan's projection, with Adam at
+    step size ``lr``; the Adam state and the update count are part of the plan's state_dict."""
 
     learned = True
 
-    def __init__(self, T: int, S: int, *, tau: float, init: Tensor):
+    def __init__(self, T: int, S: int, *, tau: float, init: Tensor, objective: str = "mi", lr: float = 0.05,
+                 every: int = 10, eps: float = 0.01):
         super().__init__(T, S)
         self.tau = tau
         self.logits = nn.Parameter(init.clone() * tau)
+        self.objective, self.lr, self.every, self.eps = objective, lr, every, eps
+        if objective == "heldout":  # instance attributes: not trained by the loss, updated from data
+            self.learned, self.data = False, "heldout"
+        self.updates = 0  # held-out updates so far (also picks the held-out batch in fit())
+        self._optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
-    def build(cls, T, S, *, tau, prior, **_):
-        return cls(T, S, tau=tau, init=prior)
+    def _objective_options(cls, options: dict) -> dict:
+        return {"objective": options.get("plan_objective", "mi"), "lr": options.get("heldout_lr", 0.05),
+                "every": options.get("heldout_every", 10), "eps": options.get("heldout_eps", 0.01)}
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.Adam([self.logits], lr=self.lr)
+        return self._optimizer
+
+    def update_due(self, step: int, steps_per_epoch: int) -> bool:
+        return self.data == "heldout" and step % self.every == 0
+
+    def update(self, distiller, batches=None, *, train=None, heldout=None) -> dict:
+        """One Adam step on the logits along d(held-out CE)/dZ, from the (T, S) hypergradient on the
+        training batch ``train`` and the held-out batch ``heldout`` (each ``(x, y)``)."""
+        if train is None or heldout is None:
+            raise ValueError("The held-out plan is updated from a training batch and a held-out batch: "
+                             "update_plan(train=(x, y), heldout=(x_heldout, y_heldout)).")
+        g = distiller.heldout_hypergradient(train, heldout, eps=self.eps)  # (T, S), averaged over ranks
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad((self() * g.to(self.logits)).sum(), self.logits)  # through the projection
+        opt = self.optimizer()
+        self.logits.grad = grad
+        opt.step()
+        self.logits.grad = None
+        self.updates += 1
+        with torch.no_grad():
+            lam = self().double().clamp_min(1e-300)
+        return {"kind": "heldout", "hypergrad_norm": float(g.norm()), "logit_grad_norm": float(grad.norm()),
+                "plan_entropy": float(-(lam * lam.log()).sum(0).mean()), "hypergrad": g.tolist()}
+
+    def get_extra_state(self):
+        return {"updates": self.updates, "optimizer": None if self._optimizer is None else self._optimizer.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        self.updates = int(state["updates"])
+        if state["optimizer"] is not None:
+            self.optimizer().load_state_dict(state["optimizer"])
+
+
+@register_plan("softmax")
+class SoftmaxPlan(LearnedPlan):
+    """Learned logits Z (T, S), lambda = column softmax of Z / tau."""
+
+    @classmethod
+    def build(cls, T, S, *, tau, prior, options, **_):
+        return cls(T, S, tau=tau, init=prior, **cls._objective_options(options))
 
     def forward(self) -> Tensor:
         return torch.softmax(self.logits / self.tau, dim=0)
 
 
 @register_plan("sinkhorn")
-class SinkhornPlan(Plan):
+class SinkhornPlan(LearnedPlan):
     """Learned logits Z (T, S), lambda = sinkhorn(Z, r, tau), warm-started from the last potentials."""
 
-    learned = True
-
     def __init__(self, T: int, S: int, *, tau: float, init: Tensor, row_marginal: Tensor, tol: float = 1e-5,
-                 newton_after: int = 0):
-        super().__init__(T, S)
+                 newton_after: int = 0, **objective):
+        super().__init__(T, S, tau=tau, init=init, **objective)
         # newton_after: Sinkhorn sweeps before Newton steps. 0: the logits moved by one optimizer
         # step, so from the warm start one Newton step usually reaches tol (benchmarks/overhead.py)
-        self.tau, self.tol, self.newton_after = tau, tol, newton_after
-        self.logits = nn.Parameter(init.clone() * tau)
+        self.tol, self.newton_after = tol, newton_after
         _check_inputs(self.logits, row_marginal, tau)  # once: forward() skips the checks on every step
         self.register_buffer("row_marginal", row_marginal.float().clone())
         self.register_buffer("potential", torch.zeros(T))  # warm start, saved with checkpoints
         self.last_iterations = 0
 
     @classmethod
-    def build(cls, T, S, *, tau, row_marginal, prior, **_):
-        return cls(T, S, tau=tau, init=prior, row_marginal=row_marginal)
+    def build(cls, T, S, *, tau, row_marginal, prior, options, **_):
+        return cls(T, S, tau=tau, init=prior, row_marginal=row_marginal, **cls._objective_options(options))
 
     def forward(self) -> Tensor:
         res = _project(self.logits, self.row_marginal, self.tau, self.tol, max_iter=2000, check_every=10,
@@ -595,7 +649,7 @@ class ExactPlan(Plan):
     fixed between solves. First solve after ``exact_warmup`` steps, then every ``exact_every``
     steps (None: once per epoch)."""
 
-    needs_data = True
+    data = "held"
 
     def __init__(self, T: int, S: int, *, init: Tensor, row_marginal: Tensor, tau: float, method: str = "auto",
                  every: int | None = None, warmup: int = 50):
@@ -617,7 +671,7 @@ class ExactPlan(Plan):
     def update_due(self, step: int, steps_per_epoch: int) -> bool:
         return step == self.warmup or step % (self.every or steps_per_epoch) == 0
 
-    def update(self, distiller, batches) -> dict:
+    def update(self, distiller, batches=None, **_) -> dict:
         """Solve the plan from the (T, S) MI that ``distiller`` estimates on ``batches`` (averaged
         over ranks in a data-parallel run); returns the solve's record."""
         from .exact import exact_plan_info

@@ -30,7 +30,7 @@ import numpy as np
 
 from ._io import atomic_write_text
 
-__all__ = ["RunLogger", "plan_stats", "STEP_FLUSH_EVERY", "STEPS_CSV", "EPOCHS_CSV", "PLAN_PNG"]
+__all__ = ["RunLogger", "clear_logs", "plan_stats", "STEP_FLUSH_EVERY", "STEPS_CSV", "EPOCHS_CSV", "PLAN_PNG"]
 
 STEP_FLUSH_EVERY = 50  # step rows buffered at most this many rows before a flush
 STEPS_CSV = "steps.csv"
@@ -38,6 +38,23 @@ EPOCHS_CSV = "epochs.csv"
 PLAN_PNG = "plan.png"
 PLAN_PREFIX = "plan_"  # CSV column prefix of the plan statistics
 COLUMN_SUM_ATOL = 1e-3  # tolerance on |column sum - 1| in plan_stats
+
+
+def clear_logs(log_dir) -> list[str]:
+    """Remove the CSV logs and plan image of an earlier run from ``log_dir`` (a new run's logs start
+    empty); warns naming what it removed. TensorBoard hides the old events itself (purge_step)."""
+    import warnings
+
+    removed = []
+    for name in (STEPS_CSV, EPOCHS_CSV, PLAN_PNG):
+        path = Path(log_dir) / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    if removed:
+        warnings.warn(f"Starting new logs in {log_dir}: replaced {removed} of an earlier run there (resume=True "
+                      "continues a run and keeps its logs).", RuntimeWarning, stacklevel=2)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpointer
 from .config import DISTILLER_OPTIONS, FitConfig
+from .data import split_heldout
 from .distiller import Distiller, DistillerOutput, _first_line
 from .distributed import DistContext
 from .distributed import setup as _setup_distributed
-from .evaluation import evaluate
+from .evaluation import evaluate, preserve_mode
 from .result import FitResult
 
 __all__ = ["FitConfig", "FitResult", "evaluate", "fit"]
@@ -202,7 +203,7 @@ def _too_many_bad_steps(cfg: FitConfig, n: int, what: str) -> RuntimeError:
 
 
 def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, train_loader, test_loader, cfg: FitConfig,
-         dist: DistContext, checkpointer: Checkpointer | None, logger) -> None:
+         dist: DistContext, checkpointer: Checkpointer | None, logger, heldout: list | None) -> None:
     from tqdm.auto import tqdm
 
     steps_per_epoch = len(train_loader)
@@ -217,7 +218,7 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
         start = time.perf_counter()
         distiller.train()
         for x, y, *_ in train_loader:
-            if distiller.plan.needs_data and len(state.held) < cfg.held_batches:
+            if distiller.plan.data == "held" and len(state.held) < cfg.held_batches:
                 state.held.append((x.to(distiller.device), y.to(distiller.device)))
             out = train_step(model, distiller, optimizer, scheduler, x, y, kd_scale=_kd_ramp(cfg, state.step, steps_per_epoch),
                              grad_clip=cfg.grad_clip, dist=dist)
@@ -244,7 +245,11 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
                 logger.log_step(state.step, {**row, "lr": scheduler.get_last_lr()[0]})
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}")
             if distiller.plan_update_due(state.step, steps_per_epoch):
-                state.solves.append({"step": state.step, **distiller.update_plan(state.held)})
+                if distiller.plan.data == "heldout":  # the k-th update reads held-out batch k (cycling): stateless on resume
+                    record = distiller.update_plan(train=(x, y), heldout=heldout[distiller.plan.updates % len(heldout)])
+                else:
+                    record = distiller.update_plan(state.held)
+                state.solves.append({"step": state.step, **record})
         # data parallel: statistics over every rank's steps; BatchNorm and standardiser statistics
         # averaged, the plan's buffers (Sinkhorn potential) from rank 0
         sums, n, mi_sum, mi_n = dist.reduce_epoch_stats(sums, n, mi_sum, mi_n)
@@ -327,6 +332,9 @@ def fit(
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected the {role} to be a torch.nn.Module but got {type(model).__name__}.")
     train_loader, test_loader = _split_data(data)
+    heldout = None
+    if cfg.plan_objective == "heldout":  # the plan learns from a split of the training set, never trained on
+        train_loader, heldout = split_heldout(train_loader, cfg.heldout_fraction, seed=cfg.seed)
     # under torchrun: join (or create) the process group and take this rank's share of the data
     dist = _setup_distributed(cfg.device)
     train_loader = dist.shard_train(train_loader, seed=cfg.seed)
@@ -335,58 +343,56 @@ def fit(
         config["fixed_plan"] = fixed_plan.tolist()
 
     torch.manual_seed(cfg.seed)
-    teacher_flags = [(m, m.training) for m in teacher.modules()]
-    student_training = student.training
-    requires = [(p, p.requires_grad) for p in teacher.parameters()]
+    requires = [(p, p.requires_grad) for p in teacher.parameters()]  # the Distiller freezes the teacher
     distiller = checkpointer = logger = None
     state = LoopState()
-    try:
-        x, first_labels = _first_batch(train_loader, "training")
-        test_labels = _first_batch(test_loader, "test")[1] if test_loader is not None else None
-        teacher.to(dist.device)
-        student.to(dist.device)
-        distiller = Distiller(teacher, student, x[:2].to(dist.device), strategy=fixed_plan if fixed_plan is not None else cfg.strategy,
-                              teacher_layers=teacher_layers, student_layers=student_layers,
-                              verbose=cfg.progress and dist.is_main, **{k: getattr(cfg, k) for k in DISTILLER_OPTIONS})
-        _check_labels(train_loader, "training", distiller.num_classes, first_labels)
-        if test_loader is not None:
-            _check_labels(test_loader, "test", distiller.num_classes, test_labels)
-        dist.broadcast_modules([teacher])  # data parallel: every rank distils rank 0's teacher
-        optimizer = make_optimizer(distiller, cfg)
-        scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-        # data parallel: DistributedDataParallel (rank 0's student, bank and plan on every rank);
-        # a single process trains the Distiller itself
-        model = dist.wrap(distiller, find_unused_parameters=cfg.skip_pairs_below is not None)
-        if cfg.checkpoint_dir is not None:
-            checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.keep_checkpoints, dist=dist, config=config, teacher=teacher)
-            checkpointer.prepare(distiller, optimizer, scheduler, state, train_loader, resume=cfg.resume)
-        log_dir = cfg.log_dir or cfg.checkpoint_dir
-        if log_dir is not None:
-            from .runlog import RunLogger
+    with preserve_mode(teacher, student):  # every submodule's training flag comes back as it was
+        try:
+            x, first_labels = _first_batch(train_loader, "training")
+            test_labels = _first_batch(test_loader, "test")[1] if test_loader is not None else None
+            teacher.to(dist.device)
+            student.to(dist.device)
+            distiller = Distiller(teacher, student, x[:2].to(dist.device), strategy=fixed_plan if fixed_plan is not None else cfg.strategy,
+                                  teacher_layers=teacher_layers, student_layers=student_layers,
+                                  verbose=cfg.progress and dist.is_main, **{k: getattr(cfg, k) for k in DISTILLER_OPTIONS})
+            _check_labels(train_loader, "training", distiller.num_classes, first_labels)
+            if test_loader is not None:
+                _check_labels(test_loader, "test", distiller.num_classes, test_labels)
+            dist.broadcast_modules([teacher])  # data parallel: every rank distils rank 0's teacher
+            optimizer = make_optimizer(distiller, cfg)
+            scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+            # data parallel: DistributedDataParallel (rank 0's student, bank and plan on every rank);
+            # a single process trains the Distiller itself
+            model = dist.wrap(distiller, find_unused_parameters=cfg.skip_pairs_below is not None)
+            if cfg.checkpoint_dir is not None:
+                checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.keep_checkpoints, dist=dist, config=config, teacher=teacher)
+                checkpointer.prepare(distiller, optimizer, scheduler, state, train_loader, resume=cfg.resume)
+            log_dir = cfg.log_dir or cfg.checkpoint_dir
+            if log_dir is not None:
+                from .runlog import RunLogger, clear_logs
 
-            logger = RunLogger(log_dir, enabled=dist.is_main, teacher_layers=distiller.teacher_layers,
-                               student_layers=distiller.student_layers, resume_step=state.step if cfg.resume else None)
-        _run(distiller, model, optimizer, scheduler, state, train_loader, test_loader, cfg, dist, checkpointer, logger)
-    except KeyboardInterrupt:
-        # Ctrl-C: the last completed epoch is on disk (saved now if it was not yet); then re-raise
-        if checkpointer is not None and distiller is not None:
-            checkpointer.on_interrupt(distiller, optimizer, scheduler, state, train_loader)
-        elif dist.is_main:
-            print(f"fit() interrupted (KeyboardInterrupt) after {len(state.history)}/{cfg.epochs} completed epochs; nothing "
-                  "was saved. Pass checkpoint_dir=... to make a run resumable.", file=sys.stderr, flush=True)
-        raise
-    except torch.cuda.OutOfMemoryError as err:
-        raise torch.cuda.OutOfMemoryError(_oom_message(cfg, train_loader, err)) from err
-    finally:
-        if logger is not None:
-            logger.close()
-        if distiller is not None:
-            distiller.close()  # the taps' hooks come off the user's models
-        for m, f in teacher_flags:
-            m.training = f
-        for p, r in requires:
-            p.requires_grad_(r)
-        student.train(student_training)
+                if state.step == 0 and dist.is_main:  # a fresh run starts fresh logs (a resumed one cuts them back)
+                    clear_logs(log_dir)
+                logger = RunLogger(log_dir, enabled=dist.is_main, teacher_layers=distiller.teacher_layers,
+                                   student_layers=distiller.student_layers, resume_step=state.step)
+            _run(distiller, model, optimizer, scheduler, state, train_loader, test_loader, cfg, dist, checkpointer, logger, heldout)
+        except KeyboardInterrupt:
+            # Ctrl-C: the last completed epoch is on disk (saved now if it was not yet); then re-raise
+            if checkpointer is not None and distiller is not None:
+                checkpointer.on_interrupt(distiller, optimizer, scheduler, state, train_loader)
+            elif dist.is_main:
+                print(f"fit() interrupted (KeyboardInterrupt) after {len(state.history)}/{cfg.epochs} completed epochs; nothing "
+                      "was saved. Pass checkpoint_dir=... to make a run resumable.", file=sys.stderr, flush=True)
+            raise
+        except torch.cuda.OutOfMemoryError as err:
+            raise torch.cuda.OutOfMemoryError(_oom_message(cfg, train_loader, err)) from err
+        finally:
+            if logger is not None:
+                logger.close()
+            if distiller is not None:
+                distiller.close()  # the taps' hooks come off the user's models
+            for p, r in requires:
+                p.requires_grad_(r)
 
     with torch.no_grad():
         plan = distiller.plan().detach().float().cpu()

@@ -53,8 +53,7 @@ def main() -> None:
 
     x0, _ = next(iter(train))
     distiller = align_kd.Distiller(teacher, student, x0.to(device), strategy=args.strategy, verbose=rank == 0)
-    model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
-                                    broadcast_buffers=False)
+    model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(distiller.param_groups(lr=args.lr, weight_decay=5e-4), lr=args.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * len(train))
     for epoch in range(args.epochs):
