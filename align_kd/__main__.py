@@ -10,8 +10,11 @@ from dataclasses import replace
 def _strategy_help() -> str:
     from .experiment import ALL_STRATEGIES
 
+    from .experiment import PLAN_VARIANTS
+
+    plans = [s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls", *PLAN_VARIANTS)]
     return ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), "
-            + ", ".join(s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls")) + " (the registered plans)")
+            + ", ".join(plans) + " (the registered plans), sinkhorn-heldout (sinkhorn with plan_objective='heldout')")
 
 
 def _threads(n: int | None) -> None:

@@ -44,7 +44,6 @@ class FitConfig:
     heldout_fraction: float = 0.1  # plan_objective="heldout": share of the training set kept aside (never trained on)
     heldout_every: int = 10  # plan_objective="heldout": steps between plan updates
     heldout_lr: float = 0.05  # plan_objective="heldout": Adam step size on the plan logits
-    heldout_eps: float = 0.01  # plan_objective="heldout": finite-difference step: the student moves by this norm along the held-out gradient
     lr: float = 0.05
     weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
     momentum: float = 0.9
@@ -108,9 +107,8 @@ class FitConfig:
               f"Expected `heldout_fraction` in (0, 1) (a share of the training set) but got {self.heldout_fraction!r}.")
         check(isinstance(self.heldout_every, int) and not isinstance(self.heldout_every, bool) and self.heldout_every >= 1,
               f"Expected `heldout_every` to be an int >= 1 but got {self.heldout_every!r}.")
-        for name in ("heldout_lr", "heldout_eps"):
-            v = getattr(self, name)
-            check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"Expected `{name}` > 0 but got {v!r}.")
+        check(isinstance(self.heldout_lr, (int, float)) and math.isfinite(self.heldout_lr) and self.heldout_lr > 0,
+              f"Expected `heldout_lr` > 0 but got {self.heldout_lr!r}.")
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
         check(self.bank_layout in BANK_LAYOUTS,
               f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {self.bank_layout!r}.")
@@ -143,7 +141,7 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
-    "plan_objective", "heldout_every", "heldout_lr", "heldout_eps",
+    "plan_objective", "heldout_every", "heldout_lr",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

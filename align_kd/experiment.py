@@ -32,9 +32,11 @@ __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting
 #: "ls" are the logit baselines (decoupled KD, logit-standardised KD) at their papers' settings;
 #: the other rows are the registered plans (:data:`align_kd.plans.PLANS`), "hinton" first
 LOGIT_BASELINES = ("dkd", "ls")
-ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"))
+#: rows that are a registered plan with other options: the plan learned from held-out cross-entropy
+PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"})}
+ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS)
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
-LEARNED = tuple(name for name, cls in PLANS.items() if cls.learned or cls.data is not None)
+LEARNED = (*(name for name, cls in PLANS.items() if cls.learned or cls.data is not None), *PLAN_VARIANTS)
 FIXED = tuple(name for name, cls in PLANS.items() if cls.uses_features and name not in LEARNED)
 
 
@@ -136,6 +138,9 @@ def _fit_options(setting: Setting, strategy: str, seed: int, progress: bool) -> 
         if strategy == "dkd":
             opts.update(dkd_alpha=paper["alpha"], dkd_beta=paper["beta"])
         return "hinton", opts
+    if strategy in PLAN_VARIANTS:
+        plan, extra = PLAN_VARIANTS[strategy]
+        return plan, {**opts, **extra}
     return strategy, opts
 
 

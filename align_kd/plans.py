@@ -541,11 +541,11 @@ class LearnedPlan(Plan):
     learned = True
 
     def __init__(self, T: int, S: int, *, tau: float, init: Tensor, objective: str = "mi", lr: float = 0.05,
-                 every: int = 10, eps: float = 0.01):
+                 every: int = 10):
         super().__init__(T, S)
         self.tau = tau
         self.logits = nn.Parameter(init.clone() * tau)
-        self.objective, self.lr, self.every, self.eps = objective, lr, every, eps
+        self.objective, self.lr, self.every = objective, lr, every
         if objective == "heldout":  # instance attributes: not trained by the loss, updated from data
             self.learned, self.data = False, "heldout"
         self.updates = 0  # held-out updates so far (also picks the held-out batch in fit())
@@ -554,7 +554,7 @@ class LearnedPlan(Plan):
     @classmethod
     def _objective_options(cls, options: dict) -> dict:
         return {"objective": options.get("plan_objective", "mi"), "lr": options.get("heldout_lr", 0.05),
-                "every": options.get("heldout_every", 10), "eps": options.get("heldout_eps", 0.01)}
+                "every": options.get("heldout_every", 10)}
 
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
@@ -570,7 +570,7 @@ class LearnedPlan(Plan):
         if train is None or heldout is None:
             raise ValueError("The held-out plan is updated from a training batch and a held-out batch: "
                              "update_plan(train=(x, y), heldout=(x_heldout, y_heldout)).")
-        g = distiller.heldout_hypergradient(train, heldout, eps=self.eps)  # (T, S), averaged over ranks
+        g = distiller.heldout_hypergradient(train, heldout)  # (T, S), averaged over ranks
         with torch.enable_grad():
             (grad,) = torch.autograd.grad((self() * g.to(self.logits)).sum(), self.logits)  # through the projection
         opt = self.optimizer()
