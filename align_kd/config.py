@@ -43,7 +43,7 @@ class FitConfig:
     plan_objective: str = "mi"  # learned plans: "mi" (ascend sum(lam * mi)) or "heldout" (descend the held-out CE hypergradient)
     heldout_fraction: float = 0.1  # plan_objective="heldout": share of the training set kept aside (never trained on)
     heldout_every: int = 10  # plan_objective="heldout": steps between plan updates
-    heldout_lr: float = 0.05  # plan_objective="heldout": Adam step size on the plan logits
+    heldout_lr: float = 0.01  # plan_objective="heldout": Adam step size on the plan logits (Z; the plan sees Z / tau)
     lr: float = 0.05
     weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
     momentum: float = 0.9

@@ -540,7 +540,7 @@ class LearnedPlan(Plan):
 
     learned = True
 
-    def __init__(self, T: int, S: int, *, tau: float, init: Tensor, objective: str = "mi", lr: float = 0.05,
+    def __init__(self, T: int, S: int, *, tau: float, init: Tensor, objective: str = "mi", lr: float = 0.01,
                  every: int = 10):
         super().__init__(T, S)
         self.tau = tau
@@ -553,7 +553,7 @@ class LearnedPlan(Plan):
 
     @classmethod
     def _objective_options(cls, options: dict) -> dict:
-        return {"objective": options.get("plan_objective", "mi"), "lr": options.get("heldout_lr", 0.05),
+        return {"objective": options.get("plan_objective", "mi"), "lr": options.get("heldout_lr", 0.01),
                 "every": options.get("heldout_every", 10)}
 
     def optimizer(self) -> torch.optim.Optimizer:
