@@ -548,6 +548,7 @@ class LearnedPlan(Plan):
         self.objective, self.lr, self.every = objective, lr, every
         if objective == "heldout":  # instance attributes: not trained by the loss, updated from data
             self.learned, self.data = False, "heldout"
+            self.logits.requires_grad_(False)  # no gradient from the loss (and none expected by DDP)
         self.updates = 0  # held-out updates so far (also picks the held-out batch in fit())
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -572,7 +573,11 @@ class LearnedPlan(Plan):
                              "update_plan(train=(x, y), heldout=(x_heldout, y_heldout)).")
         g = distiller.heldout_hypergradient(train, heldout)  # (T, S), averaged over ranks
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad((self() * g.to(self.logits)).sum(), self.logits)  # through the projection
+            self.logits.requires_grad_(True)
+            try:
+                (grad,) = torch.autograd.grad((self() * g.to(self.logits)).sum(), self.logits)  # through the projection
+            finally:
+                self.logits.requires_grad_(False)
         opt = self.optimizer()
         self.logits.grad = grad
         opt.step()

@@ -109,6 +109,11 @@ WORKER = textwrap.dedent('''
     res = align_kd.fit(teacher(), s, tensor_data(), **OPTS, checkpoint_dir=ck4, resume=True)
     record("resumed", res, s)
 
+    # 4b. the held-out plan: hypergradients averaged over ranks, the plan logits outside DDP's buckets
+    s = Student(60 + rank)
+    res = align_kd.fit(teacher(), s, tensor_data(), strategy="sinkhorn", plan_objective="heldout", heldout_every=2, **OPTS)
+    record("heldout", res, s)
+
     # 5. a loader the caller sharded; 6. unequal shards are refused on every rank (no hang)
     def batches(n):
         return [(X[k:k + 16].float() / 255, Y[k:k + 16]) for k in range(rank * 16, rank * 16 + 16 * n, 16)]
@@ -158,13 +163,15 @@ def same(a, b):
     assert no_time(a["solves"]) == no_time(b["solves"])
 
 
-@pytest.mark.parametrize("name", ["tensor", "dataloader", "exact", "resumed", "presharded"])
+@pytest.mark.parametrize("name", ["tensor", "dataloader", "exact", "resumed", "presharded", "heldout"])
 def test_both_ranks_end_identical(ddp, name):
     out, _ = ddp
     r0, r1 = load(out, name, 0), load(out, name, 1)
     same(r0, r1)
     assert all(torch.isfinite(v).all() for v in r0["student"].values() if v.is_floating_point())
     assert torch.allclose(r0["plan"].sum(0), torch.ones(r0["plan"].shape[1]), atol=1e-5)
+    if name == "heldout":
+        assert [r["kind"] for r in r0["solves"]] == ["heldout"] * 3  # 96 - 10 held out = 86 images: 3 steps x 2 epochs, every 2nd
 
 
 def _student():

@@ -88,7 +88,14 @@ def test_update_follows_the_chained_gradient_and_changes_nothing_else(cifar):
     rng = torch.get_rng_state()
     g = d.heldout_hypergradient((xt, yt), (xh, yh))
     logits = d.plan.logits.detach().clone()
-    (gz,) = torch.autograd.grad((d.plan() * g).sum(), d.plan.logits)  # independently, through the projection
+    assert not d.plan.logits.requires_grad  # outside the loss's graph (and DDP's buckets)
+    logits_leaf = d.plan.logits.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        d.plan.logits.copy_(logits_leaf)
+    # independently, through the projection: the same plan function of a fresh leaf
+    from align_kd.plans import sinkhorn
+
+    (gz,) = torch.autograd.grad((sinkhorn(logits_leaf, d.plan.row_marginal, tau=d.plan.tau, tol=1e-10) * g).sum(), logits_leaf)
     record = d.update_plan(train=(xt, yt), heldout=(xh, yh))
     moved = d.plan.logits.detach() - logits
     big = gz.abs() > 1e-6
@@ -98,7 +105,7 @@ def test_update_follows_the_chained_gradient_and_changes_nothing_else(cifar):
     assert record["hypergrad_norm"] == pytest.approx(float(g.norm()), rel=1e-6) and d.plan.updates == 1
     after = {k: v for k, v in d.state_dict().items() if k in before}
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights, BatchNorm/standardiser stats
-    assert torch.equal(torch.get_rng_state(), rng) and d.plan.logits.grad is None
+    assert torch.equal(torch.get_rng_state(), rng) and d.plan.logits.grad is None and not d.plan.logits.requires_grad
     assert all(p.grad is None for p in d.student.parameters())
     plan = d.plan()
     assert torch.allclose(plan.sum(0), torch.ones(plan.shape[1]), atol=1e-5)
