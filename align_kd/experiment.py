@@ -450,6 +450,9 @@ def row_settings(setting: Setting) -> str:
             what = f"{b} CE + {1 - b} x ({opts.get('kd_weight', 1.0)} x hinton (T {opts.get('kd_temperature', 4.0)}) ...)"
         if name not in ("hinton",):
             what += f" - {opts.get('feature_weight', 1.0)} x sum(lambda * MI), plan {name}"
+        if opts.get("plan_objective", "mi") == "heldout":
+            what += (" learned from held-out cross-entropy (10% of the training images kept aside, an Adam step on "
+                     "the plan logits every 10 steps)")
         lines.append(f"- `{strategy}`: {what}")
     return "\n".join(lines) + "\n"
 
