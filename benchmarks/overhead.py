@@ -78,7 +78,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import align_kd.mi as mi_module  # noqa: E402
-import align_kd.plans as plans_module  # noqa: E402
+import align_kd.plans.projection as plans_module  # noqa: E402
 from align_kd.data import cifar10_loaders  # noqa: E402
 from _common import default_root, write_json  # noqa: E402
 from align_kd.mi import MIBank  # noqa: E402

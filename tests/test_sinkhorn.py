@@ -381,7 +381,8 @@ def test_plan_module_matches_public_solver_along_a_trajectory():
 
 def test_warm_newton_converges_quadratically():
     """From the solution of nearby logits, each Newton step squares the row error (up to a constant)."""
-    from align_kd.plans import _dual_state, _newton_step, depth_prior
+    from align_kd.plans import depth_prior
+    from align_kd.plans.projection import _dual_state, _newton_step
 
     L, r = _problem(5, 4, seed=3)
     L = 0.1 * depth_prior(5, 4).double() + 0.05 * L
