@@ -263,6 +263,11 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
         with torch.no_grad():
             plan = distiller.plan().detach().float().cpu()
         record["plan"] = plan.tolist()
+        if distiller.bank is not None:  # diagnostics: how spread the plan is, how hard the held-out rule pushed
+            record["plan_entropy"] = float(-(plan.double().clamp_min(1e-300).log() * plan.double()).sum(0).mean())
+        if distiller.plan.data == "heldout":  # mean over this epoch's held-out updates (None: none this epoch)
+            pushes = [r["hypergrad_norm"] for r in state.solves if r.get("kind") == "heldout" and r["step"] > state.step - steps_per_epoch]
+            record["hypergrad_norm"] = sum(pushes) / len(pushes) if pushes else None
         state.mi_last = None if mi_sum is None else mi_sum / mi_n
         record["mi"] = None if state.mi_last is None else state.mi_last.tolist()
         state.history.append(record)
@@ -270,7 +275,9 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
         if checkpointer is not None:
             checkpointer.save(distiller, optimizer, scheduler, state, train_loader)
         if logger is not None:
-            logger.log_epoch(epoch + 1, state.step, {k: v for k, v in record.items() if k not in ("epoch", "step", "plan", "mi")},
+            # the plan and its statistics (plan_entropy, ...) are the logger's own columns
+            logger.log_epoch(epoch + 1, state.step, {k: v for k, v in record.items()
+                                                     if k not in ("epoch", "step", "mi") and not k.startswith("plan")},
                              plan=plan if distiller.bank is not None else None)
         if show:
             acc = "" if record["test_acc"] is None else f" test_acc {record['test_acc']:.4f}"

@@ -143,6 +143,11 @@ def test_fit_with_the_heldout_plan_resumes_bitwise(cifar, tmp_path):
     ups = [r for r in full.solves if r["kind"] == "heldout"]
     assert [r["step"] for r in ups] == list(range(2, 17, 2))  # 230 images -> 8 steps per epoch, an update every 2
     assert len({round(r["hypergrad_norm"], 12) for r in ups}) > 1
+    for h in full.history:  # per-epoch diagnostics: plan entropy (nats per column) and the mean push
+        plan = torch.tensor(h["plan"], dtype=torch.float64)
+        assert h["plan_entropy"] == pytest.approx(float(-(plan * plan.log()).sum(0).mean()), rel=1e-9)
+        mine = [r["hypergrad_norm"] for r in ups if h["step"] - 8 < r["step"] <= h["step"]]
+        assert h["hypergrad_norm"] == pytest.approx(sum(mine) / len(mine), rel=1e-12)
     first = torch.tensor(full.history[0]["plan"])
     assert not torch.allclose(first, torch.tensor(full.history[1]["plan"]))  # the plan moves after epoch 1
     # interrupted after epoch 1: drop the last checkpoint and resume
@@ -154,6 +159,16 @@ def test_fit_with_the_heldout_plan_resumes_bitwise(cifar, tmp_path):
     assert torch.equal(full.plan, resumed.plan)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(full.solves) == strip(resumed.solves) and strip(full.history) == strip(resumed.history)
+
+
+def test_epochs_without_an_update_still_log(cifar, tmp_path):
+    # 3 steps per epoch, an update every 4th step: epoch 1 has none, epoch 2 one (the CSV's columns hold)
+    x, y = cifar
+    data = TensorLoader(F.avg_pool2d(x[:100].float(), 4).to(torch.uint8), y[:100], batch_size=32)
+    res = fit(teacher8(), student8(), (data, None), strategy="sinkhorn", plan_objective="heldout", heldout_every=4,
+              epochs=2, width=4, device="cpu", progress=False, log_dir=tmp_path)
+    assert [h["hypergrad_norm"] is None for h in res.history] == [True, False]
+    assert (tmp_path / "epochs.csv").read_text().count("\n") == 3  # header and two rows
 
 
 def test_heldout_objective_is_refused_where_it_cannot_work(cifar):
