@@ -14,7 +14,8 @@ def _strategy_help() -> str:
 
     plans = [s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls", *PLAN_VARIANTS)]
     return ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), "
-            + ", ".join(plans) + " (the registered plans), sinkhorn-heldout (sinkhorn with plan_objective='heldout')")
+            + ", ".join(plans) + " (the registered plans), sinkhorn-heldout (sinkhorn with plan_objective='heldout'), "
+            "sinkhorn-heldout-dustbin (the same with dustbin=True)")
 
 
 def _threads(n: int | None) -> None:

@@ -40,6 +40,8 @@ class FitConfig:
     row_marginal: list[float] | None = None  # teacher-row masses summing to S; None: uniform S / T
     plan_init: str = "depth"  # "depth" (soft diagonal by relative depth) or "zeros"
     plan_lr: float | None = None  # learning rate of the plan logits (None: same as lr)
+    dustbin: bool = False  # learned plans: one more row, "no teacher", so a student layer can learn from none (see plans.registry)
+    dustbin_mass: float = 1.0  # "sinkhorn" with dustbin: the dustbin row's fixed mass (student layers' worth, 0 < m < S)
     plan_objective: str = "mi"  # learned plans: "mi" (ascend sum(lam * mi)) or "heldout" (descend the held-out CE hypergradient)
     heldout_fraction: float = 0.1  # plan_objective="heldout": share of the training set kept aside (never trained on)
     heldout_every: int = 10  # plan_objective="heldout": steps between plan updates
@@ -103,6 +105,10 @@ class FitConfig:
         check(self.plan_objective == "mi" or self.strategy in ("softmax", "sinkhorn"),
               f"plan_objective={self.plan_objective!r} updates a learned plan's logits; it needs strategy 'softmax' or "
               f"'sinkhorn', not {self.strategy!r}.")
+        check(not self.dustbin or self.strategy in ("softmax", "sinkhorn"),
+              f"dustbin=True adds a learned 'no teacher' row; it needs strategy 'softmax' or 'sinkhorn', not {self.strategy!r}.")
+        check(isinstance(self.dustbin_mass, (int, float)) and math.isfinite(self.dustbin_mass) and self.dustbin_mass > 0,
+              f"Expected `dustbin_mass` > 0 (in student layers) but got {self.dustbin_mass!r}.")
         check(isinstance(self.heldout_fraction, (int, float)) and 0 < self.heldout_fraction < 1,
               f"Expected `heldout_fraction` in (0, 1) (a share of the training set) but got {self.heldout_fraction!r}.")
         check(isinstance(self.heldout_every, int) and not isinstance(self.heldout_every, bool) and self.heldout_every >= 1,
@@ -127,7 +133,7 @@ class FitConfig:
                 setattr(self, name, os.fspath(getattr(self, name)))
             v = getattr(self, name)
             check(v is None or (isinstance(v, str) and v != ""), f"Expected `{name}` to be a directory path or None but got {v!r}.")
-        for name in ("resume", "amp", "channels_last", "compile", "allow_few_taps"):
+        for name in ("resume", "amp", "channels_last", "compile", "allow_few_taps", "dustbin"):
             v = getattr(self, name)
             check(isinstance(v, bool), f"Expected `{name}` to be True or False but got {v!r}.")
         check(not self.resume or self.checkpoint_dir is not None,
@@ -141,7 +147,7 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
-    "plan_objective", "heldout_every", "heldout_lr",
+    "plan_objective", "heldout_every", "heldout_lr", "dustbin", "dustbin_mass",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

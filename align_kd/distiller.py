@@ -53,7 +53,8 @@ class DistillerOutput:
     logits: (B, K) the student's logits.
     terms: named detached scalars: ``ce``, ``kd`` (the logit term, unweighted), ``feature``
         (sum(lam * mi), nats; 0 without a feature term).
-    plan: (T, S) the plan of this step, every column sums to 1 (detached).
+    plan: (T, S) the plan of this step, every column sums to 1 (detached); with ``dustbin=True``
+        (T + 1, S), the last row the weight each student layer gives to no teacher.
     mi: (T, S) MI estimates of this step (detached), None without a feature term.
     pairs_evaluated: share of the T x S bounds computed this step (1.0 unless ``skip_pairs_below``).
     """
@@ -340,7 +341,8 @@ class Distiller(nn.Module):
         kd = (kd_term(cfg.kd_loss, s_logits, t_logits, y, cfg.kd_temperature, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta)
               if self.uses_kd else ce.new_zeros(()))
         distil = cfg.kd_weight * kd_scale * kd
-        lam = self.plan()  # (T, S)
+        full = self.plan()  # (T, S); with a dustbin (T + 1, S), the last row "no teacher"
+        lam = full[: len(self.teacher_layers)] if self.plan.dustbin else full  # (T, S): what the bank weighs
         mi, active, objective_gap = None, None, None
         if self.bank is not None:
             if cfg.skip_pairs_below is not None and training and int(self.forward_count) % cfg.full_pass_every != 0:
@@ -362,8 +364,8 @@ class Distiller(nn.Module):
         if training:
             with torch.no_grad():
                 self.forward_count += 1
-        plan = lam.detach()
-        feature = (plan * mi.detach()).sum().float() if mi is not None else ce.new_zeros(())
+        plan = full.detach()
+        feature = (lam.detach() * mi.detach()).sum().float() if mi is not None else ce.new_zeros(())
         return DistillerOutput(
             loss=loss, logits=s_logits,
             terms={"ce": ce.detach(), "kd": kd.detach().float(), "feature": feature.detach()},

@@ -33,7 +33,8 @@ __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting
 #: the other rows are the registered plans (:data:`align_kd.plans.PLANS`), "hinton" first
 LOGIT_BASELINES = ("dkd", "ls")
 #: rows that are a registered plan with other options: the plan learned from held-out cross-entropy
-PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"})}
+PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"}),
+                 "sinkhorn-heldout-dustbin": ("sinkhorn", {"plan_objective": "heldout", "dustbin": True})}
 ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS)
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
 LEARNED = (*(name for name, cls in PLANS.items() if cls.learned or cls.data is not None), *PLAN_VARIANTS)
@@ -453,6 +454,8 @@ def row_settings(setting: Setting) -> str:
         if opts.get("plan_objective", "mi") == "heldout":
             what += (" learned from held-out cross-entropy (10% of the training images kept aside, an Adam step on "
                      "the plan logits every 10 steps)")
+        if opts.get("dustbin"):
+            what += ", with a 'no teacher' row holding one student layer's worth of mass"
         lines.append(f"- `{strategy}`: {what}")
     return "\n".join(lines) + "\n"
 

@@ -29,6 +29,7 @@ from .distiller import Distiller, DistillerOutput, _first_line
 from .distributed import DistContext
 from .distributed import setup as _setup_distributed
 from .evaluation import evaluate, preserve_mode
+from .plans import DUSTBIN
 from .result import FitResult
 
 __all__ = ["FitConfig", "FitResult", "evaluate", "fit"]
@@ -188,6 +189,11 @@ def train_step(model, distiller: Distiller, optimizer, scheduler, x: Tensor, y: 
     return out
 
 
+def _rows_of_plan(distiller: Distiller, mi: Tensor) -> Tensor:
+    """``mi`` (T, S) with the plan's rows: a zero row for the dustbin (no teacher, no information)."""
+    return torch.cat([mi, mi.new_zeros(1, mi.shape[1])]) if distiller.plan.dustbin else mi
+
+
 def _kd_ramp(cfg: FitConfig, step: int, steps_per_epoch: int) -> float:
     """The logit term's warm-up factor: linear from 0 to 1 over the first kd_warmup of training."""
     warm = cfg.kd_warmup * cfg.epochs * steps_per_epoch
@@ -269,7 +275,9 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
             pushes = [r["hypergrad_norm"] for r in state.solves if r.get("kind") == "heldout" and r["step"] > state.step - steps_per_epoch]
             record["hypergrad_norm"] = sum(pushes) / len(pushes) if pushes else None
         state.mi_last = None if mi_sum is None else mi_sum / mi_n
-        record["mi"] = None if state.mi_last is None else state.mi_last.tolist()
+        record["mi"] = None if state.mi_last is None else _rows_of_plan(distiller, state.mi_last).tolist()
+        if distiller.plan.dustbin:  # share of the student layers' attention that goes to no teacher
+            record["dustbin_mass"] = float(plan[-1].sum()) / plan.shape[1]
         state.history.append(record)
         state.epoch = epoch + 1
         if checkpointer is not None:
@@ -403,13 +411,14 @@ def fit(
 
     with torch.no_grad():
         plan = distiller.plan().detach().float().cpu()
+    dustbin = distiller.plan.dustbin  # the plan's extra row is a node of its own in graphs and reports
     return FitResult(
         student=student,
         plan=plan,
-        mi=state.mi_last,
-        teacher_layers=list(distiller.teacher_layers),
+        mi=None if state.mi_last is None else _rows_of_plan(distiller, state.mi_last),
+        teacher_layers=list(distiller.teacher_layers) + ([DUSTBIN] if dustbin else []),
         student_layers=list(distiller.student_layers),
-        teacher_shapes=distiller.teacher_shapes,
+        teacher_shapes=distiller.teacher_shapes + ([[]] if dustbin else []),
         student_shapes=distiller.student_shapes,
         history=state.history,
         solves=state.solves,

@@ -9,6 +9,7 @@ Exact (LP / entropic) plans from cvxpy and scipy live in :mod:`align_kd.exact`.
 """
 from .projection import SinkhornResult, sinkhorn, sinkhorn_solve
 from .registry import (
+    DUSTBIN,
     PLAN_STRATEGIES,
     PLANS,
     ExactPlan,
@@ -26,9 +27,11 @@ from .registry import (
     register_plan,
     uniform_plan,
     validate_plan,
+    with_dustbin,
 )
 
 __all__ = [
+    "DUSTBIN",
     "PLANS",
     "PLAN_STRATEGIES",
     "ExactPlan",
@@ -49,4 +52,5 @@ __all__ = [
     "sinkhorn_solve",
     "uniform_plan",
     "validate_plan",
+    "with_dustbin",
 ]

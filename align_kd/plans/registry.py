@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .projection import _check_inputs, _project, sinkhorn
 
-__all__ = ["PLANS", "PLAN_STRATEGIES", "LearnedPlan", "Plan", "depth_prior", "make_plan", "pairwise_plan",
-           "register_plan", "uniform_plan", "validate_plan"]
+__all__ = ["DUSTBIN", "PLANS", "PLAN_STRATEGIES", "LearnedPlan", "Plan", "depth_prior", "make_plan", "pairwise_plan",
+           "register_plan", "uniform_plan", "validate_plan", "with_dustbin"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +75,7 @@ class Plan(nn.Module):
     """
 
     name = ""
+    dustbin = False  # True: the last row is "no teacher" (T + 1 rows; the bank sees the first T)
     learned = False  # has parameters trained by the optimiser
     uses_features = True  # False: no feature term at all (logit KD only), so no MI bank is built
     data: str | None = None  # what update() learns from: None (nothing), "held" (a few held training batches) or "heldout" (held-out batches)
@@ -162,8 +163,26 @@ class UniformPlan(FixedPlan):
         return cls(uniform_plan(T, S))
 
 
+#: the name of the "no teacher" row of a plan with a dustbin (graphs and reports show it as its own node)
+DUSTBIN = "(no teacher)"
+
+
+def with_dustbin(prior: Tensor, row_marginal: Tensor, mass: float) -> tuple[Tensor, Tensor]:
+    """A (T + 1, S) prior and (T + 1,) row marginal with a dustbin row, as in SuperGlue's augmented
+    Sinkhorn: the dustbin's row mass is fixed at ``mass`` (in student layers, 0 < mass < S) and the
+    teacher rows keep their proportions on the remaining S - mass. Columns still sum to 1, so a
+    student layer whose column puts weight w on the dustbin learns from the teachers with 1 - w.
+    The dustbin starts at a prior logit of log(0.05): nearly closed (softmax) before learning."""
+    T, S = prior.shape
+    if not 0 < mass < S:
+        raise ValueError(f"Expected `dustbin_mass` in (0, S) = (0, {S}) (student layers' worth of mass) but got {mass}.")
+    prior = torch.cat([prior, torch.full((1, S), math.log(0.05))])
+    row_marginal = torch.cat([row_marginal * ((S - mass) / S), torch.tensor([float(mass)])])
+    return prior, row_marginal
+
+
 class LearnedPlan(Plan):
-    """A plan with learned logits Z (T, S). ``objective="mi"``: Z is trained with the student by the
+    """A plan with learned logits Z (T, S) (with ``dustbin``: (T + 1, S), last row "no teacher"). ``objective="mi"``: Z is trained with the student by the
     gradient of sum(lam * mi) at fixed mi (ascending the MI it weights). ``objective="heldout"``: Z
     is left out of the student's optimiser and updated every ``every`` steps by :meth:`update`,
     which descends the first-order hypergradient of held-out cross-entropy (see
@@ -189,6 +208,14 @@ class LearnedPlan(Plan):
         return {"objective": options.get("plan_objective", "mi"), "lr": options.get("heldout_lr", 0.01),
                 "every": options.get("heldout_every", 10)}
 
+    @classmethod
+    def _build_args(cls, T: int, S: int, prior: Tensor, row_marginal: Tensor, options: dict):
+        """(rows, prior, row marginal, dustbin flag): T teacher rows, plus the dustbin when asked."""
+        if not options.get("dustbin", False):
+            return T, prior, row_marginal, False
+        prior, row_marginal = with_dustbin(prior, row_marginal, options.get("dustbin_mass", 1.0))
+        return T + 1, prior, row_marginal, True
+
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
             self._optimizer = torch.optim.Adam([self.logits], lr=self.lr)
@@ -204,6 +231,8 @@ class LearnedPlan(Plan):
             raise ValueError("The held-out plan is updated from a training batch and a held-out batch: "
                              "update_plan(train=(x, y), heldout=(x_heldout, y_heldout)).")
         g = distiller.heldout_hypergradient(train, heldout)  # (T, S), averaged over ranks
+        if self.dustbin:  # the dustbin carries no feature term: its entries of the hypergradient are 0
+            g = torch.cat([g, g.new_zeros(1, g.shape[1])])
         with torch.enable_grad():
             self.logits.requires_grad_(True)
             try:
@@ -234,8 +263,11 @@ class SoftmaxPlan(LearnedPlan):
     """Learned logits Z (T, S), lambda = column softmax of Z / tau."""
 
     @classmethod
-    def build(cls, T, S, *, tau, prior, options, **_):
-        return cls(T, S, tau=tau, init=prior, **cls._objective_options(options))
+    def build(cls, T, S, *, tau, prior, row_marginal, options, **_):
+        rows, prior, _, dustbin = cls._build_args(T, S, prior, row_marginal, options)
+        plan = cls(rows, S, tau=tau, init=prior, **cls._objective_options(options))
+        plan.dustbin = dustbin
+        return plan
 
     def forward(self) -> Tensor:
         return torch.softmax(self.logits / self.tau, dim=0)
@@ -258,7 +290,10 @@ class SinkhornPlan(LearnedPlan):
 
     @classmethod
     def build(cls, T, S, *, tau, row_marginal, prior, options, **_):
-        return cls(T, S, tau=tau, init=prior, row_marginal=row_marginal, **cls._objective_options(options))
+        rows, prior, row_marginal, dustbin = cls._build_args(T, S, prior, row_marginal, options)
+        plan = cls(rows, S, tau=tau, init=prior, row_marginal=row_marginal, **cls._objective_options(options))
+        plan.dustbin = dustbin
+        return plan
 
     def forward(self) -> Tensor:
         res = _project(self.logits, self.row_marginal, self.tau, self.tol, max_iter=2000, check_every=10,
