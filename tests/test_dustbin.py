@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 torch.set_num_threads(1)
 
 from align_kd import Distiller, alignment_graph, draw_alignment, fit  # noqa: E402
 from align_kd.data import TensorLoader, load_cifar10  # noqa: E402
 from align_kd.plans import DUSTBIN, sinkhorn, with_dustbin  # noqa: E402
+from test_heldout import student8, teacher8  # noqa: E402  (the same small nets)
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"the CIFAR-10 archive is not at {ARCHIVE}")
@@ -30,17 +30,6 @@ def data():
 
 def batch(data, n=64):
     return next(iter(TensorLoader(*data, batch_size=n)))
-
-
-def teacher8():
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(8 * 64, 10))
-
-
-def student8():
-    torch.manual_seed(2)
-    return nn.Sequential(nn.Flatten(), nn.Linear(192, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
 
 
 def test_augmented_sinkhorn_marginals():
