@@ -40,6 +40,7 @@ class FitConfig:
     row_marginal: list[float] | None = None  # teacher-row masses summing to S; None: uniform S / T
     plan_init: str = "depth"  # "depth" (soft diagonal by relative depth) or "zeros"
     plan_lr: float | None = None  # learning rate of the plan logits (None: same as lr)
+    plan_schedule: str = "cosine"  # the plan logits' rate: "cosine" (the student's schedule) or "constant" (after the warm-up)
     dustbin: bool = False  # learned plans: one more row, "no teacher", so a student layer can learn from none (see plans.registry)
     dustbin_mass: float = 1.0  # "sinkhorn" with dustbin: the dustbin row's fixed mass (student layers' worth, 0 < m < S)
     plan_objective: str = "mi"  # learned plans: "mi" (ascend sum(lam * mi)) or "heldout" (descend the held-out CE hypergradient)
@@ -100,6 +101,8 @@ class FitConfig:
         check(self.ce_weight is None or (isinstance(self.ce_weight, (int, float)) and math.isfinite(self.ce_weight) and self.ce_weight >= 0),
               f"Expected `ce_weight` >= 0 or None but got {self.ce_weight!r}.")
         check(self.plan_lr is None or self.plan_lr > 0, f"Expected `plan_lr` > 0 or None but got {self.plan_lr!r}.")
+        check(self.plan_schedule in ("cosine", "constant"),
+              f"Expected argument `plan_schedule` to be one of ['cosine', 'constant'] but got {self.plan_schedule!r}.")
         check(self.plan_objective in PLAN_OBJECTIVES,
               f"Expected argument `plan_objective` to be one of {list(PLAN_OBJECTIVES)} but got {self.plan_objective!r}.")
         check(self.plan_objective == "mi" or self.strategy in ("softmax", "sinkhorn"),

@@ -299,16 +299,19 @@ class Distiller(nn.Module):
     # -- optimisation ---------------------------------------------------------------------------
 
     def param_groups(self, lr: float, weight_decay: float = 0.0, plan_lr: float | None = None) -> list[dict]:
-        """torch optimiser parameter groups: student and regressors with ``weight_decay``; the
+        """torch optimiser parameter groups, each with a ``name`` ("student", "bank",
+        "bank_log_variances", "plan"): student and regressors with ``weight_decay``; the
         log-variances and the plan logits without (plan logits at ``plan_lr``, default ``lr``)."""
-        groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        groups = [{"name": "student", "params": [p for p in self.student.parameters() if p.requires_grad],
+                   "weight_decay": weight_decay}]
         if self.bank is not None:
             no_decay = {id(p) for p in self.bank.no_decay_parameters()}
-            groups.append({"params": [p for p in self.bank.parameters() if id(p) not in no_decay], "weight_decay": weight_decay})
-            groups.append({"params": self.bank.no_decay_parameters(), "weight_decay": 0.0})
+            groups.append({"name": "bank", "params": [p for p in self.bank.parameters() if id(p) not in no_decay],
+                           "weight_decay": weight_decay})
+            groups.append({"name": "bank_log_variances", "params": self.bank.no_decay_parameters(), "weight_decay": 0.0})
         plan_params = list(self.plan.parameters()) if self.plan.learned else []  # not the held-out plan's: update_plan moves it
         if plan_params and self.bank is not None:
-            groups.append({"params": plan_params, "weight_decay": 0.0, "lr": plan_lr or lr})
+            groups.append({"name": "plan", "params": plan_params, "weight_decay": 0.0, "lr": plan_lr or lr})
         return groups
 
     def running_buffers(self) -> list[Tensor]:

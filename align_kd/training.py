@@ -153,11 +153,19 @@ def make_optimizer(distiller: Distiller, cfg: FitConfig) -> torch.optim.Optimize
 
 
 def make_scheduler(optimizer, cfg: FitConfig, steps_per_epoch: int):
-    """Linear warm-up over ``warmup_epochs``, then cosine decay to 0 at the last step."""
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to 0 at the last step; the plan's
+    group with ``plan_schedule="constant"`` stays at its rate after the warm-up."""
     total = cfg.epochs * steps_per_epoch
     warm = int(cfg.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm))))
+
+    def cosine(k):
+        return (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
+
+    def constant(k):
+        return (k + 1) / warm if k < warm else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        constant if g.get("name") == "plan" and cfg.plan_schedule == "constant" else cosine for g in optimizer.param_groups])
 
 
 def train_step(model, distiller: Distiller, optimizer, scheduler, x: Tensor, y: Tensor, *, kd_scale: float,

@@ -408,3 +408,30 @@ def test_cli_flag_skip_pairs_below():
 
     opts = _fit_options_from_args(build_parser().parse_args(["fit", "--skip-pairs-below", "0.05"]))
     assert opts == {"skip_pairs_below": 0.05}
+
+
+def test_constant_plan_schedule_keeps_the_plan_moving_to_the_end():
+    """plan_schedule="constant": the plan group keeps its rate while the student's decays to 0, so
+    the last epoch still moves the plan (with the shared cosine it barely does)."""
+    from align_kd.training import make_optimizer, make_scheduler
+    from align_kd import Distiller
+    from align_kd.config import FitConfig
+
+    moved = {}
+    for schedule in ("cosine", "constant"):
+        res = fit(make_teacher(), make_student(), loaders(), strategy="softmax", plan_schedule=schedule, epochs=4,
+                  lr=0.05, plan_lr=0.01, **{k: v for k, v in FAST.items() if k != "epochs"})
+        plans = [torch.tensor(h["plan"]) for h in res.history]
+        moved[schedule] = float((plans[-1] - plans[-2]).abs().sum())
+    assert moved["constant"] > 5 * moved["cosine"], moved  # observed 0.43 against 0.036
+    cfg = FitConfig(strategy="softmax", plan_schedule="constant", plan_lr=0.5, epochs=2)
+    x = next(iter(loaders()[0]))[0]
+    opt = make_optimizer(Distiller(make_teacher(), make_student(), x, strategy="softmax", width=8), cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=4)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    rates = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert rates["plan"] == 0.5 and rates["student"] < 1e-12  # cosine ends at 0; the plan's rate is untouched
+    with pytest.raises(ValueError, match="plan_schedule"):
+        FitConfig(plan_schedule="linear")
