@@ -10,12 +10,13 @@ from dataclasses import replace
 def _strategy_help() -> str:
     from .experiment import ALL_STRATEGIES
 
-    from .experiment import PLAN_VARIANTS
+    from .experiment import PLAN_FROM_ROW, PLAN_VARIANTS
 
-    plans = [s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls", *PLAN_VARIANTS)]
+    plans = [s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls", *PLAN_VARIANTS, *PLAN_FROM_ROW)]
     return ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), "
             + ", ".join(plans) + " (the registered plans), sinkhorn-heldout (sinkhorn with plan_objective='heldout'), "
-            "sinkhorn-heldout-dustbin (the same with dustbin=True)")
+            "sinkhorn-heldout-dustbin (the same with dustbin=True), sinkhorn-heldout-retrain (sinkhorn-heldout's "
+            "final plan of the same seed, fixed, on all the training data)")
 
 
 def _threads(n: int | None) -> None:

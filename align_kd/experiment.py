@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ._io import atomic_write_text
 from .data import cifar10_loaders
@@ -35,9 +36,12 @@ LOGIT_BASELINES = ("dkd", "ls")
 #: rows that are a registered plan with other options: the plan learned from held-out cross-entropy
 PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"}),
                  "sinkhorn-heldout-dustbin": ("sinkhorn", {"plan_objective": "heldout", "dustbin": True})}
-ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS)
+#: search then retrain (DistPro's protocol): the plan a row learned on the same seed, fixed, on all the data
+PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout"}
+ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS,
+                  *PLAN_FROM_ROW)
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
-LEARNED = (*(name for name, cls in PLANS.items() if cls.learned or cls.data is not None), *PLAN_VARIANTS)
+LEARNED = (*(name for name, cls in PLANS.items() if cls.learned or cls.data is not None), *PLAN_VARIANTS, *PLAN_FROM_ROW)
 FIXED = tuple(name for name, cls in PLANS.items() if cls.uses_features and name not in LEARNED)
 
 
@@ -142,7 +146,19 @@ def _fit_options(setting: Setting, strategy: str, seed: int, progress: bool) -> 
     if strategy in PLAN_VARIANTS:
         plan, extra = PLAN_VARIANTS[strategy]
         return plan, {**opts, **extra}
+    if strategy in PLAN_FROM_ROW:  # the plan itself comes from the source row's record (see run_setting)
+        return "fixed", opts
     return strategy, opts
+
+
+def _plan_from_row(out: Path, setting: Setting, strategy: str, seed: int) -> Tensor:
+    """The final (T, S) plan of the row ``strategy`` takes its plan from, on the same seed."""
+    source = PLAN_FROM_ROW[strategy]
+    done = finished_record(out / f"{source}-s{seed}", run_key(setting, source, seed))
+    if done is None:
+        raise ValueError(f"Row {strategy!r} retrains with the plan that row {source!r} learned on seed {seed}, but that "
+                         f"run has not finished in {out}. Run --strategies {source} {strategy} (in that order).")
+    return torch.tensor(done["plan"])
 
 
 def _teacher(setting: Setting, train, test, *, progress: bool) -> tuple[torch.nn.Module, dict]:
@@ -224,9 +240,10 @@ def run_setting(
             torch.manual_seed(seed)
             student = build_model(setting.student, **setting.student_kwargs)
             name, opts = _fit_options(setting, strategy, seed, progress)
+            plan = _plan_from_row(out, setting, strategy, seed) if strategy in PLAN_FROM_ROW else name
             start = time.perf_counter()
             # steps.csv / epochs.csv (and TensorBoard events when installed) beside the record
-            result = fit(teacher, student, (train, test), strategy=name, log_dir=str(run_dir), **opts)
+            result = fit(teacher, student, (train, test), strategy=plan, log_dir=str(run_dir), **opts)
             wall = time.perf_counter() - start
             record = {
                 "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
@@ -456,6 +473,9 @@ def row_settings(setting: Setting) -> str:
                      "the plan logits every 10 steps)")
         if opts.get("dustbin"):
             what += ", with a 'no teacher' row holding one student layer's worth of mass"
+        if strategy in PLAN_FROM_ROW:
+            what += (f" fixed to the final plan `{PLAN_FROM_ROW[strategy]}` learned on the same seed, trained on all "
+                     f"{setting.train_limit or 50000} training images (search, then retrain)")
         lines.append(f"- `{strategy}`: {what}")
     return "\n".join(lines) + "\n"
 

@@ -239,12 +239,12 @@ def test_exact_plan_is_updated_by_the_users_loop(images):
 
 def test_registry_is_what_fit_and_the_cli_offer():
     from align_kd.__main__ import build_parser
-    from align_kd.experiment import ALL_STRATEGIES, PLAN_VARIANTS
+    from align_kd.experiment import ALL_STRATEGIES, PLAN_FROM_ROW, PLAN_VARIANTS
 
     assert PLAN_STRATEGIES == tuple(PLANS) == ("hinton", "pairwise", "uniform", "softmax", "sinkhorn", "exact")
     parser = build_parser()
     fit_cmd = next(a for a in parser._subparsers._group_actions[0].choices["fit"]._actions if a.dest == "strategy")
-    assert set(fit_cmd.choices) == set(ALL_STRATEGIES) == set(PLANS) | {"alone", "dkd", "ls"} | set(PLAN_VARIANTS)
+    assert set(fit_cmd.choices) == set(ALL_STRATEGIES) == set(PLANS) | {"alone", "dkd", "ls"} | set(PLAN_VARIANTS) | set(PLAN_FROM_ROW)
     assert all(plan in PLANS for plan, _ in PLAN_VARIANTS.values())
     with pytest.raises(ValueError, match="already registered"):
         register_plan("sinkhorn")(type("Again", (PLANS["sinkhorn"],), {}))

@@ -94,3 +94,20 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     assert "| alone |" not in text  # alone-s0 now holds the longer budget's record: not this setting's run
     report([setting], out, readme=readme)  # regenerating replaces the block, never appends a second one
     assert readme.read_text().count(experiment.README_START) == 1
+
+
+@needs_data
+def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))
+    base = quick(SETTINGS["real-cnn"])  # 230 training images after the split: 4 steps, an update every 2nd
+    setting = replace(base, train_limit=256, test_limit=128, fit_options={**base.fit_options, "heldout_every": 2})
+    out = tmp_path / "results"
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    with pytest.raises(ValueError, match="retrains with the plan that row 'sinkhorn-heldout' learned on seed 0"):
+        run_setting(setting, ["sinkhorn-heldout-retrain"], [0], out, data_root=data, progress=False)
+    (search, retrain), _ = run_setting(setting, ["sinkhorn-heldout", "sinkhorn-heldout-retrain"], [0], out,
+                                       data_root=data, progress=False)
+    assert retrain["fit_strategy"] == "fixed" and retrain["plan"] == search["plan"]  # the learned plan, held fixed
+    assert search["train_images"] == retrain["train_images"] == 256  # the loader; the search held 26 of them out
+    held = json.loads((out / "real-cnn" / "sinkhorn-heldout-s0" / "result.json").read_text())
+    assert any(r.get("kind") == "heldout" for r in held["solves"]) and retrain["fit_options"].get("plan_objective") is None
