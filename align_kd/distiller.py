@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DISTILLER_OPTIONS, LOOP_OPTIONS, FitConfig
+from .distributed import data_parallel, mean_over_ranks
 from .evaluation import preserve_mode
 from .losses import kd_term
 from .mi import MIBank
@@ -395,12 +396,7 @@ class Distiller(nn.Module):
                 total, n = (mi if total is None else total + mi), n + 1
         if n == 0:
             raise ValueError("estimate_mi() got no batches; pass a few held-out (x, y) batches.")
-        mi = total / n
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            buf = mi.detach().clone()
-            torch_dist.all_reduce(buf)  # data parallel: every rank's batches
-            mi = buf / torch_dist.get_world_size()
-        return mi
+        return mean_over_ranks(total / n)  # data parallel: every rank's batches
 
     def _objective_weight(self) -> float:
         """d(training loss)/d(-sum(lam * mi)): the factor of the feature term in the objective."""
@@ -437,12 +433,7 @@ class Distiller(nn.Module):
             jt_u = torch.autograd.grad(mi, params, grad_outputs=u, create_graph=True, allow_unused=True)
             dot = sum((a * b).sum() for a, b in zip(jt_u, v) if a is not None and b is not None)
             directional = torch.autograd.grad(dot, u)[0] if torch.is_tensor(dot) and dot.requires_grad else torch.zeros_like(mi)
-        g = self._objective_weight() * directional.detach()  # (T, S): w * <grad I_ij, grad CE_heldout>
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            g = g.clone()
-            torch_dist.all_reduce(g)
-            g /= torch_dist.get_world_size()
-        return g
+        return mean_over_ranks(self._objective_weight() * directional.detach())  # (T, S): w * <grad I_ij, grad CE_heldout>
 
     def update_plan(self, batches=None, *, train=None, heldout=None) -> dict | None:
         """Update a plan that learns from data of its own; call it from your loop when
@@ -454,7 +445,7 @@ class Distiller(nn.Module):
         if self.plan.data is None:
             return None
         record = self.plan.update(self, batches, train=train, heldout=heldout)
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        if data_parallel():
             for b in self.plan.buffers():  # identical plans even if a solver is not deterministic
                 torch_dist.broadcast(b, src=0)
         return record

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["DistContext", "env_world_size", "is_main", "presharded", "setup"]
+__all__ = ["DistContext", "data_parallel", "env_world_size", "is_main", "mean_over_ranks", "presharded", "setup"]
 
 
 def env_world_size() -> int:
@@ -44,6 +44,20 @@ def env_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 1
+
+
+def data_parallel() -> bool:
+    """Whether a torch.distributed process group of more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def mean_over_ranks(t: Tensor) -> Tensor:
+    """The mean of ``t`` over the ranks of the running process group (``t`` itself in one process)."""
+    if not data_parallel():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
 
 
 def is_main() -> bool:

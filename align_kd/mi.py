@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import data_parallel, mean_over_ranks
+
 __all__ = ["BANK_LAYOUTS", "MIBank", "as_map"]
 
 BANK_LAYOUTS = ("shared", "full")
@@ -78,12 +80,6 @@ class _ScaleGrad(torch.autograd.Function):
         return g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))), None
 
 
-def _data_parallel() -> bool:
-    """Whether a torch.distributed process group of more than one rank is running."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class RunningStandardizer(nn.Module):
     """Per-channel standardisation with running (EMA) statistics; nothing learned.
 
@@ -103,7 +99,7 @@ class RunningStandardizer(nn.Module):
     @torch.no_grad()
     def update(self, t: Tensor) -> None:
         t = t.float().flatten(0, 1)  # (B*P, C)
-        if _data_parallel():
+        if data_parallel():
             # every rank's rows: counts, sums and sums of squares added up in one all-reduce
             stats = torch.cat([t.new_tensor([t.shape[0]]), t.sum(0), (t * t).sum(0)])
             torch.distributed.all_reduce(stats)
@@ -289,12 +285,8 @@ class MIBank(nn.Module):
         out = torch.stack([torch.stack(row) for row in mi])  # (T, S)
         if self.training:
             with torch.no_grad():
-                last = out.detach().float()
-                if _data_parallel():  # the global batch's estimate, the same buffer on every rank
-                    last = last.clone()
-                    torch.distributed.all_reduce(last)
-                    last /= torch.distributed.get_world_size()
-                self.last_mi.copy_(last)
+                # data parallel: the global batch's estimate, the same buffer on every rank
+                self.last_mi.copy_(mean_over_ranks(out.detach().float()))
         return out
 
     def _forward_shared(self, student_feats, targets, variances, weight, mi, pairs) -> None:

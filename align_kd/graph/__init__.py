@@ -38,28 +38,8 @@ from .analysis import (
 )
 from .drawing import draw_alignment, draw_panels, draw_plan_evolution, draw_plan_heatmap
 from .reporting import add_cli, format_table, report
-from . import drawing as _drawing
+from . import analysis, drawing, reporting
 
-_alignment_size = _drawing._alignment_size  # private; the tests reach it as align_kd.graph._alignment_size
+_alignment_size = drawing._alignment_size  # private; the tests reach it as align_kd.graph._alignment_size
 
-__all__ = [
-    "load_run",
-    "alignment_graph",
-    "graph_plan",
-    "max_matching",
-    "crossings",
-    "weighted_crossings",
-    "fan_in",
-    "dominant_teacher",
-    "usage",
-    "summary",
-    "format_table",
-    "compare",
-    "stability",
-    "draw_alignment",
-    "draw_plan_heatmap",
-    "draw_plan_evolution",
-    "draw_panels",
-    "report",
-    "add_cli",
-]
+__all__ = [*analysis.__all__, *drawing.__all__, *reporting.__all__]
