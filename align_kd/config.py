@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from .losses import KD_LOSSES
-from .mi import BANK_LAYOUTS
+from .mi import BANK_LAYOUTS, MI_ESTIMATORS
 from .plans import PLANS
 
 __all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS", "PLAN_OBJECTIVES"]
@@ -53,6 +53,7 @@ class FitConfig:
     optimizer: str = "sgd"  # "sgd" (nesterov) or "adam"
     warmup_epochs: float = 0.0  # linear LR warm-up, then cosine decay to 0
     bank_layout: str = "shared"  # MI bank regressors: "shared" (cheap) or "full" (reference VID)
+    mi_estimator: str = "vid"  # the bound on I(t_i; s_j): "vid" (Gaussian, nats per element) or "infonce" (contrastive, in-batch negatives, nats per sample)
     pool: int | None = 2  # cap on the resolution at which pairs are compared (shared bank)
     width: int | None = None  # hidden width of the MI regressors (None: from the student's channels, 16-64)
     skip_pairs_below: float | None = None  # skip pairs with lambda below this (last estimate reused); None: all pairs
@@ -121,6 +122,11 @@ class FitConfig:
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
         check(self.bank_layout in BANK_LAYOUTS,
               f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {self.bank_layout!r}.")
+        check(self.mi_estimator in MI_ESTIMATORS,
+              f"Expected argument `mi_estimator` to be one of {list(MI_ESTIMATORS)} but got {self.mi_estimator!r}.")
+        check(self.mi_estimator == "vid" or self.bank_layout == "shared",
+              f"bank_layout={self.bank_layout!r} is a layout of the VID regressors; mi_estimator={self.mi_estimator!r} "
+              f"has its own heads. Use bank_layout='shared' (the default) with it.")
         check(self.plan_init in ("depth", "zeros"), f"Expected argument `plan_init` to be one of ['depth', 'zeros'] but got {self.plan_init!r}.")
         check(self.exact_every is None or (isinstance(self.exact_every, int) and self.exact_every >= 1),
               f"Expected `exact_every` to be an int >= 1 or None but got {self.exact_every!r}.")
@@ -148,7 +154,7 @@ class FitConfig:
 #: the fields of FitConfig a Distiller takes (the objective, the plan, the MI bank, the model path)
 DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
-    "tau", "row_marginal", "plan_init", "bank_layout", "pool", "width", "skip_pairs_below", "full_pass_every",
+    "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
     "plan_objective", "heldout_every", "heldout_lr", "dustbin", "dustbin_mass",
 )

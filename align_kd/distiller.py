@@ -11,7 +11,7 @@ One forward (rows of every (T, S) matrix are teacher layers, columns student lay
     t_1..t_T, t_logits = teacher(x)            eval mode, no grad, never trained
     s_1..s_S, s_logits = student(x)
     lam = plan()                               (T, S), every column sums to 1
-    mi  = bank(t, s, student_grad_weight=lam)  (T, S) nats per element
+    mi  = bank(t, s, student_grad_weight=lam)  (T, S) nats per element (VID) or per sample (InfoNCE)
     loss = beta * CE + (1 - beta) * (kd_weight * KD - feature_weight * sum(lam * mi))
 
 (``ce_weight`` given: ``ce_weight * CE + kd_weight * KD - feature_weight * sum(lam * mi)``.)
@@ -40,7 +40,7 @@ from .distributed import data_parallel, mean_over_ranks
 from .evaluation import preserve_mode
 from .losses import kd_term
 from .mi import MIBank
-from .plans import PLANS, Plan, make_plan
+from .plans import DUSTBIN, PLANS, Plan, make_plan
 from .taps import FeatureTap, check_tap_count, describe_taps, discover_layers
 
 __all__ = ["Distiller", "DistillerOutput"]
@@ -249,7 +249,7 @@ class Distiller(nn.Module):
         self.uses_kd = cfg.kd_weight > 0 and weighs_distil
         self.uses_teacher = self.uses_kd or self.uses_features  # else (labels only) skip its forward
         self.bank = (
-            MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout,
+            MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout, estimator=cfg.mi_estimator,
                    pool=cfg.pool if cfg.bank_layout == "shared" else None, width=cfg.width).to(self.device)
             if self.uses_features else None
         )
@@ -291,6 +291,11 @@ class Distiller(nn.Module):
         """An input batch on the device; (B, C, H, W) batches in channels_last under channels_last=True."""
         x = x.to(self.device, non_blocking=True)
         return channels_last_batch(x) if self.cfg.channels_last else x
+
+    @property
+    def plan_rows(self) -> list[str]:
+        """Names of the plan's rows: the teacher layers, then the dustbin's row ("no teacher") when it has one."""
+        return list(self.teacher_layers) + ([DUSTBIN] if self.plan.dustbin else [])
 
     @property
     def eval_model(self) -> nn.Module:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write_text
+from .config import FitConfig
 from .data import cifar10_loaders
 from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
@@ -34,15 +35,22 @@ __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting
 #: the other rows are the registered plans (:data:`align_kd.plans.PLANS`), "hinton" first
 LOGIT_BASELINES = ("dkd", "ls")
 #: rows that are a registered plan with other options: the plan learned from held-out cross-entropy
+#: (issue 13), and plans on the contrastive MI estimator instead of the Gaussian one
 PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"}),
-                 "sinkhorn-heldout-dustbin": ("sinkhorn", {"plan_objective": "heldout", "dustbin": True})}
+                 "sinkhorn-heldout-dustbin": ("sinkhorn", {"plan_objective": "heldout", "dustbin": True}),
+                 "softmax-heldout": ("softmax", {"plan_objective": "heldout"}),
+                 "pairwise-infonce": ("pairwise", {"mi_estimator": "infonce"}),
+                 "sinkhorn-infonce": ("sinkhorn", {"mi_estimator": "infonce"})}
 #: search then retrain (DistPro's protocol): the plan a row learned on the same seed, fixed, on all the data
 PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout"}
 ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS,
                   *PLAN_FROM_ROW)
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
-LEARNED = (*(name for name, cls in PLANS.items() if cls.learned or cls.data is not None), *PLAN_VARIANTS, *PLAN_FROM_ROW)
+_LEARNED_PLANS = tuple(name for name, cls in PLANS.items() if cls.learned or cls.data is not None)
+LEARNED = (*_LEARNED_PLANS, *(v for v, (base, _) in PLAN_VARIANTS.items() if base in _LEARNED_PLANS), *PLAN_FROM_ROW)
 FIXED = tuple(name for name, cls in PLANS.items() if cls.uses_features and name not in LEARNED)
+#: fit() options every record states at top level, so that rows can be told apart (issue 13)
+RECORD_OPTIONS = ("plan_objective", "dustbin", "mi_estimator")
 
 
 @dataclass
@@ -194,7 +202,16 @@ def finished_record(run_dir: Path, key: str) -> dict | None:
         record = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a damaged record: run again
-    return record if record.get("run_key") == key else None
+    if record.get("run_key") != key:
+        return None
+    for name, value in _record_options(record.get("fit_options", {})).items():  # records written before these fields
+        record.setdefault(name, value)
+    return record
+
+
+def _record_options(opts: dict) -> dict:
+    """The :data:`RECORD_OPTIONS` of a run's fit() options (FitConfig's defaults where a row leaves them)."""
+    return {name: opts.get(name, FitConfig.__dataclass_fields__[name].default) for name in RECORD_OPTIONS}
 
 
 def run_setting(
@@ -247,7 +264,8 @@ def run_setting(
             wall = time.perf_counter() - start
             record = {
                 "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
-                "seed": seed, "test_acc": result.test_acc, "best_acc": result.best_acc, "epochs": setting.epochs,
+                "seed": seed, **_record_options(opts), "test_acc": result.test_acc, "best_acc": result.best_acc,
+                "epochs": setting.epochs,
                 "teacher_acc": tinfo["test_acc"], "test_images": len(test.labels), "train_images": len(train.labels),
                 "wall_s": wall, "run_dir": str(run_dir), "run_key": key,
                 "curve": [h["test_acc"] for h in result.history],
@@ -471,6 +489,8 @@ def row_settings(setting: Setting) -> str:
         if opts.get("plan_objective", "mi") == "heldout":
             what += (" learned from held-out cross-entropy (10% of the training images kept aside, an Adam step on "
                      "the plan logits every 10 steps)")
+        if opts.get("mi_estimator", "vid") == "infonce":
+            what += " (MI by the contrastive InfoNCE bound, in-batch negatives, instead of the Gaussian VID bound)"
         if opts.get("dustbin"):
             what += ", with a 'no teacher' row holding one student layer's worth of mass"
         if strategy in PLAN_FROM_ROW:

@@ -23,6 +23,19 @@ Two regressor layouts:
   map; all pairs of one teacher layer at the same resolution run as one batched op.
 * ``"full"``: the reference VID regressor per pair (three 1x1 convolutions, middle width C_i) at
   the full common resolution; expensive, kept as the baseline the shared bank is measured against.
+
+A second estimator, ``estimator="infonce"`` (the contrastive bound behind CRD, Tian et al. 2020),
+gives the same (T, S) matrix from in-batch negatives. Each tap, pooled to at most ``pool`` x ``pool``
+and flattened (teacher taps standardised as above), is embedded by a two-layer head of width
+``width``; pair (i, j) maps the student embedding by its own width x width matrix and scores
+sample b against sample c by the cosine of the two embeddings times a learned scale (at most 100):
+score (B, B), rows student samples, columns teacher samples. With B samples,
+
+    mi_ij = log B - 0.5 * (CE(score, diag) + CE(score^T, diag))              (nats per sample)
+
+Each cross-entropy term gives the InfoNCE bound I(t; s) >= log B - CE for any critic, so their
+mean is one too; the estimate never exceeds log B. Under data parallelism the negatives are the
+rank's own batch (the bound uses that B).
 """
 from __future__ import annotations
 
@@ -35,9 +48,12 @@ from torch import Tensor, nn
 
 from .distributed import data_parallel, mean_over_ranks
 
-__all__ = ["BANK_LAYOUTS", "MIBank", "as_map"]
+__all__ = ["BANK_LAYOUTS", "MI_ESTIMATORS", "MIBank", "as_map"]
 
 BANK_LAYOUTS = ("shared", "full")
+#: the two lower bounds on I(t_i; s_j): the variational Gaussian (VID) and the contrastive (InfoNCE) one
+MI_ESTIMATORS = ("vid", "infonce")
+MAX_INFONCE_SCALE = 100.0  # cap on the InfoNCE critic's learned scale (inverse temperature), as in CLIP
 
 
 def as_map(x: Tensor) -> Tensor:
@@ -135,6 +151,9 @@ class MIBank(nn.Module):
         teacher_shapes: per-sample shapes of the T teacher taps, e.g. [(64, 16, 16), (197, 768), (10,)].
         student_shapes: the same for the S student taps.
         layout: "shared" (cheap, default) or "full" (reference VID regressor per pair).
+        estimator: "vid" (variational Gaussian bound, nats per element; default) or "infonce"
+            (contrastive bound with in-batch negatives, nats per sample, at most log B; shared
+            layout only).
         pool: cap on the common resolution (None: no cap; "full" layout defaults to None).
         width: hidden width of the shared trunk and per-pair maps (None: the median student
             channel count rounded up to a power of two, clamped to [16, 64], so that the bank
@@ -143,7 +162,7 @@ class MIBank(nn.Module):
         init_var: initial variance (targets are standardised, so 1.0 is neutral).
 
     ``forward(teacher_feats, student_feats, student_grad_weight=None, active=None)`` returns the
-    (T, S) MI estimate in nats per element. ``student_grad_weight`` (T, S), typically the plan,
+    (T, S) MI estimate (nats per element for "vid", per sample for "infonce"). ``student_grad_weight`` (T, S), typically the plan,
     scales the gradient that pair (i, j) sends into the student (and its shared trunk); the pair's
     own regressor and variance always get the full gradient, so every bound stays tight, also for
     pairs the plan has switched off. ``active`` (T, S) bool evaluates only those pairs (and only
@@ -158,6 +177,7 @@ class MIBank(nn.Module):
         student_shapes,
         *,
         layout: str = "shared",
+        estimator: str = "vid",
         pool: int | None = 2,
         width: int | None = None,
         eps: float = 1e-4,
@@ -167,6 +187,11 @@ class MIBank(nn.Module):
         super().__init__()
         if layout not in BANK_LAYOUTS:
             raise ValueError(f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {layout!r}.")
+        if estimator not in MI_ESTIMATORS:
+            raise ValueError(f"Expected argument `mi_estimator` to be one of {list(MI_ESTIMATORS)} but got {estimator!r}.")
+        if estimator == "infonce" and layout != "shared":
+            raise ValueError(f"bank_layout={layout!r} is a layout of the VID regressors; mi_estimator='infonce' has its "
+                             f"own heads. Use bank_layout='shared' (the default) with it.")
         if pool is not None and (not isinstance(pool, int) or pool < 1):
             raise ValueError(f"Expected `pool` to be a positive int or None but got {pool!r}.")
         if not (eps > 0 and init_var > eps):
@@ -178,13 +203,15 @@ class MIBank(nn.Module):
             width = min(64, max(16, 1 << (median - 1).bit_length()))
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"Expected `width` to be a positive int or None but got {width!r}.")
-        self.layout, self.pool, self.width, self.eps = layout, pool, width, eps
+        self.layout, self.estimator, self.pool, self.width, self.eps = layout, estimator, pool, width, eps
         T, S = len(self.teacher_maps), len(self.student_maps)
         self.T, self.S = T, S
         cap = (lambda n: n) if pool is None else (lambda n: min(n, pool))
         self.student_sizes = [(cap(h), cap(w)) for _, h, w in self.student_maps]
+        # VID compares a pair position by position at the common resolution; InfoNCE embeds each
+        # teacher tap once, at its own capped resolution
         self.pairs = [
-            _Pair(i, j, (min(cap(th), sh), min(cap(tw), sw)))
+            _Pair(i, j, (cap(th), cap(tw)) if estimator == "infonce" else (min(cap(th), sh), min(cap(tw), sw)))
             for i, (_, th, tw) in enumerate(self.teacher_maps)
             for j, (sh, sw) in enumerate(self.student_sizes)
         ]
@@ -195,6 +222,9 @@ class MIBank(nn.Module):
             if key not in self.standardizers:
                 self.standardizers[key] = RunningStandardizer(self.teacher_maps[p.i][0], momentum)
 
+        if estimator == "infonce":
+            self._build_infonce()
+            return
         alpha0 = math.log(math.expm1(init_var - eps))  # softplus^-1
         # alpha[i]: (S, C_i), one variance per teacher channel per pair; never weight-decayed
         self.alpha = nn.ParameterList([nn.Parameter(torch.full((S, c), alpha0)) for c, _, _ in self.teacher_maps])
@@ -217,17 +247,33 @@ class MIBank(nn.Module):
                 for ct in [self.teacher_maps[p.i][0]]
             )
 
+    def _build_infonce(self) -> None:
+        """Heads of the contrastive critic: one per tap (on the flattened, capped map), one map per pair."""
+        w = self.width
+
+        def head(n_in: int) -> nn.Module:
+            return nn.Sequential(nn.Linear(n_in, w), nn.ReLU(), nn.Linear(w, w))
+
+        self.trunks = nn.ModuleList(head(c * h * ww) for (c, _, _), (h, ww) in zip(self.student_maps, self.student_sizes))
+        teacher_sizes = {p.i: p.size for p in self.pairs}
+        self.teacher_heads = nn.ModuleList(head(c * teacher_sizes[i][0] * teacher_sizes[i][1])
+                                           for i, (c, _, _) in enumerate(self.teacher_maps))
+        # per pair a (width x width) map on the student embedding, initialised at the identity plus noise
+        self.pair_maps = nn.Parameter(torch.eye(w).repeat(self.T, self.S, 1, 1) + torch.randn(self.T, self.S, w, w) / w)
+        # (T, S) log of the critic's scale (inverse temperature), from 1 / 0.1; never weight-decayed
+        self.log_scale = nn.Parameter(torch.full((self.T, self.S), math.log(10.0)))
+
     @staticmethod
     def _target_key(i: int, size: tuple[int, int]) -> str:
         return f"t{i}_{size[0]}x{size[1]}"
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
-        """Parameters that must not get weight decay (the log-variances)."""
-        return list(self.alpha)
+        """Parameters that must not get weight decay (VID: the log-variances; InfoNCE: the log-scales)."""
+        return [self.log_scale] if self.estimator == "infonce" else list(self.alpha)
 
     def variances(self) -> list[Tensor]:
-        """Per teacher layer i, the (S, C_i) variances softplus(alpha) + eps."""
-        return [F.softplus(a.float()) + self.eps for a in self.alpha]
+        """Per teacher layer i, the (S, C_i) variances softplus(alpha) + eps (VID only: InfoNCE has none)."""
+        return [] if self.estimator == "infonce" else [F.softplus(a.float()) + self.eps for a in self.alpha]
 
     def _targets(self, teacher_feats: list[Tensor], pairs: list[_Pair]) -> dict[str, Tensor]:
         """Standardised, pooled teacher targets (B, P, C_i), computed once per (layer, size) of ``pairs``."""
@@ -265,7 +311,7 @@ class MIBank(nn.Module):
 
     def forward(self, teacher_feats: list[Tensor], student_feats: list[Tensor], student_grad_weight: Tensor | None = None,
                 active: Tensor | None = None) -> Tensor:
-        """(T, S) MI estimates in nats per element (differentiable in the active pairs)."""
+        """(T, S) MI estimates, nats per element (VID) or per sample (InfoNCE); differentiable in the active pairs."""
         self._check(teacher_feats, student_feats)
         if active is not None and (not isinstance(active, Tensor) or active.shape != (self.T, self.S) or active.dtype != torch.bool):
             got = f"{tuple(active.shape)} {active.dtype}" if isinstance(active, Tensor) else type(active).__name__
@@ -276,7 +322,9 @@ class MIBank(nn.Module):
         targets = self._targets(teacher_feats, pairs)
         variances = self.variances()
         mi = [[None] * self.S for _ in range(self.T)]
-        if self.layout == "shared":
+        if self.estimator == "infonce":
+            self._forward_infonce(student_feats, targets, weight, mi, pairs)
+        elif self.layout == "shared":
             self._forward_shared(student_feats, targets, variances, weight, mi, pairs)
         else:
             self._forward_full(student_feats, targets, variances, weight, mi, pairs)
@@ -289,10 +337,45 @@ class MIBank(nn.Module):
                 self.last_mi.copy_(mean_over_ranks(out.detach().float()))
         return out
 
-    def _forward_shared(self, student_feats, targets, variances, weight, mi, pairs) -> None:
+    @staticmethod
+    def _groups(pairs: list[_Pair]) -> dict[tuple[int, tuple[int, int]], list[int]]:
+        """Active pairs grouped by (teacher layer, resolution): their student layers, in order."""
         groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
         for p in pairs:
             groups.setdefault((p.i, p.size), []).append(p.j)
+        return groups
+
+    @staticmethod
+    def _infonce(score: Tensor) -> Tensor:
+        """Symmetric InfoNCE bound from scores (G, B, B), rows student samples, columns teacher samples -> (G,).
+
+        Sample b's positive is column b: log B - CE over each row, averaged with the same over each column.
+        """
+        G, B, _ = score.shape
+        labels = torch.arange(B, device=score.device).repeat(G)  # (G * B,)
+        rows = F.cross_entropy(score.flatten(0, 1), labels, reduction="none").view(G, B).mean(1)
+        cols = F.cross_entropy(score.transpose(1, 2).flatten(0, 1), labels, reduction="none").view(G, B).mean(1)
+        return math.log(B) - 0.5 * (rows + cols)
+
+    def _forward_infonce(self, student_feats, targets, weight, mi, pairs) -> None:
+        z = {}  # per student layer with an active pair: its embedding (B, width)
+        for j in sorted({p.j for p in pairs}):
+            z[j] = self.trunks[j](_pool(as_map(student_feats[j]), self.student_sizes[j]).flatten(1))
+        for (i, size), js in self._groups(pairs).items():
+            key = self._target_key(i, size)
+            t = targets[key] * self.standardizers[key].live  # (B, P, C_i); dead channels carry nothing
+            u = F.normalize(self.teacher_heads[i](t.flatten(1)).float(), dim=-1)  # (B, width)
+            zs = torch.stack([z[j] for j in js])  # (G, B, width)
+            if weight is not None:
+                zs = _ScaleGrad.apply(zs, weight[i, js])
+            v = F.normalize(torch.einsum("gbw,gvw->gbv", zs, self.pair_maps[i, js]).float(), dim=-1)  # (G, B, width)
+            scale = self.log_scale[i, js].float().exp().clamp(max=MAX_INFONCE_SCALE)  # (G,)
+            score = scale[:, None, None] * torch.einsum("gbw,cw->gbc", v, u)  # (G, B, B)
+            for g, val in zip(js, self._infonce(score)):
+                mi[i][g] = val
+
+    def _forward_shared(self, student_feats, targets, variances, weight, mi, pairs) -> None:
+        groups = self._groups(pairs)
         z = {}  # per student layer with an active pair: trunk output (B, width, h_j, w_j)
         for j in sorted({p.j for p in pairs}):
             x = _pool(as_map(student_feats[j]), self.student_sizes[j])  # (B, C_j, h_j, w_j)

@@ -26,7 +26,7 @@ class FitResult:
 
     student: the distilled student (trained in place).
     plan: (T, S) final plan, columns sum to 1 (all zeros for "hinton": no feature term).
-    mi: (T, S) MI estimates at the end, nats per element (None for "hinton").
+    mi: (T, S) MI estimates at the end, nats per element (VID) or per sample (InfoNCE); None for "hinton".
     teacher_layers / student_layers: tap names (rows / columns of plan and mi).
     teacher_shapes / student_shapes: per-sample feature shapes of the taps.
     history: one dict per epoch: losses, accuracies, plan, mi, wall time, skipped steps, share of pairs evaluated.

@@ -29,7 +29,6 @@ from .distiller import Distiller, DistillerOutput, _first_line
 from .distributed import DistContext
 from .distributed import setup as _setup_distributed
 from .evaluation import evaluate, preserve_mode
-from .plans import DUSTBIN
 from .result import FitResult
 
 __all__ = ["FitConfig", "FitResult", "evaluate", "fit"]
@@ -396,7 +395,7 @@ def fit(
 
                 if state.step == 0 and dist.is_main:  # a fresh run starts fresh logs (a resumed one cuts them back)
                     clear_logs(log_dir)
-                logger = RunLogger(log_dir, enabled=dist.is_main, teacher_layers=distiller.teacher_layers,
+                logger = RunLogger(log_dir, enabled=dist.is_main, teacher_layers=distiller.plan_rows,
                                    student_layers=distiller.student_layers, resume_step=state.step)
             _run(distiller, model, optimizer, scheduler, state, train_loader, test_loader, cfg, dist, checkpointer, logger, heldout)
         except KeyboardInterrupt:
@@ -424,7 +423,7 @@ def fit(
         student=student,
         plan=plan,
         mi=None if state.mi_last is None else _rows_of_plan(distiller, state.mi_last),
-        teacher_layers=list(distiller.teacher_layers) + ([DUSTBIN] if dustbin else []),
+        teacher_layers=distiller.plan_rows,
         student_layers=list(distiller.student_layers),
         teacher_shapes=distiller.teacher_shapes + ([[]] if dustbin else []),
         student_shapes=distiller.student_shapes,

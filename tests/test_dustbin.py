@@ -63,7 +63,7 @@ def test_all_mass_on_the_dustbin_is_exactly_logit_kd(data):
 def test_fit_record_graph_and_drawing_show_the_dustbin(data, tmp_path):
     train = TensorLoader(*data, batch_size=32, shuffle=True, seed=0)
     res = fit(teacher8(), student8(), (train, None), strategy="sinkhorn", dustbin=True, dustbin_mass=0.5, epochs=2,
-              width=4, device="cpu", progress=False)
+              width=4, device="cpu", progress=False, log_dir=tmp_path / "logs")
     T, S = len(res.teacher_layers) - 1, len(res.student_layers)
     assert res.teacher_layers[-1] == DUSTBIN and res.plan.shape == (T + 1, S) and res.mi.shape == (T + 1, S)
     assert torch.all(res.mi[-1] == 0) and abs(float(res.plan[-1].sum()) - 0.5) < 1e-4
@@ -73,6 +73,9 @@ def test_fit_record_graph_and_drawing_show_the_dustbin(data, tmp_path):
     assert any(DUSTBIN in str(n) for n in G.nodes)
     draw_alignment(res, tmp_path / "alignment.png")
     assert (tmp_path / "alignment.png").stat().st_size > 1000
+    # the run's logs: the plan picture has the dustbin's row (a (T + 1, S) plan once crashed the logger)
+    assert (tmp_path / "logs" / "plan.png").stat().st_size > 1000
+    assert len((tmp_path / "logs" / "epochs.csv").read_text().splitlines()) == 3  # header + 2 epochs
     loaded = type(res).load(res.save(tmp_path / "run"))
     assert loaded.teacher_layers == res.teacher_layers and torch.equal(loaded.plan, res.plan)
 

@@ -73,14 +73,23 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     assert [f.parent.name for f in files] == ["alone-s0", "dkd-s0"]
     stamps = [f.stat().st_mtime_ns for f in files]
     rec = json.loads(files[1].read_text())
-    for key in ("protocol", "dataset", "setting", "strategy", "seed", "test_acc", "teacher_acc", "test_images", "versions"):
+    for key in ("protocol", "dataset", "setting", "strategy", "seed", "test_acc", "teacher_acc", "test_images", "versions",
+                "plan_objective", "dustbin", "mi_estimator"):
         assert key in rec
     assert rec["protocol"] == "real" and rec["test_images"] == 128 and rec["fit_options"]["kd_loss"] == "dkd"
+    assert (rec["plan_objective"], rec["dustbin"], rec["mi_estimator"]) == ("mi", False, "vid")
 
     again, _ = run_setting(setting, ["alone", "dkd", "ls"], [0], out, data_root=data, progress=False)
     assert calls == ["hinton", "dkd", "ls"]  # only the new row trained
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert [r["test_acc"] for r in again[:2]] == [r["test_acc"] for r in first]
+    # a record written before these fields existed gets them back from its fit options when it is read
+    old = {k: v for k, v in rec.items() if k not in experiment.RECORD_OPTIONS}
+    old["fit_options"] = {**old["fit_options"], "mi_estimator": "infonce"}
+    files[1].write_text(json.dumps(old))
+    back = experiment.finished_record(files[1].parent, rec["run_key"])
+    assert (back["plan_objective"], back["dustbin"], back["mi_estimator"]) == ("mi", False, "infonce")
+    files[1].write_text(json.dumps(rec))
 
     longer = replace(setting, epochs=2)  # another budget is another run
     run_setting(longer, ["alone"], [0], out, data_root=data, progress=False)
@@ -108,6 +117,7 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
     (search, retrain), _ = run_setting(setting, ["sinkhorn-heldout", "sinkhorn-heldout-retrain"], [0], out,
                                        data_root=data, progress=False)
     assert retrain["fit_strategy"] == "fixed" and retrain["plan"] == search["plan"]  # the learned plan, held fixed
+    assert search["plan_objective"] == "heldout" and retrain["plan_objective"] == "mi"  # rows told apart by their record
     assert search["train_images"] == retrain["train_images"] == 256  # the loader; the search held 26 of them out
     held = json.loads((out / "real-cnn" / "sinkhorn-heldout-s0" / "result.json").read_text())
     assert any(r.get("kind") == "heldout" for r in held["solves"]) and retrain["fit_options"].get("plan_objective") is None
