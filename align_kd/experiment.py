@@ -38,6 +38,7 @@ LOGIT_BASELINES = ("dkd", "ls")
 #: (issue 13), and plans on the contrastive MI estimator instead of the Gaussian one
 PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"}),
                  "sinkhorn-heldout-dustbin": ("sinkhorn", {"plan_objective": "heldout", "dustbin": True}),
+                 "sinkhorn-heldout-slow": ("sinkhorn", {"plan_objective": "heldout", "heldout_lr": 1e-3}),
                  "softmax-heldout": ("softmax", {"plan_objective": "heldout"}),
                  "pairwise-infonce": ("pairwise", {"mi_estimator": "infonce"}),
                  "sinkhorn-infonce": ("sinkhorn", {"mi_estimator": "infonce"})}
@@ -443,8 +444,9 @@ def format_patterns(rows: list[dict]) -> str:
 
 
 def write_outputs(setting: Setting, records: list[dict], teacher_info: dict, out_dir, *, seeds, strategies) -> dict:
-    """JSON (records + configuration + versions), markdown table, accuracy plot, alignment panels."""
-    from .graph.drawing import draw_panels
+    """JSON (records + configuration + versions), markdown table, accuracy plot, alignment panels, and
+    for every learned row the plan's evolution over epochs in its lowest seed (``plans/<row>.png``)."""
+    from .graph.drawing import draw_panels, draw_plan_evolution
 
     out = Path(out_dir) / setting.name
     rows = summarise(records)
@@ -467,6 +469,13 @@ def write_outputs(setting: Setting, records: list[dict], teacher_info: dict, out
     if best:
         draw_panels([b["run_dir"] for b in best.values()], out / "alignment.png",
                     titles=[f"{s} ({b['test_acc']:.3f})" for s, b in best.items()])
+    first = {}  # learned row -> its record of the lowest seed
+    for r in sorted(records, key=lambda r: r["seed"]):
+        if r["strategy"] in LEARNED and r["strategy"] not in PLAN_FROM_ROW:  # a retrain row's plan does not move
+            first.setdefault(r["strategy"], r)
+    for strategy, r in first.items():
+        (out / "plans").mkdir(exist_ok=True)
+        draw_plan_evolution(r["run_dir"], out / "plans" / f"{strategy}.png")
     return {"table": table, "rows": rows, "dir": out}
 
 
@@ -487,8 +496,10 @@ def row_settings(setting: Setting) -> str:
         if name not in ("hinton",):
             what += f" - {opts.get('feature_weight', 1.0)} x sum(lambda * MI), plan {name}"
         if opts.get("plan_objective", "mi") == "heldout":
-            what += (" learned from held-out cross-entropy (10% of the training images kept aside, an Adam step on "
-                     "the plan logits every 10 steps)")
+            d = FitConfig.__dataclass_fields__
+            frac, every, lr = (opts.get(k, d[k].default) for k in ("heldout_fraction", "heldout_every", "heldout_lr"))
+            what += (f" learned from held-out cross-entropy ({100 * frac:.0f}% of the training images kept aside, an Adam "
+                     f"step of {lr:g} on the plan logits every {every} steps)")
         if opts.get("mi_estimator", "vid") == "infonce":
             what += " (MI by the contrastive InfoNCE bound, in-batch negatives, instead of the Gaussian VID bound)"
         if opts.get("dustbin"):

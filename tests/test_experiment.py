@@ -118,6 +118,8 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
                                        data_root=data, progress=False)
     assert retrain["fit_strategy"] == "fixed" and retrain["plan"] == search["plan"]  # the learned plan, held fixed
     assert search["plan_objective"] == "heldout" and retrain["plan_objective"] == "mi"  # rows told apart by their record
+    report([setting], out)  # the learned row's plan evolution is drawn; the retrain row's plan never moves
+    assert [f.name for f in (out / "real-cnn" / "plans").iterdir()] == ["sinkhorn-heldout.png"]
     assert search["train_images"] == retrain["train_images"] == 256  # the loader; the search held 26 of them out
     held = json.loads((out / "real-cnn" / "sinkhorn-heldout-s0" / "result.json").read_text())
     assert any(r.get("kind") == "heldout" for r in held["solves"]) and retrain["fit_options"].get("plan_objective") is None
