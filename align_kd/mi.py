@@ -371,8 +371,8 @@ class MIBank(nn.Module):
             v = F.normalize(torch.einsum("gbw,gvw->gbv", zs, self.pair_maps[i, js]).float(), dim=-1)  # (G, B, width)
             scale = self.log_scale[i, js].float().exp().clamp(max=MAX_INFONCE_SCALE)  # (G,)
             score = scale[:, None, None] * torch.einsum("gbw,cw->gbc", v, u)  # (G, B, B)
-            for g, val in zip(js, self._infonce(score)):
-                mi[i][g] = val
+            for j, val in zip(js, self._infonce(score)):
+                mi[i][j] = val
 
     def _forward_shared(self, student_feats, targets, variances, weight, mi, pairs) -> None:
         groups = self._groups(pairs)
