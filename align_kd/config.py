@@ -46,7 +46,9 @@ class FitConfig:
     plan_objective: str = "mi"  # learned plans: "mi" (ascend sum(lam * mi)) or "heldout" (descend the held-out CE hypergradient)
     heldout_fraction: float = 0.1  # plan_objective="heldout": share of the training set kept aside (never trained on)
     heldout_every: int = 10  # plan_objective="heldout": steps between plan updates
-    heldout_lr: float = 0.01  # plan_objective="heldout": Adam step size on the plan logits (Z; the plan sees Z / tau)
+    heldout_lr: float = 0.01  # plan_objective="heldout": step size on the plan logits (Z; the plan sees Z / tau)
+    heldout_optimizer: str = "adam"  # plan_objective="heldout": the plan logits' optimiser, "adam" or "sgd" (plain)
+    heldout_train_on_split: bool = False  # plan_objective="heldout": the student also trains on the held-out images
     lr: float = 0.05
     weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
     momentum: float = 0.9
@@ -119,6 +121,11 @@ class FitConfig:
               f"Expected `heldout_every` to be an int >= 1 but got {self.heldout_every!r}.")
         check(isinstance(self.heldout_lr, (int, float)) and math.isfinite(self.heldout_lr) and self.heldout_lr > 0,
               f"Expected `heldout_lr` > 0 but got {self.heldout_lr!r}.")
+        check(not self.heldout_train_on_split or self.plan_objective == "heldout",
+              "heldout_train_on_split=True trains the student on the held-out split of plan_objective='heldout'; "
+              f"it needs plan_objective='heldout', not {self.plan_objective!r}.")
+        check(self.heldout_optimizer in OPTIMIZERS,
+              f"Expected argument `heldout_optimizer` to be one of {list(OPTIMIZERS)} but got {self.heldout_optimizer!r}.")
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
         check(self.bank_layout in BANK_LAYOUTS,
               f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {self.bank_layout!r}.")
@@ -142,7 +149,7 @@ class FitConfig:
                 setattr(self, name, os.fspath(getattr(self, name)))
             v = getattr(self, name)
             check(v is None or (isinstance(v, str) and v != ""), f"Expected `{name}` to be a directory path or None but got {v!r}.")
-        for name in ("resume", "amp", "channels_last", "compile", "allow_few_taps", "dustbin"):
+        for name in ("resume", "amp", "channels_last", "compile", "allow_few_taps", "dustbin", "heldout_train_on_split"):
             v = getattr(self, name)
             check(isinstance(v, bool), f"Expected `{name}` to be True or False but got {v!r}.")
         check(not self.resume or self.checkpoint_dir is not None,
@@ -156,7 +163,7 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
-    "plan_objective", "heldout_every", "heldout_lr", "dustbin", "dustbin_mass",
+    "plan_objective", "heldout_every", "heldout_lr", "heldout_optimizer", "dustbin", "dustbin_mass",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

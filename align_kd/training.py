@@ -355,8 +355,9 @@ def fit(
             raise TypeError(f"Expected the {role} to be a torch.nn.Module but got {type(model).__name__}.")
     train_loader, test_loader = _split_data(data)
     heldout = None
-    if cfg.plan_objective == "heldout":  # the plan learns from a split of the training set, never trained on
-        train_loader, heldout = split_heldout(train_loader, cfg.heldout_fraction, seed=cfg.seed)
+    if cfg.plan_objective == "heldout":  # the plan learns from a split of the training set (by default never trained on)
+        split_train, heldout = split_heldout(train_loader, cfg.heldout_fraction, seed=cfg.seed)
+        train_loader = train_loader if cfg.heldout_train_on_split else split_train
     # under torchrun: join (or create) the process group and take this rank's share of the data
     dist = _setup_distributed(cfg.device)
     train_loader = dist.shard_train(train_loader, seed=cfg.seed)

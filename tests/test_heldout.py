@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 torch.set_num_threads(1)
 
-from align_kd import Distiller, fit  # noqa: E402
+from align_kd import Distiller, FitConfig, fit  # noqa: E402
 from align_kd.checkpoint import checkpoint_path  # noqa: E402
 from align_kd.data import TensorLoader, load_cifar10, split_heldout  # noqa: E402
 
@@ -113,6 +113,39 @@ def test_update_follows_the_chained_gradient_and_changes_nothing_else(cifar):
     other = Distiller(teacher8(), student8(), xt, strategy="sinkhorn", plan_objective="heldout", heldout_lr=0.01, width=4)
     other.load_state_dict(d.state_dict())
     assert other.plan.updates == 1 and other.plan._optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_sgd_plan_step_is_minus_lr_times_the_chained_gradient(cifar):
+    (xt, yt), (xh, yh) = small_batches(cifar, dtype=torch.float32)
+    d = Distiller(teacher8(), student8(), xt, strategy="softmax", plan_objective="heldout", heldout_optimizer="sgd",
+                  heldout_lr=0.5, width=4)
+    d.train()
+    d(xt, yt)
+    assert isinstance(d.plan.optimizer(), torch.optim.SGD)
+    g = d.heldout_hypergradient((xt, yt), (xh, yh))  # eval-mode passes: the same value inside update_plan
+    z = d.plan.logits.detach().clone().requires_grad_(True)
+    (gz,) = torch.autograd.grad((torch.softmax(z / d.plan.tau, dim=0) * g).sum(), z)  # the softmax plan, by hand
+    record = d.update_plan(train=(xt, yt), heldout=(xh, yh))
+    assert torch.allclose(torch.tensor(record["hypergrad"]), g, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(d.plan.logits.detach(), z.detach() - 0.5 * gz, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="`heldout_optimizer` to be one of"):
+        FitConfig(strategy="sinkhorn", plan_objective="heldout", heldout_optimizer="lbfgs")
+
+
+def test_student_may_also_train_on_the_split(cifar):
+    x, y = cifar
+    data = lambda: TensorLoader(F.avg_pool2d(x.float(), 4).to(torch.uint8), y, batch_size=25, seed=1)  # noqa: E731
+    opts = dict(strategy="sinkhorn", plan_objective="heldout", heldout_every=4, epochs=1, width=4, device="cpu",
+                progress=False)
+    apart = fit(teacher8(), student8(), (data(), None), **opts)
+    both = fit(teacher8(), student8(), (data(), None), heldout_train_on_split=True, **opts)
+    # 256 images: 230 after the split (10 steps of at most 25) or all 256 (11 steps)
+    assert [h["step"] for h in apart.history] == [10] and [h["step"] for h in both.history] == [11]
+    assert apart.config["heldout_train_on_split"] is False and both.config["heldout_train_on_split"] is True
+    assert sum(r["kind"] == "heldout" for r in both.solves) == 2  # the plan still follows the held-out batches
+    assert not torch.equal(apart.plan, both.plan)  # a different student: different plan updates
+    with pytest.raises(ValueError, match="heldout_train_on_split=True .* needs plan_objective='heldout'"):
+        FitConfig(strategy="sinkhorn", heldout_train_on_split=True)
 
 
 def test_split_keeps_heldout_images_out_of_training(cifar):

@@ -186,17 +186,18 @@ class LearnedPlan(Plan):
     gradient of sum(lam * mi) at fixed mi (ascending the MI it weights). ``objective="heldout"``: Z
     is left out of the student's optimiser and updated every ``every`` steps by :meth:`update`,
     which descends the first-order hypergradient of held-out cross-entropy (see
-    :meth:`align_kd.Distiller.heldout_hypergradient`) through the plan's projection, with Adam at
-    step size ``lr``; the Adam state and the update count are part of the plan's state_dict."""
+    :meth:`align_kd.Distiller.heldout_hypergradient`) through the plan's projection, with Adam
+    (``optimizer="adam"``) or plain SGD (``"sgd"``) at step size ``lr``; the optimiser state and the
+    update count are part of the plan's state_dict."""
 
     learned = True
 
     def __init__(self, T: int, S: int, *, tau: float, init: Tensor, objective: str = "mi", lr: float = 0.01,
-                 every: int = 10):
+                 every: int = 10, optimizer: str = "adam"):
         super().__init__(T, S)
         self.tau = tau
         self.logits = nn.Parameter(init.clone() * tau)
-        self.objective, self.lr, self.every = objective, lr, every
+        self.objective, self.lr, self.every, self.optimizer_name = objective, lr, every, optimizer
         if objective == "heldout":  # instance attributes: not trained by the loss, updated from data
             self.learned, self.data = False, "heldout"
             self.logits.requires_grad_(False)  # no gradient from the loss (and none expected by DDP)
@@ -206,7 +207,7 @@ class LearnedPlan(Plan):
     @classmethod
     def _objective_options(cls, options: dict) -> dict:
         return {"objective": options.get("plan_objective", "mi"), "lr": options.get("heldout_lr", 0.01),
-                "every": options.get("heldout_every", 10)}
+                "every": options.get("heldout_every", 10), "optimizer": options.get("heldout_optimizer", "adam")}
 
     @classmethod
     def _build_args(cls, T: int, S: int, prior: Tensor, row_marginal: Tensor, options: dict):
@@ -218,14 +219,15 @@ class LearnedPlan(Plan):
 
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
-            self._optimizer = torch.optim.Adam([self.logits], lr=self.lr)
+            make = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.SGD
+            self._optimizer = make([self.logits], lr=self.lr)
         return self._optimizer
 
     def update_due(self, step: int, steps_per_epoch: int) -> bool:
         return self.data == "heldout" and step % self.every == 0
 
     def update(self, distiller, batches=None, *, train=None, heldout=None) -> dict:
-        """One Adam step on the logits along d(held-out CE)/dZ, from the (T, S) hypergradient on the
+        """One optimiser step on the logits along d(held-out CE)/dZ, from the (T, S) hypergradient on the
         training batch ``train`` and the held-out batch ``heldout`` (each ``(x, y)``)."""
         if train is None or heldout is None:
             raise ValueError("The held-out plan is updated from a training batch and a held-out batch: "
