@@ -213,6 +213,14 @@ def finished_record(run_dir: Path, key: str) -> dict | None:
     return record
 
 
+def _same_options(recorded: dict, current: dict) -> bool:
+    """Whether a record's fit() options are the row's options today (the progress bar aside)."""
+    def canonical(opts):
+        return json.dumps({k: v for k, v in opts.items() if k != "progress"}, sort_keys=True, default=str)
+
+    return canonical(recorded) == canonical(current)
+
+
 def _record_options(opts: dict) -> dict:
     """The :data:`RECORD_OPTIONS` of a run's fit() options (FitConfig's defaults where a row leaves them)."""
     return {name: opts.get(name, FitConfig.__dataclass_fields__[name].default) for name in RECORD_OPTIONS}
@@ -252,7 +260,11 @@ def run_setting(
         for strategy in strategies:
             run_dir = out / f"{strategy}-s{seed}"
             key = run_key(setting, strategy, seed)
+            name, opts = _fit_options(setting, strategy, seed, progress)
             done = finished_record(run_dir, key)
+            if done is not None and not _same_options(done.get("fit_options", {}), opts):
+                log(f"  {strategy:<9} seed {seed}: the row's options changed since {run_dir} was recorded; running it again")
+                done = None
             if done is not None:  # resumable: a finished run is read back, never rerun
                 records.append(done)
                 log(f"  {strategy:<9} seed {seed}: test acc {done['test_acc']:.4f} (finished earlier: {run_dir})")
@@ -260,7 +272,6 @@ def run_setting(
             # paired seeds: the same student initialisation and data order for every row of a seed
             torch.manual_seed(seed)
             student = build_model(setting.student, **setting.student_kwargs)
-            name, opts = _fit_options(setting, strategy, seed, progress)
             plan = _plan_from_row(out, setting, strategy, seed) if strategy in PLAN_FROM_ROW else name
             start = time.perf_counter()
             # steps.csv / epochs.csv (and TensorBoard events when installed) beside the record

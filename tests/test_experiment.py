@@ -91,9 +91,17 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     assert (back["plan_objective"], back["dustbin"], back["mi_estimator"]) == ("mi", False, "infonce")
     files[1].write_text(json.dumps(rec))
 
+    # a record whose options are no longer the row's (the row's definition changed) is run again
+    stale = json.loads(files[1].read_text())
+    stale["fit_options"]["kd_temperature"] = 9.0
+    files[1].write_text(json.dumps(stale))
+    run_setting(setting, ["dkd"], [0], out, data_root=data, progress=False)
+    assert calls == ["hinton", "dkd", "ls", "dkd"]
+    assert json.loads(files[1].read_text())["fit_options"]["kd_temperature"] == rec["fit_options"]["kd_temperature"]
+
     longer = replace(setting, epochs=2)  # another budget is another run
     run_setting(longer, ["alone"], [0], out, data_root=data, progress=False)
-    assert calls[-1] == "hinton" and len(calls) == 4
+    assert calls[-1] == "hinton" and len(calls) == 5
 
     readme = tmp_path / "README.md"
     readme.write_text("# intro\n\nkept\n")
