@@ -40,6 +40,16 @@ def _record(strategy, seed, acc):
     return {"strategy": strategy, "seed": seed, "test_acc": acc, "best_acc": acc, "teacher_acc": 0.9, "wall_s": 1.0}
 
 
+def test_table_states_the_training_accuracy_beside_the_test_accuracy():
+    records = [_record("alone", 0, 0.70), {**_record("alone", 1, 0.72), "train_acc": 0.80},
+               {**_record("hinton", 0, 0.71), "train_acc": 0.74}, {**_record("hinton", 1, 0.73), "train_acc": 0.76}]
+    rows = {r["strategy"]: r for r in summarise(records)}
+    assert rows["alone"]["train_acc"] == pytest.approx(0.80)  # the mean over the records that have it
+    assert rows["hinton"]["train_acc"] == pytest.approx(0.75)
+    text = experiment.format_table(summarise(records), 0.9)
+    assert "| train acc* |" in text and "| 0.7500 |" in text and "| 0.8000 |" in text
+
+
 def test_summary_pairs_by_seed_and_picks_the_best_fixed_plan():
     records = [_record("hinton", s, a) for s, a in enumerate([0.70, 0.72, 0.71])]
     records += [_record("pairwise", s, a) for s, a in enumerate([0.69, 0.70, 0.72])]
@@ -78,17 +88,20 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
         assert key in rec
     assert rec["protocol"] == "real" and rec["test_images"] == 128 and rec["fit_options"]["kd_loss"] == "dkd"
     assert (rec["plan_objective"], rec["dustbin"], rec["mi_estimator"]) == ("mi", False, "vid")
+    history = json.loads((files[1].parent / "result.json").read_text())["history"]
+    assert rec["train_acc"] == history[-1]["train_acc"] and 0 < rec["train_acc"] < 1
 
     again, _ = run_setting(setting, ["alone", "dkd", "ls"], [0], out, data_root=data, progress=False)
     assert calls == ["hinton", "dkd", "ls"]  # only the new row trained
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert [r["test_acc"] for r in again[:2]] == [r["test_acc"] for r in first]
     # a record written before these fields existed gets them back from its fit options when it is read
-    old = {k: v for k, v in rec.items() if k not in experiment.RECORD_OPTIONS}
+    old = {k: v for k, v in rec.items() if k not in experiment.RECORD_OPTIONS + ("train_acc",)}
     old["fit_options"] = {**old["fit_options"], "mi_estimator": "infonce"}
     files[1].write_text(json.dumps(old))
     back = experiment.finished_record(files[1].parent, rec["run_key"])
     assert (back["plan_objective"], back["dustbin"], back["mi_estimator"]) == ("mi", False, "infonce")
+    assert back["train_acc"] == rec["train_acc"]  # from the run's result.json
     files[1].write_text(json.dumps(rec))
 
     # a record whose options are no longer the row's (the row's definition changed) is run again
