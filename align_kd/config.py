@@ -55,6 +55,7 @@ class FitConfig:
     optimizer: str = "sgd"  # "sgd" (nesterov) or "adam"
     warmup_epochs: float = 0.0  # linear LR warm-up, then cosine decay to 0
     bank_layout: str = "shared"  # MI bank regressors: "shared" (cheap) or "full" (reference VID)
+    infonce_memory: int = 0  # mi_estimator="infonce": teacher samples per tap kept as extra negatives (0: in-batch only)
     mi_estimator: str = "vid"  # the bound on I(t_i; s_j): "vid" (Gaussian, nats per element) or "infonce" (contrastive, in-batch negatives, nats per sample)
     pool: int | None = 2  # cap on the resolution at which pairs are compared (shared bank)
     width: int | None = None  # hidden width of the MI regressors (None: from the student's channels, 16-64)
@@ -134,6 +135,11 @@ class FitConfig:
         check(self.mi_estimator == "vid" or self.bank_layout == "shared",
               f"bank_layout={self.bank_layout!r} is a layout of the VID regressors; mi_estimator={self.mi_estimator!r} "
               f"has its own heads. Use bank_layout='shared' (the default) with it.")
+        check(isinstance(self.infonce_memory, int) and not isinstance(self.infonce_memory, bool) and self.infonce_memory >= 0,
+              f"Expected `infonce_memory` to be an int >= 0 (teacher samples kept as negatives) but got {self.infonce_memory!r}.")
+        check(not self.infonce_memory or self.mi_estimator == "infonce",
+              f"infonce_memory={self.infonce_memory} keeps negatives for the contrastive bound; it needs "
+              f"mi_estimator='infonce', not {self.mi_estimator!r}.")
         check(self.plan_init in ("depth", "zeros"), f"Expected argument `plan_init` to be one of ['depth', 'zeros'] but got {self.plan_init!r}.")
         check(self.exact_every is None or (isinstance(self.exact_every, int) and self.exact_every >= 1),
               f"Expected `exact_every` to be an int >= 1 or None but got {self.exact_every!r}.")
@@ -161,7 +167,7 @@ class FitConfig:
 #: the fields of FitConfig a Distiller takes (the objective, the plan, the MI bank, the model path)
 DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
-    "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "pool", "width", "skip_pairs_below", "full_pass_every",
+    "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
     "plan_objective", "heldout_every", "heldout_lr", "heldout_optimizer", "dustbin", "dustbin_mass",
 )

@@ -36,6 +36,14 @@ score (B, B), rows student samples, columns teacher samples. With B samples,
 Each cross-entropy term gives the InfoNCE bound I(t; s) >= log B - CE for any critic, so their
 mean is one too; the estimate never exceeds log B. Under data parallelism the negatives are the
 rank's own batch (the bound uses that B).
+
+In-batch negatives saturate: any layer tells B images apart, so many pairs sit near log B.
+``memory=K`` keeps the last K training samples of each teacher tap (pooled, before
+standardisation: the teacher is frozen, so they are exact draws from p(t)) and scores each student
+sample against the batch's teacher samples and the n <= K remembered ones, standardised and
+embedded with the current statistics and head (a valid bound, not a stale one):
+
+    mi_ij = log(B + n) - CE(score (B, B + n), diag)                         (at most log(B + n))
 """
 from __future__ import annotations
 
@@ -131,10 +139,14 @@ class RunningStandardizer(nn.Module):
         self.initialised.fill_(True)
         self.live.copy_(self.var > 1e-6 * self.var.mean().clamp_min(1e-12))
 
+    def standardise(self, t: Tensor) -> Tensor:
+        """The current statistics applied, nothing updated."""
+        return (t.float() - self.mean) * torch.rsqrt(self.var + 1e-5)
+
     def forward(self, t: Tensor) -> Tensor:
         if self.training:
             self.update(t)
-        return (t.float() - self.mean) * torch.rsqrt(self.var + 1e-5)
+        return self.standardise(t)
 
 
 @dataclass
@@ -154,6 +166,7 @@ class MIBank(nn.Module):
         estimator: "vid" (variational Gaussian bound, nats per element; default) or "infonce"
             (contrastive bound with in-batch negatives, nats per sample, at most log B; shared
             layout only).
+        memory: "infonce" only: remembered teacher samples per tap used as extra negatives (0: in-batch only).
         pool: cap on the common resolution (None: no cap; "full" layout defaults to None).
         width: hidden width of the shared trunk and per-pair maps (None: the median student
             channel count rounded up to a power of two, clamped to [16, 64], so that the bank
@@ -178,6 +191,7 @@ class MIBank(nn.Module):
         *,
         layout: str = "shared",
         estimator: str = "vid",
+        memory: int = 0,
         pool: int | None = 2,
         width: int | None = None,
         eps: float = 1e-4,
@@ -189,6 +203,11 @@ class MIBank(nn.Module):
             raise ValueError(f"Expected argument `bank_layout` to be one of {list(BANK_LAYOUTS)} but got {layout!r}.")
         if estimator not in MI_ESTIMATORS:
             raise ValueError(f"Expected argument `mi_estimator` to be one of {list(MI_ESTIMATORS)} but got {estimator!r}.")
+        if not isinstance(memory, int) or isinstance(memory, bool) or memory < 0:
+            raise ValueError(f"Expected `infonce_memory` to be an int >= 0 (teacher samples kept as negatives) but got {memory!r}.")
+        if memory and estimator != "infonce":
+            raise ValueError(f"infonce_memory={memory} keeps negatives for the contrastive bound; it needs "
+                             f"mi_estimator='infonce', not {estimator!r}.")
         if estimator == "infonce" and layout != "shared":
             raise ValueError(f"bank_layout={layout!r} is a layout of the VID regressors; mi_estimator='infonce' has its "
                              f"own heads. Use bank_layout='shared' (the default) with it.")
@@ -204,6 +223,7 @@ class MIBank(nn.Module):
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"Expected `width` to be a positive int or None but got {width!r}.")
         self.layout, self.estimator, self.pool, self.width, self.eps = layout, estimator, pool, width, eps
+        self.memory = memory
         T, S = len(self.teacher_maps), len(self.student_maps)
         self.T, self.S = T, S
         cap = (lambda n: n) if pool is None else (lambda n: min(n, pool))
@@ -262,6 +282,12 @@ class MIBank(nn.Module):
         self.pair_maps = nn.Parameter(torch.eye(w).repeat(self.T, self.S, 1, 1) + torch.randn(self.T, self.S, w, w) / w)
         # (T, S) log of the critic's scale (inverse temperature), from 1 / 0.1; never weight-decayed
         self.log_scale = nn.Parameter(torch.full((self.T, self.S), math.log(10.0)))
+        if self.memory:  # per teacher tap a ring of its last K samples (K, P * C_i), raw; how many are filled; next slot
+            for i, (c, _, _) in enumerate(self.teacher_maps):
+                h, w = teacher_sizes[i]
+                self.register_buffer(f"negatives_{i}", torch.zeros(self.memory, c * h * w))
+            self.register_buffer("negatives_filled", torch.zeros(self.T, dtype=torch.long))
+            self.register_buffer("negatives_next", torch.zeros(self.T, dtype=torch.long))
 
     @staticmethod
     def _target_key(i: int, size: tuple[int, int]) -> str:
@@ -323,7 +349,7 @@ class MIBank(nn.Module):
         variances = self.variances()
         mi = [[None] * self.S for _ in range(self.T)]
         if self.estimator == "infonce":
-            self._forward_infonce(student_feats, targets, weight, mi, pairs)
+            self._forward_infonce(teacher_feats, student_feats, targets, weight, mi, pairs)
         elif self.layout == "shared":
             self._forward_shared(student_feats, targets, variances, weight, mi, pairs)
         else:
@@ -346,33 +372,59 @@ class MIBank(nn.Module):
         return groups
 
     @staticmethod
-    def _infonce(score: Tensor) -> Tensor:
-        """Symmetric InfoNCE bound from scores (G, B, B), rows student samples, columns teacher samples -> (G,).
-
-        Sample b's positive is column b: log B - CE over each row, averaged with the same over each column.
-        """
-        G, B, _ = score.shape
+    def _infonce_rows(score: Tensor) -> Tensor:
+        """InfoNCE bound over rows, scores (G, B, N): row b's positive is column b, the other N - 1 its
+        negatives; log N - CE, averaged over rows -> (G,)."""
+        G, B, N = score.shape
         labels = torch.arange(B, device=score.device).repeat(G)  # (G * B,)
-        rows = F.cross_entropy(score.flatten(0, 1), labels, reduction="none").view(G, B).mean(1)
-        cols = F.cross_entropy(score.transpose(1, 2).flatten(0, 1), labels, reduction="none").view(G, B).mean(1)
-        return math.log(B) - 0.5 * (rows + cols)
+        return math.log(N) - F.cross_entropy(score.flatten(0, 1), labels, reduction="none").view(G, B).mean(1)
 
-    def _forward_infonce(self, student_feats, targets, weight, mi, pairs) -> None:
+    @classmethod
+    def _infonce(cls, score: Tensor) -> Tensor:
+        """Symmetric in-batch bound from scores (G, B, B), rows student samples, columns teacher samples
+        -> (G,): the row bound averaged with the column bound."""
+        return 0.5 * (cls._infonce_rows(score) + cls._infonce_rows(score.transpose(1, 2)))
+
+    def _remembered(self, i: int, key: str) -> Tensor:
+        """Teacher tap i's remembered samples (n, P, C_i), standardised with the current statistics."""
+        n = int(self.negatives_filled[i])
+        ring = getattr(self, f"negatives_{i}")  # (K, P * C_i), stored position-major like the targets
+        C = self.teacher_maps[i][0]
+        return self.standardizers[key].standardise(ring[:n].view(n, ring.shape[1] // C, C))
+
+    @torch.no_grad()
+    def _remember(self, i: int, raw: Tensor) -> None:
+        """Write a batch of raw teacher samples (B, P * C_i) into tap i's ring, oldest first out."""
+        ring, K = getattr(self, f"negatives_{i}"), self.memory
+        raw = raw[-K:]
+        slots = (self.negatives_next[i] + torch.arange(raw.shape[0], device=ring.device)) % K
+        ring[slots] = raw.to(ring.dtype)
+        self.negatives_next[i] = (self.negatives_next[i] + raw.shape[0]) % K
+        self.negatives_filled[i] = torch.clamp(self.negatives_filled[i] + raw.shape[0], max=K)
+
+    def _forward_infonce(self, teacher_feats, student_feats, targets, weight, mi, pairs) -> None:
         z = {}  # per student layer with an active pair: its embedding (B, width)
         for j in sorted({p.j for p in pairs}):
             z[j] = self.trunks[j](_pool(as_map(student_feats[j]), self.student_sizes[j]).flatten(1))
         for (i, size), js in self._groups(pairs).items():
             key = self._target_key(i, size)
-            t = targets[key] * self.standardizers[key].live  # (B, P, C_i); dead channels carry nothing
-            u = F.normalize(self.teacher_heads[i](t.flatten(1)).float(), dim=-1)  # (B, width)
+            live = self.standardizers[key].live
+            t = targets[key] * live  # (B, P, C_i); dead channels carry nothing
+            B = t.shape[0]
+            if self.memory:  # candidates: the batch's teacher samples, then the remembered ones
+                t = torch.cat([t, self._remembered(i, key) * live])  # (B + n, P, C_i)
+            u = F.normalize(self.teacher_heads[i](t.flatten(1)).float(), dim=-1)  # (B [+ n], width)
             zs = torch.stack([z[j] for j in js])  # (G, B, width)
             if weight is not None:
                 zs = _ScaleGrad.apply(zs, weight[i, js])
             v = F.normalize(torch.einsum("gbw,gvw->gbv", zs, self.pair_maps[i, js]).float(), dim=-1)  # (G, B, width)
             scale = self.log_scale[i, js].float().exp().clamp(max=MAX_INFONCE_SCALE)  # (G,)
-            score = scale[:, None, None] * torch.einsum("gbw,cw->gbc", v, u)  # (G, B, B)
-            for j, val in zip(js, self._infonce(score)):
+            score = scale[:, None, None] * torch.einsum("gbw,cw->gbc", v, u)  # (G, B, B [+ n])
+            for j, val in zip(js, self._infonce(score) if not self.memory else self._infonce_rows(score)):
                 mi[i][j] = val
+            if self.memory and self.training:  # after its use: a sample is never its own negative
+                raw = _pool(as_map(teacher_feats[i].detach()).float(), size).flatten(2).transpose(1, 2)  # (B, P, C_i)
+                self._remember(i, raw.reshape(B, -1))
 
     def _forward_shared(self, student_feats, targets, variances, weight, mi, pairs) -> None:
         groups = self._groups(pairs)

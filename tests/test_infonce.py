@@ -133,6 +133,79 @@ def test_estimate_never_exceeds_log_batch(B):
 
 
 # ----------------------------------------------------------------------------------------------
+# a memory of negatives (infonce_memory)
+
+
+def test_memory_bound_equals_the_formula_and_the_ring_keeps_the_last_k():
+    torch.manual_seed(0)
+    K, B = 8, 6
+    bank = MIBank([(10,)], [(5,)], estimator="infonce", width=8, memory=K)
+    g = torch.Generator().manual_seed(1)
+    t1, t2 = torch.randn(B, 10, generator=g) * 3 + 1, torch.randn(B, 10, generator=g) * 3 + 1
+    s1, s2 = torch.randn(B, 5, generator=g), torch.randn(B, 5, generator=g)
+    first = bank([t1], [s1])  # empty memory: the rows bound over the batch alone
+    mi = bank([t2], [s2])  # the 6 remembered samples of batch 1 are extra negatives
+    std = bank.standardizers["t0_1x1"]
+    mean, var = std.mean.double(), std.var.double()  # the statistics batch 2 left (and used)
+
+    def head(seq, x):
+        (l1, _, l2) = seq
+        return (x @ l1.weight.double().T + l1.bias.double()).clamp_min(0) @ l2.weight.double().T + l2.bias.double()
+
+    def rows_bound(t_cands, s):
+        u = F.normalize(head(bank.teacher_heads[0], (t_cands.double() - mean) / torch.sqrt(var + 1e-5)), dim=-1)
+        v = F.normalize(head(bank.trunks[0], s.double()) @ bank.pair_maps[0, 0].double().T, dim=-1)
+        score = math.exp(bank.log_scale[0, 0].item()) * (v @ u.T)  # (B, N)
+        return math.log(score.shape[1]) - sum(torch.logsumexp(score[b], 0) - score[b, b] for b in range(B)) / B
+
+    torch.testing.assert_close(mi[0, 0].double(), rows_bound(torch.cat([t2, t1]), s2), atol=1e-5, rtol=1e-5)
+    assert first[0, 0].item() <= math.log(B) + 1e-6 and mi[0, 0].item() <= math.log(2 * B) + 1e-6
+    # the ring after 12 samples of K = 8: slots 0-3 batch 2's last four, 4-5 batch 1's last two, 6-7 batch 2's first two
+    ring = bank.negatives_0
+    assert torch.equal(ring, torch.cat([t2[2:], t1[4:], t2[:2]]))
+    assert bank.negatives_filled.tolist() == [8] and bank.negatives_next.tolist() == [4]
+    bank.eval()
+    bank([t1], [s1])
+    assert torch.equal(bank.negatives_0, ring)  # evaluation reads the memory, never writes it
+    other = MIBank([(10,)], [(5,)], estimator="infonce", width=8, memory=K)
+    other.load_state_dict(bank.state_dict())  # the memory travels with the state dict (checkpoints)
+    other.eval()
+    assert torch.equal(other([t2], [s2]), bank([t2], [s2]))
+
+
+def test_memory_lifts_the_in_batch_ceiling():
+    """rho = 0.99 over 8 dimensions: I = 15.6 nats, far above log 64; in-batch negatives cap the estimate at
+    log 64 = 4.16, a memory of 1024 at log 1088 = 6.99."""
+    C, B, K = 8, 64, 1024
+
+    def train(memory):
+        torch.manual_seed(0)
+        bank = MIBank([(C,)], [(C,)], estimator="infonce", width=32, memory=memory)
+        opt = torch.optim.Adam(bank.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            z, e = torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)
+            mi = bank([z], [0.99 * z + math.sqrt(1 - 0.99**2) * e])
+            opt.zero_grad()
+            (-mi.sum()).backward()
+            opt.step()
+        return mi.item()
+
+    in_batch, remembered = train(0), train(K)
+    assert in_batch <= math.log(B) + 1e-6
+    assert math.log(B) + 0.5 < remembered <= math.log(B + K) + 1e-6
+
+
+def test_memory_options_are_checked():
+    with pytest.raises(ValueError, match="infonce_memory=16 keeps negatives .* needs mi_estimator='infonce', not 'vid'"):
+        FitConfig(infonce_memory=16)
+    with pytest.raises(ValueError, match="`infonce_memory` to be an int >= 0"):
+        FitConfig(mi_estimator="infonce", infonce_memory=-1)
+    with pytest.raises(ValueError, match="needs mi_estimator='infonce'"):
+        MIBank([(4,)], [(4,)], memory=8)
+
+
+# ----------------------------------------------------------------------------------------------
 # what the bank promises the Distiller
 
 
@@ -216,13 +289,14 @@ def data():
     return F.avg_pool2d(x.float(), 4).to(torch.uint8), y  # real images at 8 x 8
 
 
-def test_fit_with_infonce_learns_a_valid_plan(data):
+@pytest.mark.parametrize("memory", [0, 64])
+def test_fit_with_infonce_learns_a_valid_plan(data, memory):
     train = TensorLoader(*data, batch_size=32, shuffle=True, seed=0)
-    res = fit(teacher8(), student8(), (train, None), strategy="sinkhorn", mi_estimator="infonce", epochs=2, width=8,
-              device="cpu", progress=False)
+    res = fit(teacher8(), student8(), (train, None), strategy="sinkhorn", mi_estimator="infonce", infonce_memory=memory,
+              epochs=2, width=8, device="cpu", progress=False)
     T, S = len(res.teacher_layers), len(res.student_layers)
     assert res.plan.shape == (T, S) and torch.allclose(res.plan.sum(0), torch.ones(S), atol=1e-4)
-    assert torch.isfinite(res.mi).all() and (res.mi <= math.log(32) + 1e-5).all()
+    assert torch.isfinite(res.mi).all() and (res.mi <= math.log(32 + memory) + 1e-5).all()
     assert res.config["mi_estimator"] == "infonce"
     assert res.history[0]["plan"] != res.history[-1]["plan"]  # the plan moved on the InfoNCE estimates
 
