@@ -233,9 +233,14 @@ def _same_options(recorded: dict, current: dict) -> bool:
     return canonical(recorded) == canonical(current)
 
 
+def _option(opts: dict, name: str):
+    """A fit() option of a row: its own value, else FitConfig's default."""
+    return opts.get(name, FitConfig.__dataclass_fields__[name].default)
+
+
 def _record_options(opts: dict) -> dict:
     """The :data:`RECORD_OPTIONS` of a run's fit() options (FitConfig's defaults where a row leaves them)."""
-    return {name: opts.get(name, FitConfig.__dataclass_fields__[name].default) for name in RECORD_OPTIONS}
+    return {name: _option(opts, name) for name in RECORD_OPTIONS}
 
 
 def run_setting(
@@ -528,10 +533,10 @@ def row_settings(setting: Setting) -> str:
         if name not in ("hinton",):
             what += f" - {opts.get('feature_weight', 1.0)} x sum(lambda * MI), plan {name}"
         if opts.get("plan_objective", "mi") == "heldout":
-            d = FitConfig.__dataclass_fields__
-            frac, every, lr = (opts.get(k, d[k].default) for k in ("heldout_fraction", "heldout_every", "heldout_lr"))
-            what += (f" learned from held-out cross-entropy ({100 * frac:.0f}% of the training images kept aside, an Adam "
-                     f"step of {lr:g} on the plan logits every {every} steps)")
+            frac, every, lr, optimizer = (_option(opts, k) for k in ("heldout_fraction", "heldout_every", "heldout_lr",
+                                                                       "heldout_optimizer"))
+            what += (f" learned from held-out cross-entropy ({100 * frac:.0f}% of the training images kept aside, "
+                     f"{'an Adam' if optimizer == 'adam' else 'an SGD'} step of {lr:g} on the plan logits every {every} steps)")
         if opts.get("mi_estimator", "vid") == "infonce":
             negatives = f"in-batch negatives and {opts['infonce_memory']} remembered" if opts.get("infonce_memory") else "in-batch negatives"
             what += f" (MI by the contrastive InfoNCE bound, {negatives}, instead of the Gaussian VID bound)"
