@@ -264,6 +264,9 @@ class Distiller(nn.Module):
         # what forward calls: each tap's call (the model's forward with its hooks) and the bank's
         # forward, compiled under compile=True (the modules themselves are not wrapped)
         self._teacher_call, self._student_call = (_compiled(t.__call__, cfg.compile) for t in self._taps)
+        # plan_objective="heldout": the (frozen, eval-mode) teacher's taps on the last training batch,
+        # (input, its version, features), so that the update after a step reuses them (not state)
+        self._teacher_cache: tuple | None = None
         self._bank_call = _compiled(self.bank.forward, cfg.compile) if self.bank is not None else None
 
     # -- modes and devices ------------------------------------------------------------------------
@@ -340,12 +343,15 @@ class Distiller(nn.Module):
 
     def _forward(self, x: Tensor, y: Tensor, kd_scale: float) -> DistillerOutput:
         cfg = self.cfg
+        raw, self._teacher_cache = x, None
         x, y = self.batch(x), y.to(self.device, non_blocking=True)
         training = self.training and torch.is_grad_enabled()
         with self.autocast():
             if self.uses_teacher:
                 with torch.no_grad():
                     t_feats, t_logits = self._teacher_call(x)
+                if training and self.plan.data == "heldout":
+                    self._teacher_cache = (raw, raw._version, t_feats)
             s_feats, s_logits = self._student_call(x)
         ce = F.cross_entropy(s_logits.float(), y.long())
         kd = (kd_term(cfg.kd_loss, s_logits, t_logits, y, cfg.kd_temperature, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta)
@@ -418,21 +424,29 @@ class Distiller(nn.Module):
         grad I_ij> + O(lr^2). All T x S inner products are one Jacobian-vector product J v of the map
         theta -> MI matrix (on ``train``) with v = grad CE_heldout (on ``heldout``), computed exactly
         by the transpose trick (J v = d/du <J^T u, v>): one forward, a backward with its graph, one
-        more backward. Everything runs in eval mode: running statistics, weights, parameter
-        gradients and RNG streams are left as they were. Averaged over ranks when data parallel.
+        more backward. The teacher's features of ``train`` are those of the training forward that
+        just ran on the same tensor (the teacher is frozen and in eval mode, so they are the same
+        numbers); any other batch gets a teacher forward of its own. Everything runs in eval mode:
+        running statistics, weights, parameter gradients and RNG streams are left as they were.
+        Averaged over ranks when data parallel.
         """
         if self.bank is None:
             raise ValueError(f"strategy={self.strategy!r} has no feature term, so the plan has no held-out gradient.")
         params = [p for p in self.student.parameters() if p.requires_grad]
-        (xh, yh, *_), (xt, *_) = heldout, train
-        xh, yh, xt = self.batch(xh), yh.to(self.device), self.batch(xt)
+        (xh, yh, *_), (raw, *_) = heldout, train
+        cache, self._teacher_cache = self._teacher_cache, None
+        cached = cache is not None and cache[0] is raw and cache[1] == raw._version
+        xh, yh, xt = self.batch(xh), yh.to(self.device), self.batch(raw)
         with preserve_mode(self.student, self.bank, training=False), torch.enable_grad():
             with self.autocast():
                 ce = F.cross_entropy(self.student(xh).float(), yh.long())
             v = torch.autograd.grad(ce, params, allow_unused=True)
             with self.autocast():
-                with torch.no_grad():
-                    t_feats, _ = self._teacher_call(xt)
+                if cached:
+                    t_feats = cache[2]
+                else:
+                    with torch.no_grad():
+                        t_feats, _ = self._teacher_call(xt)
                 s_feats, _ = self._student_call(xt)
                 mi = self._bank_call(t_feats, s_feats).float()  # (T, S)
             u = torch.zeros_like(mi, requires_grad=True)

@@ -871,6 +871,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="timed rounds per pair (default 25; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; quick 1)")
     ap.add_argument("--mem-steps", type=int, default=None, help="steps per memory subprocess (default 4; quick 2)")
+    ap.add_argument("--strategies", nargs="+", default=None, metavar="ROW",
+                    help=f"time only these rows (hinton and sinkhorn, the reference and the target, always run); "
+                         f"rows: {list(STRATEGIES) + list(EXTRA)}")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -911,6 +914,9 @@ def main(argv=None):
     for p in pairs:
         if p not in PAIRS:
             raise SystemExit(f"unknown pair {p!r}; choose from {list(PAIRS)}")
+    unknown = sorted(set(args.strategies or ()) - set(STRATEGIES) - set(EXTRA))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(STRATEGIES) + list(EXTRA)}")
     t_start = time.perf_counter()
     root = args.data or default_root()
     n_batches = 2 if q else 4
@@ -944,6 +950,8 @@ def main(argv=None):
     for pair in pairs:
         spec = PAIRS[pair]
         names = list(STRATEGIES) + [n for n in spec["extra"] if not (q and n == "sinkhorn-full")]
+        if args.strategies:
+            names = [n for n in names if n in {"hinton", "sinkhorn", *args.strategies}]
         print(f"\n[{pair}] timing {names} ...", flush=True)
         timing = time_pair(pair, names, batches, warmup=warmup, steps=steps, device=args.device, seed=args.seed, gpu_opts=gpu_opts)
         print(f"[{pair}] phase breakdown ...", flush=True)

@@ -115,6 +115,30 @@ def test_update_follows_the_chained_gradient_and_changes_nothing_else(cifar):
     assert other.plan.updates == 1 and other.plan._optimizer.state_dict()["state"][0]["step"] == 1
 
 
+def test_update_reuses_the_training_forwards_teacher_features(cifar):
+    (xt, yt), (xh, yh) = small_batches(cifar, dtype=torch.float32)
+    d = Distiller(teacher8(), student8(), xt, strategy="sinkhorn", plan_objective="heldout", width=4)
+    calls = []
+    d.teacher.register_forward_hook(lambda *args: calls.append(1))
+    d.train()
+    d(xt, yt)
+    assert len(calls) == 1
+    cached = d.heldout_hypergradient((xt, yt), (xh, yh))
+    assert len(calls) == 1  # the step's teacher features, not a second teacher forward
+    fresh = d.heldout_hypergradient((xt, yt), (xh, yh))  # used once: this one runs the teacher
+    assert len(calls) == 2 and torch.equal(cached, fresh)
+    d(xt, yt)
+    d.heldout_hypergradient((xt.clone(), yt), (xh, yh))  # another tensor: its own teacher forward
+    assert len(calls) == 4
+    d(xt, yt)
+    xt.mul_(1.0)  # changed in place since the step (same values, new version): recomputed
+    assert torch.equal(d.heldout_hypergradient((xt, yt), (xh, yh)), fresh) and len(calls) == 6
+    d.eval()
+    d(xt, yt)  # evaluation forwards keep nothing
+    d.heldout_hypergradient((xt, yt), (xh, yh))
+    assert len(calls) == 8
+
+
 def test_sgd_plan_step_is_minus_lr_times_the_chained_gradient(cifar):
     (xt, yt), (xh, yh) = small_batches(cifar, dtype=torch.float32)
     d = Distiller(teacher8(), student8(), xt, strategy="softmax", plan_objective="heldout", heldout_optimizer="sgd",
