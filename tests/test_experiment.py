@@ -144,3 +144,17 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
     assert search["train_images"] == retrain["train_images"] == 256  # the loader; the search held 26 of them out
     held = json.loads((out / "real-cnn" / "sinkhorn-heldout-s0" / "result.json").read_text())
     assert any(r.get("kind") == "heldout" for r in held["solves"]) and retrain["fit_options"].get("plan_objective") is None
+
+
+def test_run_keys_of_recorded_runs_survive_new_setting_fields():
+    """A Setting field added after runs were recorded (augment) leaves those runs' keys as they
+    were at its default, and changes the key when set: the committed records are the oracle."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "real-cnn"
+    recorded = {p.parent.name: json.loads(p.read_text()) for p in results.glob("*-s*/record.json")}
+    assert len(recorded) >= 10
+    for name, record in recorded.items():
+        strategy, seed = name.rsplit("-s", 1)
+        assert experiment.run_key(experiment.REAL_SETTINGS["real-cnn"], strategy, int(seed)) == record["run_key"], name
+    noaug = experiment.REAL_SETTINGS["real-cnn-noaug"]
+    assert not noaug.augment and noaug.epochs == experiment.REAL_SETTINGS["real-cnn"].epochs
+    assert experiment.run_key(replace(noaug, name="real-cnn"), "hinton", 0) != recorded["hinton-s0"]["run_key"]
