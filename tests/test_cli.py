@@ -122,3 +122,13 @@ def test_bench_quick_writes_the_benchmark_outputs(tmp_path, capsys):
     assert results["setting"]["name"] == "resnet-mlp" and results["seeds"] == [0]
     assert {p["strategy"] for p in results["plan_patterns"]} == {"sinkhorn", "exact"}
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
+
+
+def test_bench_report_adds_the_diagnostic_settings_that_have_runs(tmp_path, capsys):
+    assert main(["bench", "--protocol", "real", "--report", "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+    assert "### real-cnn:" in first and "### real-vit:" in first and "real-cnn-noaug" not in first
+    (tmp_path / "real-cnn-noaug").mkdir()
+    assert main(["bench", "--protocol", "real", "--report", "--out", str(tmp_path)]) == 0
+    second = capsys.readouterr().out
+    assert "### real-cnn-noaug:" in second and "no finished runs yet" in second
