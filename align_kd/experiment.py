@@ -84,9 +84,9 @@ class Setting:
     augment: bool = True  # the students' training images: random translation and flip (False: as stored)
 
 
-#: Setting fields added after runs were recorded: left out of run_key at these defaults, so that
+#: Setting fields added after runs were recorded: left out of run_key at their defaults, so that
 #: those runs stay finished
-_KEY_DEFAULTS = {"augment": True}
+_ADDED_FIELDS = ("augment",)
 
 
 # Budgets are sized for a 2-core CPU: the demo in a few minutes, the benchmark (4 settings x 7
@@ -210,7 +210,8 @@ def run_key(setting: Setting, strategy: str, seed: int) -> str:
 
     import align_kd
 
-    fields = {k: v for k, v in asdict(setting).items() if not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
+    defaults = Setting.__dataclass_fields__
+    fields = {k: v for k, v in asdict(setting).items() if not (k in _ADDED_FIELDS and v == defaults[k].default)}
     blob = json.dumps({"setting": fields, "strategy": strategy, "seed": seed, "align_kd": align_kd.__version__},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     alone, _ = run_setting(base, ["alone"], seeds, ROOT / "results", data_root=root, progress=False)
     teachers, rows = {}, []
     for name in args.teachers or [base.teacher_zoo]:
-        teacher, card = zoo.load_teacher(name)
+        teacher, _ = zoo.load_teacher(name)
         teachers[name] = stats = softened_targets(teacher, test_x, test_y, args.temperatures)
         for t in args.temperatures:
             setting, out = base, ROOT / "results"
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                          "wall_s": [r["wall_s"] for r in records], **stats[f"T={t:g}"]})
     alone_acc = sum(r["test_acc"] for r in alone) / len(alone)
     print(f"\n{base.name}: `alone` {alone_acc:.4f} ({len(alone)} seed(s)); uniform entropy "
-          f"{math.log(10):.3f} nats; teachers: " + ", ".join(
+          f"{next(iter(teachers.values()))['uniform_entropy']:.3f} nats; teachers: " + ", ".join(
               f"{n} (test acc {s['test_acc']:.4f}, mean logit range {s['logit_range']:.2f})" for n, s in teachers.items()) + "\n")
     print("| teacher | KD temperature | teacher entropy (nats) | teacher max prob | hinton test acc | vs alone (points, paired) | "
           "hinton train acc* |\n|---|---|---|---|---|---|---|")
