@@ -6,10 +6,11 @@ schedule to zero, the protocol's optimiser and data), on labels only (`alone`) a
 can see whether what distillation adds depends on the budget. The table shows how far each
 budget's final test accuracy is from the longest budget of the same row, and each row's difference
 to `alone` at the same budget and seed. Runs are resumable (run_setting skips finished ones).
-Output: benchmarks/results/alone_plateau.json.
+Output: benchmarks/results/alone_plateau.json for `real-cnn`, alone_plateau_<setting>.json for
+any other setting (or --out).
 
     python benchmarks/alone_plateau.py [--setting real-cnn] [--budgets 4 8 16 24] [--seeds 1]
-                                       [--strategies alone hinton]
+                                       [--strategies alone hinton] [--out FILE]
 """
 import argparse
 import sys
@@ -33,7 +34,12 @@ def main(argv=None) -> int:
                     help="rows to train at every budget (default: alone)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON to write (default: results/alone_plateau.json for real-cnn, "
+                         "results/alone_plateau_<setting>.json otherwise)")
     args = ap.parse_args(argv)
+    out = args.out or ROOT / "results" / ("alone_plateau.json" if args.setting == "real-cnn"
+                                          else f"alone_plateau_{args.setting}.json")
     torch.set_num_threads(args.threads)
     base = REAL_SETTINGS[args.setting]
     rows = []
@@ -58,7 +64,7 @@ def main(argv=None) -> int:
               f"| {paired} | {r['wall_s']:.0f} |")
     write_json({"setting": asdict(base), "budgets": args.budgets, "seeds": args.seeds,
                 "strategies": args.strategies, "rows": rows,
-                "versions": versions()}, ROOT / "results" / "alone_plateau.json")
+                "versions": versions()}, out)
     return 0
 
 

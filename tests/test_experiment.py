@@ -112,9 +112,25 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     assert calls == ["hinton", "dkd", "ls", "dkd"]
     assert json.loads(files[1].read_text())["fit_options"]["kd_temperature"] == rec["fit_options"]["kd_temperature"]
 
+    # a record distilled from another teacher (retrained in place under the same name) is run again:
+    # by its teacher key, or by its teacher accuracy where a record predates the key
+    for field, value in (("teacher_key", "another-teacher"), ("teacher_acc", rec["teacher_acc"] + 0.01)):
+        other = json.loads(files[1].read_text())
+        assert other["teacher_key"] == rec["teacher_key"] and rec["teacher_key"]
+        if field == "teacher_acc":
+            del other["teacher_key"]
+        other[field] = value
+        files[1].write_text(json.dumps(other))
+        run_setting(setting, ["dkd"], [0], out, data_root=data, progress=False)
+        assert calls[-1] == "dkd" and len(calls) == (5 if field == "teacher_key" else 6)
+    kept = json.loads(files[1].read_text())
+    assert (kept["teacher_key"], kept["teacher_acc"]) == (rec["teacher_key"], rec["teacher_acc"])
+    run_setting(setting, ["dkd"], [0], out, data_root=data, progress=False)  # and that record is reused again
+    assert len(calls) == 6
+
     longer = replace(setting, epochs=2)  # another budget is another run
     run_setting(longer, ["alone"], [0], out, data_root=data, progress=False)
-    assert calls[-1] == "hinton" and len(calls) == 5
+    assert calls[-1] == "hinton" and len(calls) == 7
 
     readme = tmp_path / "README.md"
     readme.write_text("# intro\n\nkept\n")
