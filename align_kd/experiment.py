@@ -238,16 +238,22 @@ def finished_record(run_dir: Path, key: str) -> dict | None:
     return record
 
 
-def _teacher_changed(record: dict, tinfo: dict) -> bool:
-    """Whether a finished run was distilled from a teacher other than the setting's teacher today.
+def _stale_reason(record: dict, opts: dict, tinfo: dict) -> str | None:
+    """Why a finished run with the right ``run_key`` can still not be reused (None: it can).
 
-    ``run_key`` names a zoo teacher only by name, so a teacher retrained in place would otherwise mix
-    two teachers' runs in one table. Records carry the teacher's key (the zoo card's sha256, or the
-    cache key of a trained teacher); records written before that field are compared by accuracy.
+    Its fit() options may no longer be the row's, and its teacher may not be the setting's teacher
+    today: ``run_key`` names a zoo teacher only by name, so a teacher retrained in place would mix
+    two teachers' runs in one table. Records carry the teacher's key (the zoo card's sha256 prefix,
+    or a trained teacher's cache key); records written before that field are compared by accuracy.
     """
-    if "teacher_key" in record:
-        return record["teacher_key"] != tinfo["key"]
-    return abs(record["teacher_acc"] - tinfo["test_acc"]) > 1e-9
+    if not _same_options(record.get("fit_options", {}), opts):
+        return "was recorded with other options than the row has today"
+    same_teacher = (record["teacher_key"] == tinfo["key"] if "teacher_key" in record
+                    else abs(record["teacher_acc"] - tinfo["test_acc"]) <= 1e-9)
+    if not same_teacher:
+        return (f"was distilled from another teacher (recorded: {record.get('teacher_key', 'no key')}, test acc "
+                f"{record['teacher_acc']:.4f}; now: {tinfo['key']}, {tinfo['test_acc']:.4f})")
+    return None
 
 
 def _same_options(recorded: dict, current: dict) -> bool:
@@ -304,13 +310,9 @@ def run_setting(
             key = run_key(setting, strategy, seed)
             name, opts = _fit_options(setting, strategy, seed, progress)
             done = finished_record(run_dir, key)
-            if done is not None and not _same_options(done.get("fit_options", {}), opts):
-                log(f"  {strategy:<9} seed {seed}: the row's options changed since {run_dir} was recorded; running it again")
-                done = None
-            if done is not None and _teacher_changed(done, tinfo):
-                log(f"  {strategy:<9} seed {seed}: {run_dir} was distilled from another teacher (recorded: "
-                    f"{done.get('teacher_key', 'no key')}, test acc {done['teacher_acc']:.4f}; now: {tinfo['key']}, "
-                    f"{tinfo['test_acc']:.4f}); running it again")
+            stale = _stale_reason(done, opts, tinfo) if done is not None else None
+            if stale:
+                log(f"  {strategy:<9} seed {seed}: {run_dir} {stale}; running it again")
                 done = None
             if done is not None:  # resumable: a finished run is read back, never rerun
                 records.append(done)
@@ -329,7 +331,8 @@ def run_setting(
                 "seed": seed, **_record_options(opts), "test_acc": result.test_acc, "best_acc": result.best_acc,
                 "train_acc": result.history[-1]["train_acc"],  # last epoch's, on the training images as trained on
                 "epochs": setting.epochs,
-                "teacher_acc": tinfo["test_acc"], "teacher_key": tinfo["key"], "test_images": len(test.labels), "train_images": len(train.labels),
+                "teacher_acc": tinfo["test_acc"], "teacher_key": tinfo["key"],
+                "test_images": len(test.labels), "train_images": len(train.labels),
                 "wall_s": wall, "run_dir": str(run_dir), "run_key": key,
                 "curve": [h["test_acc"] for h in result.history],
                 "plan": result.plan.tolist(), "teacher_layers": result.teacher_layers,

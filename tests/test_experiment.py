@@ -127,6 +127,11 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     assert (kept["teacher_key"], kept["teacher_acc"]) == (rec["teacher_key"], rec["teacher_acc"])
     run_setting(setting, ["dkd"], [0], out, data_root=data, progress=False)  # and that record is reused again
     assert len(calls) == 6
+    keyless = {k: v for k, v in kept.items() if k != "teacher_key"}  # as committed records are: same teacher by accuracy
+    files[1].write_text(json.dumps(keyless))
+    run_setting(setting, ["dkd"], [0], out, data_root=data, progress=False)
+    assert len(calls) == 6
+    files[1].write_text(json.dumps(kept))
 
     longer = replace(setting, epochs=2)  # another budget is another run
     run_setting(longer, ["alone"], [0], out, data_root=data, progress=False)
