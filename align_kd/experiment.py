@@ -141,6 +141,11 @@ REAL_SETTINGS["real-cnn-beta"] = replace(
 REAL_SETTINGS["real-cnn-noaug"] = replace(
     REAL_SETTINGS["real-cnn"], name="real-cnn-noaug", augment=False,
     description="(i) without augmentation (diagnostic): the student sees the stored images, so it can overfit")
+# the same diagnostic for setting (ii): many teacher taps into five student taps, where the diagonal is not
+# the obvious plan (issue 13: is this where a learned plan can show?)
+REAL_SETTINGS["real-resnet-noaug"] = replace(
+    REAL_SETTINGS["real-resnet"], name="real-resnet-noaug", augment=False,
+    description="(ii) without augmentation (diagnostic): the shipped ResNet-20 into the study's student, stored images")
 SETTINGS.update(REAL_SETTINGS)
 SETTINGS["demo"] = Setting(
     "demo", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=5,
