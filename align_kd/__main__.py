@@ -15,7 +15,8 @@ def _strategy_help() -> str:
     plans = [s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls", *PLAN_VARIANTS, *PLAN_FROM_ROW)]
     return ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), "
             + ", ".join(plans) + " (the registered plans), sinkhorn-heldout (sinkhorn with plan_objective='heldout'), "
-            "sinkhorn-heldout-dustbin (the same with dustbin=True), sinkhorn-heldout-retrain (sinkhorn-heldout's "
+            "sinkhorn-heldout-dustbin (the same with dustbin=True, the dustbin's mass fixed), softmax-heldout-dustbin "
+            "(the column-softmax plan with a dustbin whose mass it chooses), sinkhorn-heldout-retrain (sinkhorn-heldout's "
             "final plan of the same seed, fixed, on all the training data)")
 
 

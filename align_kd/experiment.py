@@ -38,6 +38,9 @@ LOGIT_BASELINES = ("dkd", "ls")
 #: (issue 13), and plans on the contrastive MI estimator instead of the Gaussian one
 PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"}),
                  "sinkhorn-heldout-dustbin": ("sinkhorn", {"plan_objective": "heldout", "dustbin": True}),
+                 # the relaxed dustbin: a column softmax has no row marginal, so the plan chooses the dustbin's
+                 # mass (0 to all S student layers) instead of holding it at one layer's worth
+                 "softmax-heldout-dustbin": ("softmax", {"plan_objective": "heldout", "dustbin": True}),
                  "sinkhorn-heldout-slow": ("sinkhorn", {"plan_objective": "heldout", "heldout_lr": 1e-3}),
                  "softmax-heldout": ("softmax", {"plan_objective": "heldout"}),
                  # InfoNCE is in nats per sample (up to log B = 5.5 per pair): at feature weight 1 its five
@@ -579,8 +582,10 @@ def row_settings(setting: Setting) -> str:
         if opts.get("mi_estimator", "vid") == "infonce":
             negatives = f"in-batch negatives and {opts['infonce_memory']} remembered" if opts.get("infonce_memory") else "in-batch negatives"
             what += f" (MI by the contrastive InfoNCE bound, {negatives}, instead of the Gaussian VID bound)"
-        if opts.get("dustbin"):
-            what += ", with a 'no teacher' row holding one student layer's worth of mass"
+        if opts.get("dustbin") and name == "sinkhorn":
+            what += f", with a 'no teacher' row holding {opts.get('dustbin_mass', 1.0):g} student layer's worth of mass"
+        elif opts.get("dustbin"):
+            what += ", with a 'no teacher' row whose mass the plan chooses (no row marginal: 0 to every student layer)"
         if strategy in PLAN_FROM_ROW:
             what += (f" fixed to the final plan `{PLAN_FROM_ROW[strategy]}` learned on the same seed, trained on all "
                      f"{setting.train_limit or 50000} training images (search, then retrain)")

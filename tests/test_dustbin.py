@@ -100,3 +100,40 @@ def test_dustbin_is_refused_where_it_cannot_work(data):
         Distiller(teacher8(), student8(), x, strategy="pairwise", dustbin=True)
     with pytest.raises(ValueError, match=r"dustbin_mass` in \(0, S\)"):
         Distiller(teacher8(), student8(), x, strategy="sinkhorn", dustbin=True, dustbin_mass=10.0)
+
+
+class _PlantedHypergradient:
+    """Stands in for a Distiller in LearnedPlan.update: the (T, S) hypergradient is planted."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def heldout_hypergradient(self, train, heldout):
+        return self.g
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_softmax_dustbin_takes_the_mass_the_hypergradient_asks_for(sign):
+    """The relaxed dustbin (softmax plan, no row marginal): where every teacher pair raises the held-out
+    loss (planted hypergradient +1) one Adam step opens the dustbin in every column, where every pair
+    lowers it (-1) the step closes it; the new plan is the closed form softmax((Z - lr sign(dL/dZ)) / tau)
+    with dL/dZ[i, j] = lam[i, j] (g[i, j] - sum_k lam[k, j] g[k, j]). The fixed-mass (Sinkhorn) dustbin keeps
+    its one layer's worth under the same push."""
+    from align_kd.plans import make_plan
+
+    T, S, tau, lr = 4, 3, 0.5, 0.01
+    g = torch.full((T, S), sign)
+    plan = make_plan("softmax", T, S, tau=tau, row_marginal=None,
+                     options={"dustbin": True, "plan_objective": "heldout", "heldout_lr": lr})
+    z0, lam0 = plan.logits.detach().clone(), plan().detach().clone()  # (T + 1, S), last row the dustbin
+    record = plan.update(_PlantedHypergradient(g), train=(None, None), heldout=(None, None))
+    gfull = torch.cat([g, torch.zeros(1, S)])
+    grad_z = lam0 * (gfull - (lam0 * gfull).sum(0)) / tau  # d(sum lam g)/d(logits): the softmax of logits / tau
+    expected = torch.softmax((z0 - lr * grad_z.sign()) / tau, dim=0)
+    assert torch.allclose(plan(), expected, atol=1e-6) and record["hypergrad_norm"] == pytest.approx(float(g.norm()))
+    moved = plan()[-1] - lam0[-1]  # (S,) the dustbin's weight in each student column
+    assert torch.all(moved * sign > 0) and torch.allclose(plan().sum(0), torch.ones(S), atol=1e-6)
+    fixed = make_plan("sinkhorn", T, S, tau=tau, row_marginal=None,
+                      options={"dustbin": True, "plan_objective": "heldout", "heldout_lr": lr})
+    fixed.update(_PlantedHypergradient(g), train=(None, None), heldout=(None, None))
+    assert abs(float(fixed()[-1].sum()) - 1.0) < 1e-4
