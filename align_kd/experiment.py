@@ -587,7 +587,7 @@ def row_settings(setting: Setting) -> str:
         elif opts.get("dustbin"):
             what += ", with a 'no teacher' row whose mass the plan chooses (no row marginal: 0 to every student layer)"
         if strategy in PLAN_FROM_ROW:
-            what += (f" fixed to the final plan `{PLAN_FROM_ROW[strategy]}` learned on the same seed, trained on all "
+            what += (f": the final plan `{PLAN_FROM_ROW[strategy]}` learned on the same seed, held fixed, trained on all "
                      f"{setting.train_limit or 50000} training images (search, then retrain)")
         lines.append(f"- `{strategy}`: {what}")
     return "\n".join(lines) + "\n"
