@@ -179,3 +179,6 @@ def test_run_keys_of_recorded_runs_survive_new_setting_fields():
     noaug = experiment.REAL_SETTINGS["real-cnn-noaug"]
     assert not noaug.augment and noaug.epochs == experiment.REAL_SETTINGS["real-cnn"].epochs
     assert experiment.run_key(replace(noaug, name="real-cnn"), "hinton", 0) != recorded["hinton-s0"]["run_key"]
+    resnet_noaug = experiment.REAL_SETTINGS["real-resnet-noaug"]  # (ii) without augmentation: only that differs
+    assert replace(resnet_noaug, name="real-resnet", augment=True, description="") == replace(
+        experiment.REAL_SETTINGS["real-resnet"], description="")
