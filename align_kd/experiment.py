@@ -513,10 +513,12 @@ def format_patterns(rows: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["", "Learned plans across seeds (std of lambda, mean total variation between seeds per column, "
-             "weighted crossings normalised to [0, 1], mean fan-in; modal matching student <- teacher (frequency)):", "",
+             "weighted crossings normalised to [0, 1], mean fan-in; modal matching student <- teacher (frequency) of the "
+             "one-to-one max-weight matching, 'unmatched' where it gives the column no teacher layer):", "",
              "| strategy | std(lambda) | TV between seeds | crossings | fan-in | modal matching |", "|---|---|---|---|---|---|"]
     for r in rows:
-        match = ", ".join(f"{s}<-{t} ({f:.0%})" for s, (t, f) in r["modal_matching"].items())
+        match = ", ".join(f"{s}<-unmatched" if t is None else f"{s}<-{t} ({f:.0%})"
+                          for s, (t, f) in r["modal_matching"].items())
         lines.append(f"| {r['strategy']} | {r['lambda_std']:.3f} | {r['tv_between_seeds']:.3f} | "
                      f"{r['crossings']:.3f} | {r['fan_in']:.2f} | {match} |")
     return "\n".join(lines) + "\n"

@@ -182,3 +182,18 @@ def test_run_keys_of_recorded_runs_survive_new_setting_fields():
     resnet_noaug = experiment.REAL_SETTINGS["real-resnet-noaug"]  # (ii) without augmentation: only that differs
     assert replace(resnet_noaug, name="real-resnet", augment=True, description="") == replace(
         experiment.REAL_SETTINGS["real-resnet"], description="")
+
+
+def test_plan_pattern_table_names_unmatched_columns():
+    """Two student layers on one teacher layer: the one-to-one matching leaves one column without a
+    teacher, and the table says so instead of printing None."""
+    import numpy as np
+
+    from align_kd.graph import stability
+
+    st = stability([np.array([[1.0, 1.0], [0.0, 0.0]])])  # (T, S): both student columns on the first teacher layer
+    assert sorted(st["modal_matching"].values(), key=lambda tf: tf[1]) == [(None, 0.0), ("T0", 1.0)]
+    row = {"strategy": "softmax", "lambda_std": 0.0, "tv_between_seeds": 0.0, "crossings": 0.0, "fan_in": 1.0,
+           "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()}}
+    line = experiment.format_patterns([row]).strip().splitlines()[-1]
+    assert line.count("<-T0 (100%)") == 1 and line.count("<-unmatched") == 1 and "None" not in line
