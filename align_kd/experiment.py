@@ -584,7 +584,7 @@ def row_settings(setting: Setting) -> str:
         if opts.get("mi_estimator", "vid") == "infonce":
             negatives = f"in-batch negatives and {opts['infonce_memory']} remembered" if opts.get("infonce_memory") else "in-batch negatives"
             what += f" (MI by the contrastive InfoNCE bound, {negatives}, instead of the Gaussian VID bound)"
-        if opts.get("dustbin") and name == "sinkhorn":
+        if opts.get("dustbin") and PLANS[name].fixed_dustbin_mass:
             what += f", with a 'no teacher' row holding {opts.get('dustbin_mass', 1.0):g} student layer's worth of mass"
         elif opts.get("dustbin"):
             what += ", with a 'no teacher' row whose mass the plan chooses (no row marginal: 0 to every student layer)"

@@ -191,6 +191,9 @@ class LearnedPlan(Plan):
     update count are part of the plan's state_dict."""
 
     learned = True
+    #: with ``dustbin``: whether the projection holds the dustbin's row mass fixed (a row marginal) or the
+    #: plan chooses it (no row marginal)
+    fixed_dustbin_mass = False
 
     def __init__(self, T: int, S: int, *, tau: float, init: Tensor, objective: str = "mi", lr: float = 0.01,
                  every: int = 10, optimizer: str = "adam"):
@@ -278,6 +281,8 @@ class SoftmaxPlan(LearnedPlan):
 @register_plan("sinkhorn")
 class SinkhornPlan(LearnedPlan):
     """Learned logits Z (T, S), lambda = sinkhorn(Z, r, tau), warm-started from the last potentials."""
+
+    fixed_dustbin_mass = True
 
     def __init__(self, T: int, S: int, *, tau: float, init: Tensor, row_marginal: Tensor, tol: float = 1e-5,
                  newton_after: int = 0, **objective):
