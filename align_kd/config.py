@@ -49,6 +49,9 @@ class FitConfig:
     heldout_lr: float = 0.01  # plan_objective="heldout": step size on the plan logits (Z; the plan sees Z / tau)
     heldout_optimizer: str = "adam"  # plan_objective="heldout": the plan logits' optimiser, "adam" or "sgd" (plain)
     heldout_train_on_split: bool = False  # plan_objective="heldout": the student also trains on the held-out images
+    # plan_objective="heldout": the mode of the forward whose MI gradients enter the hypergradient: "train" (batch
+    # statistics, the gradients the training step takes; running statistics restored) or "eval" (running statistics)
+    heldout_grad_mode: str = "train"
     lr: float = 0.05
     weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
     momentum: float = 0.9
@@ -125,6 +128,8 @@ class FitConfig:
         check(not self.heldout_train_on_split or self.plan_objective == "heldout",
               "heldout_train_on_split=True trains the student on the held-out split of plan_objective='heldout'; "
               f"it needs plan_objective='heldout', not {self.plan_objective!r}.")
+        check(self.heldout_grad_mode in ("train", "eval"),
+              f"Expected `heldout_grad_mode` to be 'train' or 'eval' but got {self.heldout_grad_mode!r}.")
         check(self.heldout_optimizer in OPTIMIZERS,
               f"Expected argument `heldout_optimizer` to be one of {list(OPTIMIZERS)} but got {self.heldout_optimizer!r}.")
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
@@ -169,7 +174,7 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
-    "plan_objective", "heldout_every", "heldout_lr", "heldout_optimizer", "dustbin", "dustbin_mass",
+    "plan_objective", "heldout_every", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "dustbin", "dustbin_mass",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

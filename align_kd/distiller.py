@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .config import DISTILLER_OPTIONS, LOOP_OPTIONS, FitConfig
 from .distributed import data_parallel, mean_over_ranks
-from .evaluation import preserve_mode
+from .evaluation import preserve_buffers, preserve_mode
 from .losses import kd_term
 from .mi import MIBank
 from .plans import DUSTBIN, PLANS, Plan, make_plan
@@ -424,11 +424,14 @@ class Distiller(nn.Module):
         grad I_ij> + O(lr^2). All T x S inner products are one Jacobian-vector product J v of the map
         theta -> MI matrix (on ``train``) with v = grad CE_heldout (on ``heldout``), computed exactly
         by the transpose trick (J v = d/du <J^T u, v>): one forward, a backward with its graph, one
-        more backward. The teacher's features of ``train`` are those of the training forward that
-        just ran on the same tensor (the teacher is frozen and in eval mode, so they are the same
-        numbers); any other batch gets a teacher forward of its own. Everything runs in eval mode:
-        running statistics, weights, parameter gradients and RNG streams are left as they were.
-        Averaged over ranks when data parallel.
+        more backward. The held-out cross-entropy is scored in eval mode (as the student is tested);
+        the MI forward runs in the mode ``heldout_grad_mode`` names: "train" (default), the batch
+        statistics the training step's gradient has (with BatchNorm the eval-mode gradient is
+        another one: measured in ``benchmarks/horizon_check.py``), or "eval". The teacher's
+        features of ``train`` are those of the training forward that just ran on the same tensor
+        (the teacher is frozen and in eval mode, so they are the same numbers); any other batch gets
+        a teacher forward of its own. Running statistics, weights, parameter gradients and RNG
+        streams are left as they were. Averaged over ranks when data parallel.
         """
         if self.bank is None:
             raise ValueError(f"strategy={self.strategy!r} has no feature term, so the plan has no held-out gradient.")
@@ -437,22 +440,25 @@ class Distiller(nn.Module):
         cache, self._teacher_cache = self._teacher_cache, None
         cached = cache is not None and cache[0] is raw and cache[1] == raw._version
         xh, yh, xt = self.batch(xh), yh.to(self.device), self.batch(raw)
-        with preserve_mode(self.student, self.bank, training=False), torch.enable_grad():
-            with self.autocast():
+        with torch.enable_grad():
+            with preserve_mode(self.student, self.bank, training=False), self.autocast():
                 ce = F.cross_entropy(self.student(xh).float(), yh.long())
             v = torch.autograd.grad(ce, params, allow_unused=True)
-            with self.autocast():
-                if cached:
-                    t_feats = cache[2]
-                else:
-                    with torch.no_grad():
-                        t_feats, _ = self._teacher_call(xt)
-                s_feats, _ = self._student_call(xt)
-                mi = self._bank_call(t_feats, s_feats).float()  # (T, S)
-            u = torch.zeros_like(mi, requires_grad=True)
-            jt_u = torch.autograd.grad(mi, params, grad_outputs=u, create_graph=True, allow_unused=True)
-            dot = sum((a * b).sum() for a, b in zip(jt_u, v) if a is not None and b is not None)
-            directional = torch.autograd.grad(dot, u)[0] if torch.is_tensor(dot) and dot.requires_grad else torch.zeros_like(mi)
+            rng_devices = [self.device] if self.device.type == "cuda" else []
+            with (preserve_mode(self.student, self.bank, training=self.cfg.heldout_grad_mode == "train"),
+                  preserve_buffers(self.running_buffers()), torch.random.fork_rng(devices=rng_devices)):
+                with self.autocast():
+                    if cached:
+                        t_feats = cache[2]
+                    else:
+                        with torch.no_grad():
+                            t_feats, _ = self._teacher_call(xt)
+                    s_feats, _ = self._student_call(xt)
+                    mi = self._bank_call(t_feats, s_feats).float()  # (T, S)
+                u = torch.zeros_like(mi, requires_grad=True)
+                jt_u = torch.autograd.grad(mi, params, grad_outputs=u, create_graph=True, allow_unused=True)
+                dot = sum((a * b).sum() for a, b in zip(jt_u, v) if a is not None and b is not None)
+                directional = torch.autograd.grad(dot, u)[0] if torch.is_tensor(dot) and dot.requires_grad else torch.zeros_like(mi)
         return mean_over_ranks(self._objective_weight() * directional.detach())  # (T, S): w * <grad I_ij, grad CE_heldout>
 
     def update_plan(self, batches=None, *, train=None, heldout=None) -> dict | None:

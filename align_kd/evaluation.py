@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
-__all__ = ["count_correct", "evaluate", "preserve_mode"]
+__all__ = ["count_correct", "evaluate", "preserve_buffers", "preserve_mode"]
 
 
 @contextlib.contextmanager
@@ -29,6 +29,19 @@ def preserve_mode(*modules: nn.Module | None, training: bool | None = None):
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def preserve_buffers(buffers: list[torch.Tensor]):
+    """Inside: ``buffers`` (running statistics) may change in place; on exit they hold their values
+    from before again."""
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
 
 
 def _resolve_device(model: nn.Module, loader, device) -> torch.device:

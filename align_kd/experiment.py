@@ -36,13 +36,16 @@ __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting
 LOGIT_BASELINES = ("dkd", "ls")
 #: rows that are a registered plan with other options: the plan learned from held-out cross-entropy
 #: (issue 13), and plans on the contrastive MI estimator instead of the Gaussian one
-PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", {"plan_objective": "heldout"}),
-                 "sinkhorn-heldout-dustbin": ("sinkhorn", {"plan_objective": "heldout", "dustbin": True}),
+# the held-out rows take the MI gradients of the hypergradient in train mode (the step's own; stated
+# explicitly, so that records made before that fix, in eval mode, are not read as these rows)
+_HELDOUT = {"plan_objective": "heldout", "heldout_grad_mode": "train"}
+PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", _HELDOUT),
+                 "sinkhorn-heldout-dustbin": ("sinkhorn", {**_HELDOUT, "dustbin": True}),
                  # the relaxed dustbin: a column softmax has no row marginal, so the plan chooses the dustbin's
                  # mass (0 to all S student layers) instead of holding it at one layer's worth
-                 "softmax-heldout-dustbin": ("softmax", {"plan_objective": "heldout", "dustbin": True}),
-                 "sinkhorn-heldout-slow": ("sinkhorn", {"plan_objective": "heldout", "heldout_lr": 1e-3}),
-                 "softmax-heldout": ("softmax", {"plan_objective": "heldout"}),
+                 "softmax-heldout-dustbin": ("softmax", {**_HELDOUT, "dustbin": True}),
+                 "sinkhorn-heldout-slow": ("sinkhorn", {**_HELDOUT, "heldout_lr": 1e-3}),
+                 "softmax-heldout": ("softmax", _HELDOUT),
                  # InfoNCE is in nats per sample (up to log B = 5.5 per pair): at feature weight 1 its five
                  # columns swamp cross-entropy (setting (i), seed 0: 0.44 test accuracy after 3 epochs against
                  # 0.63 for the VID pairwise row), so it takes CRD's total weight 0.8 spread over ~4 columns
@@ -580,7 +583,8 @@ def row_settings(setting: Setting) -> str:
             frac, every, lr, optimizer = (_option(opts, k) for k in ("heldout_fraction", "heldout_every", "heldout_lr",
                                                                        "heldout_optimizer"))
             what += (f" learned from held-out cross-entropy ({100 * frac:.0f}% of the training images kept aside, "
-                     f"{'an Adam' if optimizer == 'adam' else 'an SGD'} step of {lr:g} on the plan logits every {every} steps)")
+                     f"{'an Adam' if optimizer == 'adam' else 'an SGD'} step of {lr:g} on the plan logits every {every} steps, "
+                     f"MI gradients in {_option(opts, 'heldout_grad_mode')} mode)")
         if opts.get("mi_estimator", "vid") == "infonce":
             negatives = f"in-batch negatives and {opts['infonce_memory']} remembered" if opts.get("infonce_memory") else "in-batch negatives"
             what += f" (MI by the contrastive InfoNCE bound, {negatives}, instead of the Gaussian VID bound)"
@@ -596,13 +600,15 @@ def row_settings(setting: Setting) -> str:
 
 
 def collect_records(out_dir, setting: Setting) -> list[dict]:
-    """Every finished run's record of ``setting`` under ``out_dir`` made with the current configuration."""
+    """Every finished run's record of ``setting`` under ``out_dir`` made with the current configuration:
+    its run key, and the row's fit() options as they are today (a record from before a row's options
+    changed is left out, as the benchmark would run it again)."""
     records = []
     for strategy in ALL_STRATEGIES:
         for file in sorted((Path(out_dir) / setting.name).glob(f"{strategy}-s*/record.json")):
             seed = int(file.parent.name.rpartition("-s")[2])
             done = finished_record(file.parent, run_key(setting, strategy, seed))
-            if done is not None:
+            if done is not None and _same_options(done.get("fit_options", {}), _fit_options(setting, strategy, seed, False)[1]):
                 records.append(done)
     return records
 

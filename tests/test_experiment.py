@@ -108,6 +108,7 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     stale = json.loads(files[1].read_text())
     stale["fit_options"]["kd_temperature"] = 9.0
     files[1].write_text(json.dumps(stale))
+    assert "| dkd |" not in report([setting], out) and "| alone |" in report([setting], out)  # nor do the tables read it
     run_setting(setting, ["dkd"], [0], out, data_root=data, progress=False)
     assert calls == ["hinton", "dkd", "ls", "dkd"]
     assert json.loads(files[1].read_text())["fit_options"]["kd_temperature"] == rec["fit_options"]["kd_temperature"]

@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 from align_kd import Distiller, FitConfig, fit  # noqa: E402
 from align_kd.checkpoint import checkpoint_path  # noqa: E402
 from align_kd.data import TensorLoader, load_cifar10, split_heldout  # noqa: E402
+from align_kd.evaluation import preserve_buffers, preserve_mode  # noqa: E402
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"the CIFAR-10 archive is not at {ARCHIVE}")
@@ -47,34 +48,64 @@ def student8():
     return nn.Sequential(nn.Flatten(), nn.Linear(192, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 10))
 
 
-def test_hypergradient_matches_brute_force_one_step_lookahead(cifar):
-    (xt, yt), (xh, yh) = small_batches(cifar, dtype=torch.float32)
-    t, s = teacher8(), student8()
-    lam0 = torch.full((3, 3), 1 / 3)
-    d = Distiller(t, s, xt, strategy=lam0, width=4, beta=0.4, feature_weight=3.0)
-    d.train()
-    d(xt, yt)  # sets the MI standardisers' statistics; everything below runs in eval mode
-    d.eval()
-    g = d.heldout_hypergradient((xt, yt), (xh, yh))  # (T, S), an exact Jacobian-vector product
-    params = {k: v for k, v in s.named_parameters()}
-    lr, h = 1e-3, 1e-2  # theta' is linear in lambda: central differences are exact up to H's curvature
+def student8_bn():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+
+
+def brute_force_hypergradient(d, lam0, train, heldout, lr=1e-3, h=1e-2):
+    """(T, S) d CE_heldout(theta') / d lambda by central differences: perturb lambda_ij, take one real
+    training step of the student (train mode, as fit() does; running statistics put back, so both
+    sides are scored with the same ones), score the held-out CE in eval mode, in float64."""
+    (xt, yt), (xh, yh) = train, heldout
+    s = d.student
+    params = dict(s.named_parameters())
+    buffers = {k: b.double() if b.is_floating_point() else b for k, b in s.named_buffers()}
 
     def heldout_after_one_step(lam):
         d.plan.value.copy_(lam)
-        grads = torch.autograd.grad(d(xt, yt).loss, list(params.values()))
+        d.train()
+        with preserve_buffers(d.running_buffers()):
+            grads = torch.autograd.grad(d(xt, yt).loss, list(params.values()))
         # the step and the held-out loss in float64 (the bank computes in float32)
         stepped = {k: p.double() - lr * gp.double() for (k, p), gp in zip(params.items(), grads)}
-        return F.cross_entropy(functional_call(s, stepped, (xh.double(),)), yh).item()
+        with preserve_mode(s, training=False):
+            return F.cross_entropy(functional_call(s, {**stepped, **buffers}, (xh.double(),)), yh).item()
 
-    brute = torch.zeros(3, 3, dtype=torch.float64)
-    for i in range(3):
-        for j in range(3):
-            e = torch.zeros(3, 3)
+    T, S = lam0.shape
+    brute = torch.zeros(T, S, dtype=torch.float64)
+    for i in range(T):
+        for j in range(S):
+            e = torch.zeros(T, S)
             e[i, j] = h
             brute[i, j] = (heldout_after_one_step(lam0 + e) - heldout_after_one_step(lam0 - e)) / (2 * h)
-    assert brute.abs().max() > 1e-6  # the check can fail: lambda moves the held-out loss
+    d.plan.value.copy_(lam0)
+    return brute
+
+
+@pytest.mark.parametrize("student", [student8, student8_bn], ids=["tanh-mlp", "batchnorm-cnn"])
+def test_hypergradient_matches_brute_force_one_step_lookahead(cifar, student):
+    (xt, yt), (xh, yh) = small_batches(cifar, dtype=torch.float32)
+    d = Distiller(teacher8(), student(), xt, strategy="uniform", width=4, beta=0.4, feature_weight=3.0)
+    lam0 = d.plan.value.clone()  # (T, S)
+    d.train()
+    with torch.no_grad():
+        for _ in range(3):  # moves the running statistics (standardisers, BatchNorm) off their initial values
+            d(xh, yh)
+            d(xt, yt)
+    lr = 1e-4  # theta' is linear in lambda: central differences are exact up to H's curvature (O(lr); 1e-3 leaves 5% with BatchNorm)
+    g = d.heldout_hypergradient((xt, yt), (xh, yh))  # (T, S), an exact Jacobian-vector product
+    brute = brute_force_hypergradient(d, lam0, (xt, yt), (xh, yh), lr=lr)
+    assert brute.abs().max() > 1e-3 * lr  # the check can fail: lambda moves the held-out loss
     # observed: agreement to ~1e-3 of the largest entry (float32 bank, O(lr) look-ahead term)
     assert torch.allclose(lr * g.double(), brute, rtol=1e-2, atol=2e-3 * brute.abs().max()), (lr * g, brute)
+    if student is student8_bn:  # eval-mode MI gradients are another derivative where BatchNorm sits in the student
+        other = Distiller(teacher8(), student8_bn(), xt, strategy="uniform", width=4, beta=0.4, feature_weight=3.0,
+                          heldout_grad_mode="eval")
+        other.load_state_dict(d.state_dict())
+        g_eval = other.heldout_hypergradient((xt, yt), (xh, yh))
+        assert float((lr * g_eval.double() - brute).norm() / brute.norm()) > 0.1
 
 
 def test_update_follows_the_chained_gradient_and_changes_nothing_else(cifar):
@@ -146,7 +177,7 @@ def test_sgd_plan_step_is_minus_lr_times_the_chained_gradient(cifar):
     d.train()
     d(xt, yt)
     assert isinstance(d.plan.optimizer(), torch.optim.SGD)
-    g = d.heldout_hypergradient((xt, yt), (xh, yh))  # eval-mode passes: the same value inside update_plan
+    g = d.heldout_hypergradient((xt, yt), (xh, yh))  # the same value inside update_plan
     z = d.plan.logits.detach().clone().requires_grad_(True)
     (gz,) = torch.autograd.grad((torch.softmax(z / d.plan.tau, dim=0) * g).sum(), z)  # the softmax plan, by hand
     record = d.update_plan(train=(xt, yt), heldout=(xh, yh))
