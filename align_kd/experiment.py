@@ -192,10 +192,22 @@ def _fit_options(setting: Setting, strategy: str, seed: int, progress: bool) -> 
     return strategy, opts
 
 
+def _current_record(out: Path, setting: Setting, strategy: str, seed: int) -> dict | None:
+    """The finished record of row ``strategy``, seed ``seed``, if it was made with the row's options of today."""
+    done = finished_record(Path(out) / f"{strategy}-s{seed}", run_key(setting, strategy, seed))
+    if done is None or not _same_options(done.get("fit_options", {}), _fit_options(setting, strategy, seed, False)[1]):
+        return None
+    if strategy in PLAN_FROM_ROW:  # trained with the plan its source row had then: current only if it still has it
+        source = _current_record(out, setting, PLAN_FROM_ROW[strategy], seed)
+        if source is None or source["plan"] != done["plan"]:
+            return None
+    return done
+
+
 def _plan_from_row(out: Path, setting: Setting, strategy: str, seed: int) -> Tensor:
     """The final (T, S) plan of the row ``strategy`` takes its plan from, on the same seed."""
     source = PLAN_FROM_ROW[strategy]
-    done = finished_record(out / f"{source}-s{seed}", run_key(setting, source, seed))
+    done = _current_record(out, setting, source, seed)
     if done is None:
         raise ValueError(f"Row {strategy!r} retrains with the plan that row {source!r} learned on seed {seed}, but that "
                          f"run has not finished in {out}. Run --strategies {source} {strategy} (in that order).")
@@ -322,6 +334,8 @@ def run_setting(
             name, opts = _fit_options(setting, strategy, seed, progress)
             done = finished_record(run_dir, key)
             stale = _stale_reason(done, opts, tinfo) if done is not None else None
+            if done is not None and not stale and strategy in PLAN_FROM_ROW and _current_record(out, setting, strategy, seed) is None:
+                stale = f"was trained with a plan that row {PLAN_FROM_ROW[strategy]!r} no longer has"
             if stale:
                 log(f"  {strategy:<9} seed {seed}: {run_dir} {stale}; running it again")
                 done = None
@@ -601,14 +615,14 @@ def row_settings(setting: Setting) -> str:
 
 def collect_records(out_dir, setting: Setting) -> list[dict]:
     """Every finished run's record of ``setting`` under ``out_dir`` made with the current configuration:
-    its run key, and the row's fit() options as they are today (a record from before a row's options
-    changed is left out, as the benchmark would run it again)."""
+    its run key, the row's fit() options as they are today, and for a row that retrains with another
+    row's plan, the plan that row has today (any other record is left out, as the benchmark would
+    run it again)."""
     records = []
     for strategy in ALL_STRATEGIES:
         for file in sorted((Path(out_dir) / setting.name).glob(f"{strategy}-s*/record.json")):
-            seed = int(file.parent.name.rpartition("-s")[2])
-            done = finished_record(file.parent, run_key(setting, strategy, seed))
-            if done is not None and _same_options(done.get("fit_options", {}), _fit_options(setting, strategy, seed, False)[1]):
+            done = _current_record(file.parent.parent, setting, strategy, int(file.parent.name.rpartition("-s")[2]))
+            if done is not None:
                 records.append(done)
     return records
 

@@ -166,6 +166,16 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
     assert search["train_images"] == retrain["train_images"] == 256  # the loader; the search held 26 of them out
     held = json.loads((out / "real-cnn" / "sinkhorn-heldout-s0" / "result.json").read_text())
     assert any(r.get("kind") == "heldout" for r in held["solves"]) and retrain["fit_options"].get("plan_objective") is None
+    # the source row has another plan now (run again): the retrain record is out of date, left out of
+    # the tables, and trained again with the new plan
+    file = out / "real-cnn" / "sinkhorn-heldout-s0" / "record.json"
+    changed = json.loads(file.read_text())
+    changed["plan"] = [row[::-1] for row in changed["plan"]]  # columns reversed: still a plan
+    assert changed["plan"] != search["plan"]
+    file.write_text(json.dumps(changed))
+    assert "| sinkhorn-heldout-retrain |" not in report([setting], out)
+    (again,), _ = run_setting(setting, ["sinkhorn-heldout-retrain"], [0], out, data_root=data, progress=False)
+    assert again["plan"] == changed["plan"] and "| sinkhorn-heldout-retrain |" in report([setting], out)
 
 
 def test_run_keys_of_recorded_runs_survive_new_setting_fields():
