@@ -23,11 +23,14 @@ in ``--horizons``, and compares it with H at theta_0:
   (columns) get the same best teacher layer (the lowest entry) from both.
 
 If the horizon-k ranking departs from H's as k grows, a one-step rule is learning from a signal
-the training it steers does not follow. Resumable (each perturbed run is saved as it finishes).
+the training it steers does not follow. That comparison only means something where G_k is a
+derivative: the further ``--deltas`` measure G_k again with other perturbations, and a
+derivative does not depend on the perturbation that measures it (k = 1 always is one: the step is
+linear in lambda). Resumable (each perturbed run is saved as it finishes).
 Output: benchmarks/results/horizon_check.json and horizon_check.png.
 
     python benchmarks/horizon_check.py [--setting real-cnn-noaug] [--horizons 1 4 16 64]
-                                       [--delta 0.1] [--warmup-epochs 1] [--seed 0]
+                                       [--deltas 0.1 0.02] [--warmup-epochs 1] [--seed 0] [--no-amp]
 """
 import argparse
 import copy
@@ -127,7 +130,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", default="real-cnn-noaug", choices=sorted(REAL_SETTINGS))
     ap.add_argument("--horizons", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--delta", type=float, default=0.1, help="perturbation of one plan weight (the plan's columns sum to 1)")
+    ap.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.02],
+                    help="perturbations of one plan weight (the plan's columns sum to 1): the first gives G, the others "
+                         "test whether G is a derivative (the same G at every delta)")
     ap.add_argument("--warmup-epochs", type=float, default=1.0, help="training with the pairwise plan before theta_0")
     ap.add_argument("--hyper-batches", type=int, default=8, help="(train, held-out) batch pairs averaged into the rule's H")
     ap.add_argument("--heldout-images", type=int, default=5000, help="held-out images scoring L_k (of the 10%% split)")
@@ -139,12 +144,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None)
     args = ap.parse_args(argv)
     horizons = sorted(set(args.horizons))
-    if horizons[0] < 1 or args.delta <= 0 or args.warmup_epochs < 0:
-        ap.error(f"expected horizons >= 1, delta > 0 and warmup-epochs >= 0; got {horizons}, {args.delta}, {args.warmup_epochs}")
+    if horizons[0] < 1 or min(args.deltas) <= 0 or args.warmup_epochs < 0:
+        ap.error(f"expected horizons >= 1, deltas > 0 and warmup-epochs >= 0; got {horizons}, {args.deltas}, {args.warmup_epochs}")
     torch.set_num_threads(args.threads)
     setting = REAL_SETTINGS[args.setting]
     root = args.data or default_root()
-    config = {"setting": setting.name, "horizons": horizons, "delta": args.delta, "warmup_epochs": args.warmup_epochs,
+    config = {"setting": setting.name, "horizons": horizons, "deltas": args.deltas, "warmup_epochs": args.warmup_epochs,
               "hyper_batches": args.hyper_batches, "heldout_images": args.heldout_images,
               "train_limit": args.train_limit, "seed": args.seed, "lr": setting.lr, "batch_size": setting.batch_size,
               "fit_options": {**setting.fit_options, **({"amp": False} if args.no_amp else {})}}
@@ -204,25 +209,29 @@ def main(argv=None) -> int:
     mu = cfg.momentum
     step_factor = cfg.lr * (1 + mu)  # d theta_1 / d (w lam_ij grad I_ij) under nesterov SGD
 
-    pairs = [(i, j) for i in range(T) for j in range(S)]
+    pairs = [(delta, i, j) for delta in args.deltas for i in range(T) for j in range(S)]
     start = time.perf_counter()
-    for i, j in tqdm(pairs, desc="perturbed runs", disable=not sys.stderr.isatty()):
-        key = f"{i},{j}"
+    for delta, i, j in tqdm(pairs, desc="perturbed runs", disable=not sys.stderr.isatty()):
+        key = f"{delta:g},{i},{j}"
         if key in runs:
             continue
         E = torch.zeros(T, S)
-        E[i, j] = args.delta
+        E[i, j] = delta
         plus = run_perturbed(distiller, optimizer, snapshot, lam0 + E, batches, held, horizons)
         minus = run_perturbed(distiller, optimizer, snapshot, lam0 - E, batches, held, horizons)
         runs[key] = {"plus": plus, "minus": minus}
         write_json({"config": config, "runs": runs, "partial": True}, out)
     fd_s = time.perf_counter() - start
 
-    G = {k: torch.zeros(T, S) for k in horizons}  # (T, S) per horizon
+    by_delta = {d: {k: torch.zeros(T, S) for k in horizons} for d in args.deltas}  # (T, S) per delta and horizon
     for key, r in runs.items():
-        i, j = map(int, key.split(","))
+        d, i, j = key.split(",")
         for n, k in enumerate(horizons):
-            G[k][i, j] = (r["plus"][n] - r["minus"][n]) / (2 * args.delta)
+            by_delta[float(d)][k][int(i), int(j)] = (r["plus"][n] - r["minus"][n]) / (2 * float(d))
+    G = by_delta[args.deltas[0]]
+    # a derivative does not depend on the step that measures it: how far each other delta's G is from G
+    linearity = [{"delta": d, "horizon": k, "relative_difference": float((by_delta[d][k] - G[k]).norm() / G[k].norm()),
+                  "spearman": compare(by_delta[d][k], G[k])["spearman"]} for d in args.deltas[1:] for k in horizons]
     last = G[horizons[-1]]
     rows = []
     for k in horizons:
@@ -234,11 +243,16 @@ def main(argv=None) -> int:
     first = {mode: compare(G[1], step_factor * H[f"{mode}_1"]) | {"relative_error": float(
         (G[1] - step_factor * H[f"{mode}_1"]).norm() / G[1].norm())} for mode in ("train", "eval")} if 1 in G else None
     print(f"\n{setting.name}, seed {args.seed}: theta_0 after {args.warmup_epochs:g} epoch(s) of pairwise "
-          f"(held-out CE {L0:.4f}); delta {args.delta}, lr {cfg.lr}, momentum {mu}; {len(held[1])} held-out images")
+          f"(held-out CE {L0:.4f}); G from delta {args.deltas[0]:g}, lr {cfg.lr}, momentum {mu}; {len(held[1])} held-out images")
     if first:
         for mode, c in first.items():
             print(f"G_1 against lr (1 + mu) H_1 ({mode}-mode MI gradients, after step 1): relative error "
                   f"{c['relative_error']:.3f}, spearman {c['spearman']:+.3f}, signs agree {c['sign_agreement']:.2f}")
+    if linearity:
+        print(f"\nIs G a derivative? G_k at another delta against G_k at delta {args.deltas[0]:g}:\n")
+        print("| delta | horizon k | relative difference | spearman |\n|---|---|---|---|")
+        for r in linearity:
+            print(f"| {r['delta']:g} | {r['horizon']} | {r['relative_difference']:.3f} | {r['spearman']:+.3f} |")
     print(f"\nspearman / sign agreement / columns whose best teacher layer agrees, G_k against the rule's H "
           f"(mean over {args.hyper_batches} updates), train-mode and eval-mode MI gradients:\n")
     print(f"| horizon k | H train: spearman | signs | best agrees | H eval: spearman | signs | best agrees | "
@@ -253,8 +267,8 @@ def main(argv=None) -> int:
         print(f"| rule's H, {mode} | | | | | | | {compare(H[mode], last)['spearman']:+.3f} | {', '.join(column_choice(H[mode], t_names))} |")
     payload = {"config": config, "versions": versions(), "teacher_card": {k: card[k] for k in ("test_acc", "sha256")},
                "teacher_layers": t_names, "student_layers": s_names, "heldout_ce_theta0": L0, "step_factor": step_factor,
-               "first_step": first, "H": {k: m.tolist() for k, m in H.items()},
-               "G": {str(k): m.tolist() for k, m in G.items()}, "rows": rows, "runs": runs,
+               "first_step": first, "linearity": linearity, "H": {k: m.tolist() for k, m in H.items()},
+               "G": {f"{d:g}": {str(k): m.tolist() for k, m in g.items()} for d, g in by_delta.items()}, "rows": rows, "runs": runs,
                "warmup_s": warm_s, "perturbed_runs_s": fd_s, "partial": False}
     write_json(payload, out)
     draw(out.with_suffix(".png"), G, H["train"], t_names, s_names)
