@@ -155,7 +155,11 @@ def main(argv=None) -> int:
               "fit_options": {**setting.fit_options, **({"amp": False} if args.no_amp else {})}}
     out = Path(args.out)
     saved = json.loads(out.read_text()) if out.exists() else {}
-    runs = saved.get("runs", {}) if saved.get("config") == config else {}  # resumable: finished perturbed runs
+    # resumable: the finished perturbed runs of the same configuration (runs are keyed by their delta,
+    # so a run made for another list of deltas is reused where its delta is asked for again)
+    same = {k: v for k, v in saved.get("config", {}).items() if k != "deltas"} == {k: v for k, v in config.items() if k != "deltas"}
+    wanted = {f"{d:g}" for d in args.deltas}
+    runs = {k: v for k, v in saved.get("runs", {}).items() if k.split(",")[0] in wanted} if same else {}
 
     train, _ = cifar10_loaders(root, batch_size=setting.batch_size, limit=args.train_limit, augment=setting.augment, seed=0)
     train, held_batches = split_heldout(train, 0.1, seed=args.seed)  # the held-out rule's split (fit's default)
