@@ -70,11 +70,16 @@ def constant_lr(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
 
 
-def run_perturbed(distiller, optimizer, snapshot, plan: torch.Tensor, batches, held, horizons) -> list[float]:
-    """Held-out CE after each horizon in ``horizons`` of training from ``snapshot`` with ``plan``."""
+def restore(distiller, optimizer, snapshot) -> None:
+    """Back to theta_0: the Distiller's state (student, bank, plan) and the optimiser's momentum."""
     distiller.load_state_dict(snapshot["distiller"])
     # a copy: Optimizer.load_state_dict keeps the given momentum tensors, which the steps then update in place
     optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+
+
+def run_perturbed(distiller, optimizer, snapshot, plan: torch.Tensor, batches, held, horizons) -> list[float]:
+    """Held-out CE after each horizon in ``horizons`` of training from ``snapshot`` with ``plan``."""
+    restore(distiller, optimizer, snapshot)
     distiller.plan.value.copy_(plan)  # (T, S); off the simplex by +-delta: a derivative, not a plan to train with
     scheduler, losses, dist = constant_lr(optimizer), [], DistContext()
     for k, (x, y) in enumerate(batches[: max(horizons)], start=1):
@@ -144,8 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None)
     args = ap.parse_args(argv)
     horizons = sorted(set(args.horizons))
-    if horizons[0] < 1 or min(args.deltas) <= 0 or args.warmup_epochs < 0:
-        ap.error(f"expected horizons >= 1, deltas > 0 and warmup-epochs >= 0; got {horizons}, {args.deltas}, {args.warmup_epochs}")
+    if horizons[0] < 1 or min(args.deltas) <= 0 or args.warmup_epochs < 0 or args.hyper_batches < 1:
+        ap.error(f"expected horizons >= 1, deltas > 0, warmup-epochs >= 0 and hyper-batches >= 1; got {horizons}, "
+                 f"{args.deltas}, {args.warmup_epochs}, {args.hyper_batches}")
     torch.set_num_threads(args.threads)
     setting = REAL_SETTINGS[args.setting]
     root = args.data or default_root()
@@ -180,7 +186,7 @@ def main(argv=None) -> int:
     warm = int(args.warmup_epochs * len(train))
     batches, it = [], iter(train)
     constant = constant_lr(optimizer)
-    for step in tqdm(range(warm + max(horizons) + args.hyper_batches), desc="warm-up", disable=not sys.stderr.isatty()):
+    for step in tqdm(range(warm + max(max(horizons), args.hyper_batches)), desc="warm-up", disable=not sys.stderr.isatty()):
         try:
             x, y = next(it)
         except StopIteration:
@@ -189,7 +195,7 @@ def main(argv=None) -> int:
         if step < warm:
             train_step(distiller, distiller, optimizer, constant, x, y, kd_scale=1.0, grad_clip=None, dist=DistContext())
         else:
-            batches.append((x.clone(), y.clone()))  # the horizon's batches, then the rule's extra ones
+            batches.append((x.clone(), y.clone()))  # the batches after theta_0: the horizons' and the rule's updates
     snapshot = copy.deepcopy({"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict()})
     warm_s = time.perf_counter() - start
     L0 = heldout_ce(distiller, held)
@@ -200,10 +206,9 @@ def main(argv=None) -> int:
     H = {}
     for mode in ("train", "eval"):
         distiller.cfg = replace(cfg, heldout_grad_mode=mode)
-        distiller.load_state_dict(snapshot["distiller"])
-        optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+        restore(distiller, optimizer, snapshot)
         per_step, dist = [], DistContext()
-        for k, (x, y) in enumerate(batches[: max(args.hyper_batches, 1)]):
+        for k, (x, y) in enumerate(batches[: args.hyper_batches]):
             train_step(distiller, distiller, optimizer, constant_lr(optimizer), x, y, kd_scale=1.0, grad_clip=None, dist=dist)
             if k == 0:
                 H[f"{mode}_1"] = distiller.heldout_hypergradient(train=(x, y), heldout=held)  # (T, S)
