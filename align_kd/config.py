@@ -17,6 +17,7 @@ __all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS", "PLAN_OBJECTIVES"]
 
 #: what a learned plan's logits follow: today's rule (the MI they weight) or held-out cross-entropy
 PLAN_OBJECTIVES = ("mi", "heldout")
+HELDOUT_GRAD_POINTS = ("before_step", "after_step")
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -52,6 +53,9 @@ class FitConfig:
     # plan_objective="heldout": the mode of the forward whose MI gradients enter the hypergradient: "train" (batch
     # statistics, the gradients the training step takes; running statistics restored) or "eval" (running statistics)
     heldout_grad_mode: str = "train"
+    # plan_objective="heldout": where the MI gradients are taken: "before_step" (the student and bank as they were
+    # before the step the update follows: the exact one-step derivative) or "after_step" (after it, on the same batch)
+    heldout_grad_point: str = "before_step"
     lr: float = 0.05
     weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
     momentum: float = 0.9
@@ -130,6 +134,8 @@ class FitConfig:
               f"it needs plan_objective='heldout', not {self.plan_objective!r}.")
         check(self.heldout_grad_mode in ("train", "eval"),
               f"Expected `heldout_grad_mode` to be 'train' or 'eval' but got {self.heldout_grad_mode!r}.")
+        check(self.heldout_grad_point in HELDOUT_GRAD_POINTS,
+              f"Expected `heldout_grad_point` to be one of {list(HELDOUT_GRAD_POINTS)} but got {self.heldout_grad_point!r}.")
         check(self.heldout_optimizer in OPTIMIZERS,
               f"Expected argument `heldout_optimizer` to be one of {list(OPTIMIZERS)} but got {self.heldout_optimizer!r}.")
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
@@ -174,7 +180,7 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
-    "plan_objective", "heldout_every", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "dustbin", "dustbin_mass",
+    "plan_objective", "heldout_every", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "heldout_grad_point", "dustbin", "dustbin_mass",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

@@ -28,6 +28,7 @@ parallelism (see ``examples/torchrun_distill.py``).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -267,6 +268,9 @@ class Distiller(nn.Module):
         # plan_objective="heldout": the (frozen, eval-mode) teacher's taps on the last training batch,
         # (input, its version, features), so that the update after a step reuses them (not state)
         self._teacher_cache: tuple | None = None
+        # heldout_grad_point="before_step": the student's and bank's tensors before the step the next
+        # update follows (capture_step_start()), consumed by heldout_hypergradient (not state)
+        self._step_start: list[Tensor] | None = None
         self._bank_call = _compiled(self.bank.forward, cfg.compile) if self.bank is not None else None
 
     # -- modes and devices ------------------------------------------------------------------------
@@ -415,25 +419,65 @@ class Distiller(nn.Module):
         cfg = self.cfg
         return cfg.feature_weight * ((1 - cfg.beta) if cfg.ce_weight is None else 1.0)
 
-    def heldout_hypergradient(self, train, heldout) -> Tensor:
-        """(T, S) first-order derivative of the held-out cross-entropy after one SGD step of the
-        student with respect to the plan, per unit of learning rate.
+    def _step_tensors(self) -> list[Tensor]:
+        """The tensors a training step changes and the MI gradients read: the student's and the bank's
+        parameters and buffers (the teacher is frozen, the plan is not read by the MI forward)."""
+        return [t for m in (self.student, self.bank) if m is not None for t in (*m.parameters(), *m.buffers())]
 
-        One step of size lr moves the student by ``lr * w * sum_ij lam_ij * grad I_ij`` (w: the feature
-        term's weight in the loss), so d CE_heldout(theta') / d lam_ij = lr * w * <grad CE_heldout,
-        grad I_ij> + O(lr^2). All T x S inner products are one Jacobian-vector product J v of the map
-        theta -> MI matrix (on ``train``) with v = grad CE_heldout (on ``heldout``), computed exactly
-        by the transpose trick (J v = d/du <J^T u, v>): one forward, a backward with its graph, one
-        more backward. The held-out cross-entropy is scored in eval mode (as the student is tested);
-        the MI forward runs in the mode ``heldout_grad_mode`` names: "train" (default), the batch
-        statistics the training step's gradient has (with BatchNorm the eval-mode gradient is
-        another derivative: tests/test_heldout.py), or "eval". The O(lr^2) remainder is not small at
-        the steps training takes: ``benchmarks/horizon_check.py`` measured, at lr 0.1 with momentum
-        0.9, this first-order value anti-correlated with the exact one-step effect. The teacher's
-        features of ``train`` are those of the training forward that just ran on the same tensor
-        (the teacher is frozen and in eval mode, so they are the same numbers); any other batch gets
-        a teacher forward of its own. Running statistics, weights, parameter gradients and RNG
-        streams are left as they were. Averaged over ranks when data parallel.
+    def capture_step_start(self) -> None:
+        """Remember the student and the MI bank as they are now, before the training step that the
+        next held-out plan update follows (call it before ``optimizer.step()`` when
+        :meth:`plan_update_due` will say so). With ``heldout_grad_point="before_step"`` (the default)
+        the next :meth:`heldout_hypergradient` takes its MI gradients there; with "after_step", or
+        without a feature term, this does nothing."""
+        if self.bank is not None and self.cfg.heldout_grad_point == "before_step":
+            self._step_start = [t.detach().clone() for t in self._step_tensors()]
+
+    @contextmanager
+    def _at_step_start(self):
+        """Inside: the student's and the bank's tensors as :meth:`capture_step_start` saw them; after:
+        as they were (the capture is used once)."""
+        saved, self._step_start = self._step_start, None
+        tensors = self._step_tensors()
+        if saved is None or len(saved) != len(tensors) or any(a.shape != b.shape for a, b in zip(saved, tensors)):
+            raise RuntimeError(
+                "heldout_grad_point='before_step' takes the MI gradients at the student as it was before the step the "
+                "update follows, but no capture of it matches the student: call distiller.capture_step_start() "
+                "before optimizer.step() on every step whose plan update is due (fit() does), or pass "
+                "heldout_grad_point='after_step'.")
+        current = [t.detach().clone() for t in tensors]
+        with torch.no_grad():
+            for t, v in zip(tensors, saved):
+                t.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, v in zip(tensors, current):
+                    t.copy_(v)
+
+    def heldout_hypergradient(self, train, heldout) -> Tensor:
+        """(T, S) derivative of the held-out cross-entropy after one SGD step of the student with
+        respect to the plan, per unit of learning rate.
+
+        The step from theta moves the student by ``lr * w * sum_ij lam_ij * grad I_ij(theta)`` (w: the
+        feature term's weight in the loss; linear in lam), so d CE_heldout(theta') / d lam_ij =
+        lr * w * <grad CE_heldout(theta'), grad I_ij(theta)> (times 1 + momentum under nesterov SGD):
+        the held-out gradient v after the step (on ``heldout``, scored in eval mode as the student is
+        tested), the MI gradients before it (on ``train``, the step's batch). ``heldout_grad_point``
+        says where the MI gradients are taken: "before_step" (default; exact, from the tensors
+        :meth:`capture_step_start` kept) or "after_step" (at theta', first order only: at lr 0.1 with
+        momentum 0.9 ``benchmarks/horizon_check.py`` measured it anti-correlated with the exact
+        effect). All T x S inner products are one Jacobian-vector product J v of the map theta ->
+        MI matrix, computed exactly by the transpose trick (J v = d/du <J^T u, v>): one forward, a
+        backward with its graph, one more backward. The MI forward runs in the mode
+        ``heldout_grad_mode`` names: "train" (default), the batch statistics the training step's
+        gradient has (with BatchNorm the eval-mode gradient is another derivative:
+        tests/test_heldout.py), or "eval". The teacher's features of ``train`` are those of the
+        training forward that just ran on the same tensor (the teacher is frozen and in eval mode,
+        so they are the same numbers); any other batch gets a teacher forward of its own. Running
+        statistics, weights, parameter gradients and RNG streams are left as they were. Averaged
+        over ranks when data parallel.
         """
         if self.bank is None:
             raise ValueError(f"strategy={self.strategy!r} has no feature term, so the plan has no held-out gradient.")
@@ -442,12 +486,13 @@ class Distiller(nn.Module):
         cache, self._teacher_cache = self._teacher_cache, None
         cached = cache is not None and cache[0] is raw and cache[1] == raw._version
         xh, yh, xt = self.batch(xh), yh.to(self.device), self.batch(raw)
+        at_mi_point = self._at_step_start() if self.cfg.heldout_grad_point == "before_step" else nullcontext()
         with torch.enable_grad():
             with preserve_mode(self.student, self.bank, training=False), self.autocast():
                 ce = F.cross_entropy(self.student(xh).float(), yh.long())
-            v = torch.autograd.grad(ce, params, allow_unused=True)
+            v = torch.autograd.grad(ce, params, allow_unused=True)  # at theta', after the step
             rng_devices = [self.device] if self.device.type == "cuda" else []
-            with (preserve_mode(self.student, self.bank, training=self.cfg.heldout_grad_mode == "train"),
+            with (at_mi_point, preserve_mode(self.student, self.bank, training=self.cfg.heldout_grad_mode == "train"),
                   preserve_buffers(self.running_buffers()), torch.random.fork_rng(devices=rng_devices)):
                 with self.autocast():
                     if cached:

@@ -36,9 +36,10 @@ __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting
 LOGIT_BASELINES = ("dkd", "ls")
 #: rows that are a registered plan with other options: the plan learned from held-out cross-entropy
 #: (issue 13), and plans on the contrastive MI estimator instead of the Gaussian one
-# the held-out rows take the MI gradients of the hypergradient in train mode (the step's own; stated
-# explicitly, so that records made before that fix, in eval mode, are not read as these rows)
-_HELDOUT = {"plan_objective": "heldout", "heldout_grad_mode": "train"}
+# the held-out rows take the MI gradients of the hypergradient in train mode (the step's own) and before
+# the step (the exact one-step derivative); stated explicitly, so that records made before those fixes
+# (eval mode; after the step) are not read as these rows
+_HELDOUT = {"plan_objective": "heldout", "heldout_grad_mode": "train", "heldout_grad_point": "before_step"}
 PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", _HELDOUT),
                  "sinkhorn-heldout-dustbin": ("sinkhorn", {**_HELDOUT, "dustbin": True}),
                  # the relaxed dustbin: a column softmax has no row marginal, so the plan chooses the dustbin's

@@ -233,6 +233,8 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
         for x, y, *_ in train_loader:
             if distiller.plan.data == "held" and len(state.held) < cfg.held_batches:
                 state.held.append((x.to(distiller.device), y.to(distiller.device)))
+            if distiller.plan.data == "heldout" and distiller.plan_update_due(state.step + 1, steps_per_epoch):
+                distiller.capture_step_start()  # heldout_grad_point="before_step": the MI gradients' point
             out = train_step(model, distiller, optimizer, scheduler, x, y, kd_scale=_kd_ramp(cfg, state.step, steps_per_epoch),
                              grad_clip=cfg.grad_clip, dist=dist)
             state.step += 1

@@ -13,14 +13,15 @@ of the held-out cross-entropy L_k after k training steps (the same k batches, sa
 2 T S perturbed runs, so the differences are the plan's alone), for every pair and every horizon
 in ``--horizons``, and compares it with H at theta_0:
 
-- k = 1 checks the signal itself: G_1 = lr (1 + mu) H_1 to first order in lr (nesterov SGD,
-  momentum mu; H_1 taken after step 1 against the scoring images, as fit() takes it), in both modes
-  of the MI gradients (``heldout_grad_mode``: train-mode batch statistics, the step's own, or
-  eval-mode running statistics);
-- for k > 1, the rule's view is H averaged over its first ``--hyper-batches`` updates (after each
-  step, against a held-out batch, as fit() calls it with ``heldout_every=1``); the table gives the
-  rank correlation with G_k, the share of pairs whose sign agrees, and how many student layers
-  (columns) get the same best teacher layer (the lowest entry) from both.
+- k = 1 checks the signal itself: G_1 = lr (1 + mu) H_1 (nesterov SGD, momentum mu; H_1 read after
+  step 1 against the scoring images, as fit() reads it) for each variant of the rule in ``RULES``:
+  MI gradients before the step (``heldout_grad_point="before_step"``, the default: exact, since
+  the step is linear in lambda) or after it (first order in lr), with train-mode batch statistics
+  (the step's own) or eval-mode running statistics (``heldout_grad_mode``);
+- for k > 1, the rule's view is H averaged over its first ``--hyper-batches`` updates (one after
+  each step, update k against held-out batch k, as fit() calls it with ``heldout_every=1``); the
+  table gives the rank correlation with G_k, the share of pairs whose sign agrees, and how many
+  student layers (columns) get the same best teacher layer (the lowest entry) from both.
 
 If the horizon-k ranking departs from H's as k grows, a one-step rule is learning from a signal
 the training it steers does not follow. That comparison only means something where G_k is a
@@ -55,6 +56,8 @@ from align_kd.models import build_model
 from align_kd.training import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parent
+#: the rule's variants compared with G: name -> (heldout_grad_mode, heldout_grad_point)
+RULES = {"train": ("train", "after_step"), "eval": ("eval", "after_step"), "before_step": ("train", "before_step")}
 
 
 @torch.no_grad()
@@ -114,7 +117,7 @@ def draw(path, G: dict, H: torch.Tensor, t_names, s_names) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("rule's H (train mode, mean over updates)", H)] + [(f"G_{k}: {k} step(s)", m) for k, m in G.items()]
+    panels = [("rule's H (before the step, mean over updates)", H)] + [(f"G_{k}: {k} step(s)", m) for k, m in G.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, m) in zip(axes[0], panels):
         lim = float(m.abs().max()) or 1.0
@@ -204,16 +207,17 @@ def main(argv=None) -> int:
     # trajectory from theta_0), against held-out batch k, in both modes of the MI gradients; H_1 is
     # after step 1 against the scoring images (G_1's first-order prediction, with lr (1 + mu))
     H = {}
-    for mode in ("train", "eval"):
-        distiller.cfg = replace(cfg, heldout_grad_mode=mode)
+    for rule, (mode, point) in RULES.items():
+        distiller.cfg = replace(cfg, heldout_grad_mode=mode, heldout_grad_point=point)
         restore(distiller, optimizer, snapshot)
         per_step, dist = [], DistContext()
         for k, (x, y) in enumerate(batches[: args.hyper_batches]):
+            distiller.capture_step_start()  # before_step: the MI gradients' point (a no-op for after_step)
             train_step(distiller, distiller, optimizer, constant_lr(optimizer), x, y, kd_scale=1.0, grad_clip=None, dist=dist)
-            if k == 0:
-                H[f"{mode}_1"] = distiller.heldout_hypergradient(train=(x, y), heldout=held)  # (T, S)
-            per_step.append(distiller.heldout_hypergradient(train=(x, y), heldout=held_batches[k % len(held_batches)]))
-        H[mode] = torch.stack(per_step).mean(0)  # (T, S)
+            # update k against held-out batch k; the first against all the scoring images (G_1's prediction)
+            per_step.append(distiller.heldout_hypergradient(train=(x, y), heldout=held if k == 0 else held_batches[k % len(held_batches)]))
+        H[f"{rule}_1"] = per_step[0]  # (T, S)
+        H[rule] = torch.stack(per_step).mean(0)  # (T, S)
     distiller.cfg = cfg
     mu = cfg.momentum
     step_factor = cfg.lr * (1 + mu)  # d theta_1 / d (w lam_ij grad I_ij) under nesterov SGD
@@ -244,18 +248,18 @@ def main(argv=None) -> int:
     last = G[horizons[-1]]
     rows = []
     for k in horizons:
-        rows.append({"horizon": k, "vs_H_train": compare(G[k], H["train"]), "vs_H_eval": compare(G[k], H["eval"]),
+        rows.append({"horizon": k, **{f"vs_H_{r}": compare(G[k], H[r]) for r in RULES},
                      "vs_last_horizon": compare(G[k], last),
-                     "columns_agreeing_train": column_agreement(G[k], H["train"]),
-                     "columns_agreeing_eval": column_agreement(G[k], H["eval"]),
+                     **{f"columns_agreeing_{r}": column_agreement(G[k], H[r]) for r in RULES},
                      "best_teacher_per_student_layer": column_choice(G[k], t_names)})
-    first = {mode: compare(G[1], step_factor * H[f"{mode}_1"]) | {"relative_error": float(
-        (G[1] - step_factor * H[f"{mode}_1"]).norm() / G[1].norm())} for mode in ("train", "eval")} if 1 in G else None
+    first = {rule: compare(G[1], step_factor * H[f"{rule}_1"]) | {"relative_error": float(
+        (G[1] - step_factor * H[f"{rule}_1"]).norm() / G[1].norm())} for rule in RULES} if 1 in G else None
     print(f"\n{setting.name}, seed {args.seed}: theta_0 after {args.warmup_epochs:g} epoch(s) of pairwise "
           f"(held-out CE {L0:.4f}); G from delta {args.deltas[0]:g}, lr {cfg.lr}, momentum {mu}; {len(held[1])} held-out images")
     if first:
-        for mode, c in first.items():
-            print(f"G_1 against lr (1 + mu) H_1 ({mode}-mode MI gradients, after step 1): relative error "
+        for rule, c in first.items():
+            mode, point = RULES[rule]
+            print(f"G_1 against lr (1 + mu) H_1 ({mode}-mode MI gradients {point.replace('_', ' ')} 1): relative error "
                   f"{c['relative_error']:.3f}, spearman {c['spearman']:+.3f}, signs agree {c['sign_agreement']:.2f}")
     if linearity:
         print(f"\nIs G a derivative? G_k at another delta against G_k at delta {args.deltas[0]:g}:\n")
@@ -263,24 +267,25 @@ def main(argv=None) -> int:
         for r in linearity:
             print(f"| {r['delta']:g} | {r['horizon']} | {r['relative_difference']:.3f} | {r['spearman']:+.3f} |")
     print(f"\nspearman / sign agreement / columns whose best teacher layer agrees, G_k against the rule's H "
-          f"(mean over {args.hyper_batches} updates), train-mode and eval-mode MI gradients:\n")
-    print(f"| horizon k | H train: spearman | signs | best agrees | H eval: spearman | signs | best agrees | "
-          f"spearman(G_k, G_{horizons[-1]}) | best teacher layer per student layer ({', '.join(s_names)}) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        tr, ev = r["vs_H_train"], r["vs_H_eval"]
-        print(f"| {r['horizon']} | {tr['spearman']:+.3f} | {tr['sign_agreement']:.2f} | {r['columns_agreeing_train']}/{S} | "
-              f"{ev['spearman']:+.3f} | {ev['sign_agreement']:.2f} | {r['columns_agreeing_eval']}/{S} | "
-              f"{r['vs_last_horizon']['spearman']:+.3f} | {', '.join(r['best_teacher_per_student_layer'])} |")
-    for mode in ("train", "eval"):
-        print(f"| rule's H, {mode} | | | | | | | {compare(H[mode], last)['spearman']:+.3f} | {', '.join(column_choice(H[mode], t_names))} |")
+          f"(mean over {args.hyper_batches} updates), per variant of the rule (MI gradients' mode, point):\n")
+    print("| horizon k | " + " | ".join(f"H {r}: spearman | signs | best agrees" for r in RULES)
+          + f" | spearman(G_k, G_{horizons[-1]}) | best teacher layer per student layer ({', '.join(s_names)}) |")
+    print("|---|" + "---|---|---|" * len(RULES) + "---|---|")
+    for row in rows:
+        cells = " | ".join(f"{row[f'vs_H_{r}']['spearman']:+.3f} | {row[f'vs_H_{r}']['sign_agreement']:.2f} | "
+                           f"{row[f'columns_agreeing_{r}']}/{S}" for r in RULES)
+        print(f"| {row['horizon']} | {cells} | {row['vs_last_horizon']['spearman']:+.3f} | "
+              f"{', '.join(row['best_teacher_per_student_layer'])} |")
+    for rule in RULES:
+        print(f"| rule's H, {rule} |" + " | | |" * len(RULES)
+              + f" {compare(H[rule], last)['spearman']:+.3f} | {', '.join(column_choice(H[rule], t_names))} |")
     payload = {"config": config, "versions": versions(), "teacher_card": {k: card[k] for k in ("test_acc", "sha256")},
                "teacher_layers": t_names, "student_layers": s_names, "heldout_ce_theta0": L0, "step_factor": step_factor,
                "first_step": first, "linearity": linearity, "H": {k: m.tolist() for k, m in H.items()},
                "G": {f"{d:g}": {str(k): m.tolist() for k, m in g.items()} for d, g in by_delta.items()}, "rows": rows, "runs": runs,
                "warmup_s": warm_s, "perturbed_runs_s": fd_s, "partial": False}
     write_json(payload, out)
-    draw(out.with_suffix(".png"), G, H["train"], t_names, s_names)
+    draw(out.with_suffix(".png"), G, H["before_step"], t_names, s_names)
     return 0
 
 

@@ -166,6 +166,8 @@ def test_fit_equals_a_hand_written_loop_bitwise(images):
             out.loss.backward()
             opt.step()
             sched.step()
+        with torch.no_grad():  # fit() reads the plan for each epoch's record: it warm-starts the next projection
+            d.plan()
     assert same(state(s_fit), state(s_hand))
     assert torch.equal(res.plan, d.plan().detach().float())
 

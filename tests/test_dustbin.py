@@ -84,6 +84,7 @@ def test_heldout_rule_with_a_dustbin(data):
     (xt, yt), (xh, yh) = list(TensorLoader(*data, batch_size=64))
     d = Distiller(teacher8(), student8(), xt, strategy="sinkhorn", dustbin=True, plan_objective="heldout", width=4)
     d.train()
+    d.capture_step_start()  # the MI gradients' point (no step here: the student itself)
     d(xt, yt)
     before = d.plan().clone()
     record = d.update_plan(train=(xt, yt), heldout=(xh, yh))

@@ -306,6 +306,7 @@ def test_heldout_rule_runs_on_infonce_estimates(data):
     d = Distiller(teacher8(), student8(), xt, strategy="sinkhorn", mi_estimator="infonce", plan_objective="heldout",
                   width=8)
     d.train()
+    d.capture_step_start()  # the MI gradients' point (no step here: the student itself)
     d(xt, yt)
     names = {g["name"]: g for g in d.param_groups(0.1, weight_decay=5e-4)}
     assert names["bank_log_variances"]["params"] == [d.bank.log_scale]  # the log-scales get no weight decay
