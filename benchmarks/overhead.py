@@ -235,10 +235,13 @@ def timed_step(run: Run, x, y, device) -> float:
     """Seconds for one ``align_kd.training.train_step`` (the step fit() runs), device synchronised."""
     _sync(device)
     t0 = time.perf_counter()
+    update = run.distiller.plan.data == "heldout" and run.distiller.plan_update_due(run.steps + 1, run.steps_per_epoch)
+    if update:
+        run.distiller.capture_step_start()  # as fit() does before a step whose update is due
     out = train_step(run.model, run.distiller, run.optimizer, run.scheduler, x, y, kd_scale=1.0,
                      grad_clip=run.cfg.grad_clip, dist=run.dist)  # kd_scale: no strategy here sets kd_warmup
     run.steps += 1
-    if run.distiller.plan_update_due(run.steps, run.steps_per_epoch) and run.distiller.plan.data == "heldout":
+    if update:
         run.distiller.update_plan(train=(x, y), heldout=run.heldout)  # as fit() does after this step
         run.plan_updates += 1
     _sync(device)
