@@ -622,7 +622,10 @@ def collect_records(out_dir, setting: Setting) -> list[dict]:
     records = []
     for strategy in ALL_STRATEGIES:
         for file in sorted((Path(out_dir) / setting.name).glob(f"{strategy}-s*/record.json")):
-            done = _current_record(file.parent.parent, setting, strategy, int(file.parent.name.rpartition("-s")[2]))
+            seed = file.parent.name.removeprefix(f"{strategy}-s")
+            if not seed.isdigit():  # another row whose name continues with "-s" (sinkhorn-heldout-slow-s0)
+                continue
+            done = _current_record(file.parent.parent, setting, strategy, int(seed))
             if done is not None:
                 records.append(done)
     return records

@@ -6,6 +6,7 @@ record files being untouched); a changed budget is a different run.
 """
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -161,6 +162,10 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
                                        data_root=data, progress=False)
     assert retrain["fit_strategy"] == "fixed" and retrain["plan"] == search["plan"]  # the learned plan, held fixed
     assert search["plan_objective"] == "heldout" and retrain["plan_objective"] == "mi"  # rows told apart by their record
+    # a row whose name continues with "-s" is not a seed of this row (it was read as seed 0 twice)
+    shutil.copytree(out / "real-cnn" / "sinkhorn-heldout-s0", out / "real-cnn" / "sinkhorn-heldout-slow-s0")
+    assert [r["strategy"] for r in experiment.collect_records(out, setting)].count("sinkhorn-heldout") == 1
+    shutil.rmtree(out / "real-cnn" / "sinkhorn-heldout-slow-s0")
     report([setting], out)  # the learned row's plan evolution is drawn; the retrain row's plan never moves
     assert [f.name for f in (out / "real-cnn" / "plans").iterdir()] == ["sinkhorn-heldout.png"]
     assert search["train_images"] == retrain["train_images"] == 256  # the loader; the search held 26 of them out
