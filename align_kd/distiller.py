@@ -445,16 +445,11 @@ class Distiller(nn.Module):
                 "update follows, but no capture of it matches the student: call distiller.capture_step_start() "
                 "before optimizer.step() on every step whose plan update is due (fit() does), or pass "
                 "heldout_grad_point='after_step'.")
-        current = [t.detach().clone() for t in tensors]
-        with torch.no_grad():
-            for t, v in zip(tensors, saved):
-                t.copy_(v)
-        try:
-            yield
-        finally:
+        with preserve_buffers(tensors):  # parameters and buffers alike: back to their values on exit
             with torch.no_grad():
-                for t, v in zip(tensors, current):
+                for t, v in zip(tensors, saved):
                     t.copy_(v)
+            yield
 
     def heldout_hypergradient(self, train, heldout) -> Tensor:
         """(T, S) derivative of the held-out cross-entropy after one SGD step of the student with

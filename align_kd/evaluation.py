@@ -33,8 +33,8 @@ def preserve_mode(*modules: nn.Module | None, training: bool | None = None):
 
 @contextlib.contextmanager
 def preserve_buffers(buffers: list[torch.Tensor]):
-    """Inside: ``buffers`` (running statistics) may change in place; on exit they hold their values
-    from before again."""
+    """Inside: ``buffers`` (running statistics, or any tensors, parameters included) may change in
+    place; on exit they hold their values from before again."""
     saved = [b.detach().clone() for b in buffers]
     try:
         yield
