@@ -47,6 +47,7 @@ class FitConfig:
     plan_objective: str = "mi"  # learned plans: "mi" (ascend sum(lam * mi)) or "heldout" (descend the held-out CE hypergradient)
     heldout_fraction: float = 0.1  # plan_objective="heldout": share of the training set kept aside (never trained on)
     heldout_every: int = 10  # plan_objective="heldout": steps between plan updates
+    heldout_warmup: int = 0  # plan_objective="heldout": training steps before the first plan update (the plan stays at its init)
     heldout_lr: float = 0.01  # plan_objective="heldout": step size on the plan logits (Z; the plan sees Z / tau)
     heldout_optimizer: str = "adam"  # plan_objective="heldout": the plan logits' optimiser, "adam" or "sgd" (plain)
     heldout_train_on_split: bool = False  # plan_objective="heldout": the student also trains on the held-out images
@@ -127,6 +128,9 @@ class FitConfig:
               f"Expected `heldout_fraction` in (0, 1) (a share of the training set) but got {self.heldout_fraction!r}.")
         check(isinstance(self.heldout_every, int) and not isinstance(self.heldout_every, bool) and self.heldout_every >= 1,
               f"Expected `heldout_every` to be an int >= 1 but got {self.heldout_every!r}.")
+        check(isinstance(self.heldout_warmup, int) and not isinstance(self.heldout_warmup, bool) and self.heldout_warmup >= 0,
+              f"Expected `heldout_warmup` to be an int >= 0 (training steps before the first plan update) but got "
+              f"{self.heldout_warmup!r}.")
         check(isinstance(self.heldout_lr, (int, float)) and math.isfinite(self.heldout_lr) and self.heldout_lr > 0,
               f"Expected `heldout_lr` > 0 but got {self.heldout_lr!r}.")
         check(not self.heldout_train_on_split or self.plan_objective == "heldout",
@@ -180,7 +184,7 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
-    "plan_objective", "heldout_every", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "heldout_grad_point", "dustbin", "dustbin_mass",
+    "plan_objective", "heldout_every", "heldout_warmup", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "heldout_grad_point", "dustbin", "dustbin_mass",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

@@ -308,6 +308,26 @@ def test_fit_with_the_heldout_plan_resumes_bitwise(cifar, tmp_path):
     assert strip(full.solves) == strip(resumed.solves) and strip(full.history) == strip(resumed.history)
 
 
+def test_warmup_holds_the_plan_at_its_init_until_its_last_step(cifar):
+    x, y = cifar
+    data = lambda: TensorLoader(F.avg_pool2d(x.float(), 4).to(torch.uint8), y, batch_size=32, seed=1)  # noqa: E731
+    opts = dict(strategy="sinkhorn", plan_objective="heldout", heldout_every=2, epochs=2, width=4, device="cpu",
+                progress=False)
+    runs = {w: fit(teacher8(), student8(), (data(), None), heldout_warmup=w, **opts) for w in (0, 9, 16)}
+    steps = {w: [r["step"] for r in res.solves if r["kind"] == "heldout"] for w, res in runs.items()}
+    assert steps == {0: list(range(2, 17, 2)), 9: [10, 12, 14, 16], 16: []}  # 8 steps per epoch
+    held, late = runs[16], runs[9]
+    assert held.history[0]["plan"] == held.history[1]["plan"]  # never updated: the plan stays at its init
+    # the first 9 steps of the warm-up run are the held run's, bit for bit (epoch 1 ends at step 8)
+    assert late.history[0]["plan"] == held.history[0]["plan"] and late.history[0]["loss"] == held.history[0]["loss"]
+    assert late.history[1]["plan"] != held.history[1]["plan"]  # then it moves
+    assert late.history[0]["plan"] != runs[0].history[0]["plan"]  # (without warm-up it moved in epoch 1)
+    assert late.config["heldout_warmup"] == 9
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="Expected `heldout_warmup` to be an int >= 0"):
+            FitConfig(strategy="sinkhorn", plan_objective="heldout", heldout_warmup=bad)
+
+
 def test_epochs_without_an_update_still_log(cifar, tmp_path):
     # 3 steps per epoch, an update every 4th step: epoch 1 has none, epoch 2 one (the CSV's columns hold)
     x, y = cifar

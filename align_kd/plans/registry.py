@@ -185,8 +185,9 @@ class LearnedPlan(Plan):
     """A plan with learned logits Z (T, S) (with ``dustbin``: (T + 1, S), last row "no teacher"). ``objective="mi"``: Z is trained with the student by the
     gradient of sum(lam * mi) at fixed mi (ascending the MI it weights). ``objective="heldout"``: Z
     is left out of the student's optimiser and updated every ``every`` steps by :meth:`update`,
-    which descends the first-order hypergradient of held-out cross-entropy (see
-    :meth:`align_kd.Distiller.heldout_hypergradient`) through the plan's projection, with Adam
+    which descends the hypergradient of held-out cross-entropy (see
+    :meth:`align_kd.Distiller.heldout_hypergradient`) through the plan's projection (the first update
+    after ``warmup`` steps; before it the plan stays at its init), with Adam
     (``optimizer="adam"``) or plain SGD (``"sgd"``) at step size ``lr``; the optimiser state and the
     update count are part of the plan's state_dict."""
 
@@ -196,11 +197,12 @@ class LearnedPlan(Plan):
     fixed_dustbin_mass = False
 
     def __init__(self, T: int, S: int, *, tau: float, init: Tensor, objective: str = "mi", lr: float = 0.01,
-                 every: int = 10, optimizer: str = "adam"):
+                 every: int = 10, optimizer: str = "adam", warmup: int = 0):
         super().__init__(T, S)
         self.tau = tau
         self.logits = nn.Parameter(init.clone() * tau)
         self.objective, self.lr, self.every, self.optimizer_name = objective, lr, every, optimizer
+        self.warmup = warmup
         if objective == "heldout":  # instance attributes: not trained by the loss, updated from data
             self.learned, self.data = False, "heldout"
             self.logits.requires_grad_(False)  # no gradient from the loss (and none expected by DDP)
@@ -210,7 +212,8 @@ class LearnedPlan(Plan):
     @classmethod
     def _objective_options(cls, options: dict) -> dict:
         return {"objective": options.get("plan_objective", "mi"), "lr": options.get("heldout_lr", 0.01),
-                "every": options.get("heldout_every", 10), "optimizer": options.get("heldout_optimizer", "adam")}
+                "every": options.get("heldout_every", 10), "optimizer": options.get("heldout_optimizer", "adam"),
+                "warmup": options.get("heldout_warmup", 0)}
 
     @classmethod
     def _build_args(cls, T: int, S: int, prior: Tensor, row_marginal: Tensor, options: dict):
@@ -227,7 +230,7 @@ class LearnedPlan(Plan):
         return self._optimizer
 
     def update_due(self, step: int, steps_per_epoch: int) -> bool:
-        return self.data == "heldout" and step % self.every == 0
+        return self.data == "heldout" and step > self.warmup and step % self.every == 0
 
     def update(self, distiller, batches=None, *, train=None, heldout=None) -> dict:
         """One optimiser step on the logits along d(held-out CE)/dZ, from the (T, S) hypergradient on the
