@@ -605,7 +605,7 @@ def row_settings(setting: Setting) -> str:
             what += (f" learned from held-out cross-entropy ({100 * frac:.0f}% of the training images kept aside, "
                      f"{'an Adam' if optimizer == 'adam' else 'an SGD'} step of {lr:g} on the plan logits every {every} steps"
                      f"{f' after the first {warmup} (the plan held at its init until then)' if warmup else ''}, "
-                     f"MI gradients {_option(opts, 'heldout_grad_point').replace('_', ' ')} in "
+                     f"MI gradients {_option(opts, 'heldout_grad_point').replace('_', ' the ')} in "
                      f"{_option(opts, 'heldout_grad_mode')} mode)")
         if opts.get("mi_estimator", "vid") == "infonce":
             negatives = f"in-batch negatives and {opts['infonce_memory']} remembered" if opts.get("infonce_memory") else "in-batch negatives"
