@@ -64,6 +64,9 @@ PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", _HELDOUT),
                  # teacher samples per tap lift the ceiling to log 4352 = 8.4
                  "sinkhorn-infonce-memory": ("sinkhorn", {"mi_estimator": "infonce", "feature_weight": 0.2,
                                                           "infonce_memory": 4096})}
+#: the held-out rows' control: their split and initial plan, never updated; the report pairs every
+#: held-out row (and the fixed diagonal) with it
+HELDOUT_CONTROL = "sinkhorn-heldout-frozen"
 #: search then retrain (DistPro's protocol): the plan a row learned on the same seed, fixed, on all the data
 PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout"}
 ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS,
@@ -438,8 +441,17 @@ def summarise(records: list[dict]) -> list[dict]:
             "train_acc": statistics.mean(t) if (t := [r["train_acc"] for r in rs if r.get("train_acc") is not None]) else None,
             "vs_hinton": _paired(by, strategy, "hinton"),
             "best_fixed": best_fixed, "vs_best_fixed": _paired(by, strategy, best_fixed) if best_fixed else None,
+            "vs_control": (_paired(by, strategy, HELDOUT_CONTROL)
+                           if HELDOUT_CONTROL in by and strategy != HELDOUT_CONTROL and _against_control(strategy) else None),
         })
     return rows
+
+
+def _against_control(strategy: str) -> bool:
+    """Rows the report pairs with :data:`HELDOUT_CONTROL`: those whose plan learns from held-out
+    cross-entropy or retrains with such a plan, and the fixed diagonal (``pairwise``, all the data)."""
+    opts = PLAN_VARIANTS.get(strategy, (None, {}))[1]
+    return strategy == "pairwise" or strategy in PLAN_FROM_ROW or opts.get("plan_objective") == "heldout"
 
 
 def _diff(p: dict | None) -> str:
@@ -468,6 +480,12 @@ def format_table(rows: list[dict], teacher_acc: float, *, title: str = "") -> st
                      f"{_diff(r.get('vs_best_fixed'))} | {train} | {r['wall_s']:.0f} |")
     lines += ["", "\\* training accuracy of the last epoch (the training images as trained on: augmented unless the "
                   "setting says otherwise; running mean while training)"]
+    controlled = [r for r in rows if r.get("vs_control") is not None]
+    if controlled:
+        lines += ["", f"Against the held-out rows' control `{HELDOUT_CONTROL}` (the same split and initial plan, never "
+                      "updated; paired over the seeds both have, points, 95% CI):", "",
+                  "| row | seeds | vs control |", "|---|---|---|"]
+        lines += [f"| {r['strategy']} | {r['vs_control']['n']} | {_diff(r['vs_control'])} |" for r in controlled]
     return "\n".join(lines).strip() + "\n"
 
 

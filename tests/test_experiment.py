@@ -64,6 +64,29 @@ def test_summary_pairs_by_seed_and_picks_the_best_fixed_plan():
     assert rows["hinton"]["vs_hinton"] is None and rows["uniform"]["vs_best_fixed"] is None
 
 
+def test_heldout_rows_are_paired_with_their_control():
+    control = experiment.HELDOUT_CONTROL
+    assert experiment.PLAN_VARIANTS[control][1]["plan_objective"] == "heldout"  # the rule's split, never updated
+    records = [_record(control, s, a) for s, a in enumerate([0.770, 0.772, 0.768])]
+    records += [_record("sinkhorn-heldout", s, a) for s, a in enumerate([0.760, 0.759, 0.755])]
+    records += [_record("sinkhorn-heldout-retrain", 0, 0.767)]
+    records += [_record("pairwise", s, a) for s, a in enumerate([0.773, 0.778, 0.771])]
+    records += [_record("hinton", s, 0.764) for s in range(3)] + [_record("sinkhorn", s, 0.776) for s in range(3)]
+    rows = {r["strategy"]: r for r in summarise(records)}
+    got = rows["sinkhorn-heldout"]["vs_control"]
+    assert got["n"] == 3 and got["mean"] == pytest.approx((-0.010 - 0.013 - 0.013) / 3)
+    assert rows["sinkhorn-heldout-retrain"]["vs_control"] == {"mean": pytest.approx(-0.003), "lo": None, "hi": None, "n": 1}
+    assert rows["pairwise"]["vs_control"]["mean"] == pytest.approx((0.003 + 0.006 + 0.003) / 3)
+    # rows that do not learn from held-out loss, and the control itself, are not paired with it
+    assert rows["hinton"]["vs_control"] is None and rows["sinkhorn"]["vs_control"] is None
+    assert rows[control]["vs_control"] is None
+    text = experiment.format_table(list(rows.values()), 0.9)
+    assert f"control `{control}`" in text and "| sinkhorn-heldout | 3 | -1.20 [" in text and "| pairwise | 3 | +0.40 [" in text
+    # without the control's records there is no such table
+    plain = experiment.format_table(summarise([r for r in records if r["strategy"] != control]), 0.9)
+    assert "control" not in plain
+
+
 @needs_data
 def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))  # this test's own data and teacher cache
