@@ -145,20 +145,20 @@ PAIRS = OrderedDict(
         teacher=("SmallCNN(width=32)", lambda: SmallCNN(32)),
         student=("SmallCNN(width=8)", lambda: SmallCNN(8)),
         target=1.3,
-        extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-full", "sinkhorn-heldout", "sinkhorn-infonce"],
+        extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-full", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-infonce"],
     ),
     **{
         "resnet20-cnn10": dict(
             teacher=("ResNetCIFAR(depth=20, width=16)", lambda: ResNetCIFAR(20, 16)),
             student=("cnn10(width=8) (9 conv layers + head, inline)", lambda: cnn10(8)),
             target=1.6,
-            extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-infonce"],
+            extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-infonce"],
         ),
         "resnet20-mlp": dict(
             teacher=("ResNetCIFAR(depth=20, width=16)", lambda: ResNetCIFAR(20, 16)),
             student=("MLP(hidden=(256,)*9)", lambda: MLP(hidden=(256,) * 9)),
             target=1.6,
-            extra=["sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-infonce"],
+            extra=["sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-infonce"],
         ),
     },
 )
