@@ -554,6 +554,11 @@ class TensorLoader:
             yield x, self.labels[batch]
 
 
+def heldout_count(n: int, fraction: float) -> int:
+    """Images :func:`split_heldout` keeps aside out of ``n`` at ``fraction``."""
+    return round(fraction * n)
+
+
 def split_heldout(loader, fraction: float, *, seed: int = 0) -> tuple["TensorLoader", list[tuple[Tensor, Tensor]]]:
     """Split a training :class:`TensorLoader` into (training loader, held-out batches).
 
@@ -569,7 +574,7 @@ def split_heldout(loader, fraction: float, *, seed: int = 0) -> tuple["TensorLoa
     if loader.world_size != 1:
         raise ValueError("Split the training data before sharding it (pass the unsharded TensorLoader).")
     n = loader.dataset_size
-    k = round(fraction * n)
+    k = heldout_count(n, fraction)
     if not 1 <= k < n:
         raise ValueError(f"heldout_fraction={fraction} of {n} training images keeps {k} aside; expected at least one "
                          "image on each side. Raise the fraction or use more training data.")

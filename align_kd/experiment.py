@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._io import atomic_write_text
 from .config import FitConfig
-from .data import cifar10_loaders
+from .data import cifar10_loaders, heldout_count
 from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
 from .plans import PLANS
@@ -625,7 +625,7 @@ def row_settings(setting: Setting) -> str:
                                                                        "heldout_optimizer"))
             warmup = _option(opts, "heldout_warmup")
             n_train = setting.train_limit or 50000
-            steps = setting.epochs * math.ceil((n_train - round(frac * n_train)) / setting.batch_size)
+            steps = setting.epochs * math.ceil((n_train - heldout_count(n_train, frac)) / setting.batch_size)
             if warmup >= steps:  # the control: the held-out rule's split and initial plan, never updated
                 what += (f", the plan held at its init all {steps} steps ({100 * frac:.0f}% of the training images "
                          f"kept aside, as the held-out rule keeps them)")

@@ -16,8 +16,8 @@ runs of the held-out rows (no training) and asks, per quarter of training and se
   part's norm over the whole) and ``actionable_sinkhorn`` (doubly centred) say how much is left;
 - per student layer, the teacher layer with the lowest mean H (where the rule sends the column).
 
-Only runs of the current rule are read (MI gradients before the step, train mode); others are
-listed as skipped. Output: ``results/heldout_signal_<setting>.json`` and ``.png`` (t statistics,
+The runs read are those ``bench --report`` counts (made with each row's options of today:
+MI gradients before the step, train mode). Output: ``results/heldout_signal_<setting>.json`` and ``.png`` (t statistics,
 seeds in rows, quarters in columns).
 
     python benchmarks/heldout_signal.py [--setting real-cnn-noaug] [--rows sinkhorn-heldout ...] [--parts 4]
@@ -31,27 +31,16 @@ import numpy as np
 from _common import write_json
 from scipy import stats
 
-from align_kd.experiment import REAL_SETTINGS, versions
+from align_kd.experiment import PLAN_VARIANTS, REAL_SETTINGS, collect_records, versions
 
 ROOT = Path(__file__).resolve().parent
-#: the rule whose records are read: heldout_grad_mode, heldout_grad_point (fit()'s defaults)
-CURRENT_RULE = {"heldout_grad_mode": "train", "heldout_grad_point": "before_step"}
 
 
-def load_runs(results: Path, row: str) -> tuple[dict[int, dict], list[str]]:
-    """{seed: result.json} of one row's finished runs under the current rule, and the skipped runs."""
-    runs, skipped = {}, []
-    for path in sorted(results.glob(f"{row}-s*/result.json")):
-        seed = path.parent.name[len(row) + 2:]
-        if not seed.isdigit():  # another row whose name continues with "-s..."
-            continue
-        result = json.loads(path.read_text())
-        cfg = result["config"]
-        if cfg.get("plan_objective") != "heldout" or any(cfg.get(k) != v for k, v in CURRENT_RULE.items()):
-            skipped.append(f"{path.parent.name} (not the current held-out rule)")
-            continue
-        runs[int(seed)] = result
-    return runs, skipped
+def load_runs(results: Path, setting, row: str) -> dict[int, dict]:
+    """{seed: result.json} of one row's finished runs that the report counts (made with the row's
+    options of today, as ``bench --report`` reads them)."""
+    return {r["seed"]: json.loads((results / setting.name / f"{row}-s{r['seed']}" / "result.json").read_text())
+            for r in collect_records(results, setting) if r["strategy"] == row}
 
 
 def centred_share(m: np.ndarray, rows: bool) -> float:
@@ -64,7 +53,7 @@ def centred_share(m: np.ndarray, rows: bool) -> float:
     return float(np.linalg.norm(d) / total) if total > 0 else 0.0
 
 
-def summarise(result: dict, parts: int) -> list[dict]:
+def signal_by_part(result: dict, parts: int) -> list[dict]:
     """Per part of training (by update order): t statistics, signed shares, actionable shares, choices."""
     ups = [u for u in result["solves"] if u.get("kind") == "heldout"]
     if len(ups) < 2 * parts:
@@ -123,18 +112,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.parts < 1:
         ap.error(f"expected --parts >= 1, got {args.parts}")
-    results = Path(args.results) / args.setting
-    table, skipped, names = {}, [], None
+    unknown = [row for row in args.rows if PLAN_VARIANTS.get(row, (None, {}))[1].get("plan_objective") != "heldout"]
+    if unknown:
+        ap.error(f"expected held-out rows (plan_objective='heldout' in align_kd.experiment.PLAN_VARIANTS), got {unknown}")
+    results, setting = Path(args.results), REAL_SETTINGS[args.setting]
+    table, names = {}, None
     for row in args.rows:
-        runs, skip = load_runs(results, row)
-        skipped += skip
-        for seed, result in sorted(runs.items()):
-            table[f"{row} s{seed}"] = summarise(result, args.parts)
+        for seed, result in sorted(load_runs(results, setting, row).items()):
+            table[f"{row} s{seed}"] = signal_by_part(result, args.parts)
             names = names or (result["teacher_layers"], result["student_layers"])
-    for s in skipped:
-        print(f"skipped {s}")
     if not table:
-        print(f"no finished run of {args.rows} under the current rule in {results}", file=sys.stderr)
+        print(f"no finished run of {args.rows} with today's row options in {results / setting.name}", file=sys.stderr)
         return 1
     print(f"{'run':<28} {'part':>4} {'steps':>11} {'t>2':>5} {'t<-2':>5} {'act.softmax':>11} {'act.sinkhorn':>12}  "
           "lowest mean H per student layer")
@@ -144,9 +132,9 @@ def main(argv=None) -> int:
                   f"{p['share_helps']:>5.2f} {p['actionable_softmax']:>11.2f} {p['actionable_sinkhorn']:>12.2f}  "
                   + ", ".join(f"{s}<-{t}" for s, t in zip(names[1], p["lowest_row_per_column"])))
     out = Path(args.results) / f"heldout_signal_{args.setting}.json"
-    write_json({"config": {"setting": args.setting, "rows": args.rows, "parts": args.parts, "rule": CURRENT_RULE},
-                "versions": versions(), "teacher_layers": names[0], "student_layers": names[1],
-                "skipped": skipped, "runs": table}, out)
+    write_json({"config": {"setting": args.setting, "rows": {row: PLAN_VARIANTS[row][1] for row in args.rows},
+                           "parts": args.parts},
+                "versions": versions(), "teacher_layers": names[0], "student_layers": names[1], "runs": table}, out)
     draw(out.with_suffix(".png"), table, *names)
     return 0
 

@@ -318,7 +318,7 @@ def test_warmup_holds_the_plan_at_its_init_until_its_last_step(cifar):
     assert steps == {0: list(range(2, 17, 2)), 9: [10, 12, 14, 16], 16: []}  # 8 steps per epoch
     held, late = runs[16], runs[9]
     assert held.history[0]["plan"] == held.history[1]["plan"]  # never updated: the plan stays at its init
-    # the first 9 steps of the warm-up run are the held run's, bit for bit (epoch 1 ends at step 8)
+    # before its first update the warm-up run is the held run, bit for bit (epoch 1: steps 1-8)
     assert late.history[0]["plan"] == held.history[0]["plan"] and late.history[0]["loss"] == held.history[0]["loss"]
     assert late.history[1]["plan"] != held.history[1]["plan"]  # then it moves
     assert late.history[0]["plan"] != runs[0].history[0]["plan"]  # (without warm-up it moved in epoch 1)
