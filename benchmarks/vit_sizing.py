@@ -26,11 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402
 from _common import default_root, write_json  # noqa: E402
 
-from align_kd.models import tiny_vit  # noqa: E402
+from align_kd.experiment import REAL_SETTINGS  # noqa: E402
+from align_kd.models import build_model  # noqa: E402
 from align_kd.zoo import load_teacher  # noqa: E402
 
-STEPS_PER_RUN = 16 * math.ceil(50_000 / 256)  # the real protocol: 16 epochs of 50,000 images at batch 256
-VIT = dict(hidden_dim=64, mlp_dim=128, num_layers=4)  # setting (iii)'s student without its patch size
+SETTING = REAL_SETTINGS["real-vit"]  # its teacher, student (other than the patch size), batch and budget
+VIT = {k: v for k, v in SETTING.student_kwargs.items() if k != "patch_size"}
+STEPS_PER_RUN = SETTING.epochs * math.ceil(50_000 / SETTING.batch_size)  # all 50,000 training images
 
 
 def main(argv=None) -> dict:
@@ -45,12 +47,13 @@ def main(argv=None) -> dict:
     if args.data is None:
         ap.error("no CIFAR-10 archive found: pass --data PATH (the shared cifar10-jpeg.tar.gz) or set ALIGN_KD_DATA")
     torch.set_num_threads(args.threads)
-    batches = overhead.fixed_batches(args.data, 4, batch_size=256)
+    batches = overhead.fixed_batches(args.data, 4, batch_size=SETTING.batch_size)
     rows = []
     for patch in args.patches:
         pair = f"fastcnn-vit{patch}"
-        overhead.PAIRS[pair] = dict(teacher=("zoo fastcnn", lambda: load_teacher("fastcnn")[0]),
-                                    student=(f"tiny_vit(patch_size={patch}, {VIT})", lambda p=patch: tiny_vit(patch_size=p, **VIT)),
+        overhead.PAIRS[pair] = dict(teacher=(f"zoo {SETTING.teacher_zoo}", lambda: load_teacher(SETTING.teacher_zoo)[0]),
+                                    student=(f"{SETTING.student}(patch_size={patch}, {VIT})",
+                                             lambda p=patch: build_model(SETTING.student, patch_size=p, **VIT)),
                                     target=None, extra=[])
         for channels_last in (False, True):
             timing = overhead.time_pair(pair, args.strategies, batches, warmup=2, steps=args.steps, device="cpu", seed=0,
@@ -66,7 +69,7 @@ def main(argv=None) -> dict:
                  for n in args.strategies]
         print(f"{r['patch_size']:>5} {str(r['channels_last']):>13} " + " ".join(f"{c:>22}" for c in cells))
     print(f"(ms per step; speed-up against the first row; estimated s per run of {STEPS_PER_RUN} steps, evaluation not included)")
-    payload = {"config": {"batch_size": 256, "threads": args.threads, "steps": args.steps, "warmup": 2,
+    payload = {"config": {"setting": SETTING.name, "batch_size": SETTING.batch_size, "threads": args.threads, "steps": args.steps, "warmup": 2,
                           "strategies": args.strategies, "vit": VIT, "float32": True, "seed": 0,
                           "steps_per_run": STEPS_PER_RUN},
                "rows": rows, "versions": overhead.versions()}
