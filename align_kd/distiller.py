@@ -35,6 +35,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import DISTILLER_OPTIONS, LOOP_OPTIONS, FitConfig
 from .distributed import data_parallel, mean_over_ranks
@@ -465,7 +466,8 @@ class Distiller(nn.Module):
         momentum 0.9 ``benchmarks/horizon_check.py`` measured it anti-correlated with the exact
         effect). All T x S inner products are one Jacobian-vector product J v of the map theta ->
         MI matrix, computed exactly by the transpose trick (J v = d/du <J^T u, v>): one forward, a
-        backward with its graph, one more backward. The MI forward runs in the mode
+        backward with its graph, one more backward (attention in that forward takes the math kernel:
+        the fused CPU kernels have no double backward). The MI forward runs in the mode
         ``heldout_grad_mode`` names: "train" (default), the batch statistics the training step's
         gradient has (with BatchNorm the eval-mode gradient is another derivative:
         tests/test_heldout.py), or "eval". The teacher's features of ``train`` are those of the
@@ -487,8 +489,10 @@ class Distiller(nn.Module):
                 ce = F.cross_entropy(self.student(xh).float(), yh.long())
             v = torch.autograd.grad(ce, params, allow_unused=True)  # at theta', after the step
             rng_devices = [self.device] if self.device.type == "cuda" else []
+            # the math attention kernel: the fused CPU ones (flash) have no double backward, which J v needs
             with (at_mi_point, preserve_mode(self.student, self.bank, training=self.cfg.heldout_grad_mode == "train"),
-                  preserve_buffers(self.running_buffers()), torch.random.fork_rng(devices=rng_devices)):
+                  preserve_buffers(self.running_buffers()), torch.random.fork_rng(devices=rng_devices),
+                  sdpa_kernel(SDPBackend.MATH)):
                 with self.autocast():
                     if cached:
                         t_feats = cache[2]
