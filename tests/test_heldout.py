@@ -137,17 +137,15 @@ def test_hypergradient_matches_brute_force_one_step_lookahead(cifar, student, lr
     # observed: 6e-6 (tanh), 1e-4 / 4e-3 (BatchNorm) and 1.5e-6 (ViT) of the norm, float32
     assert torch.allclose(lr * g.double(), brute, rtol=1e-2, atol=1e-2 * brute.abs().max()), (lr * g, brute)
     assert relative_error(lr * g, brute) < 1e-2
-    if student is student8_vit:  # the exact derivative through attention is what this student checks
-        return
     # after_step: both gradients after the step, first order only (observed at lr 1e-4: 7e-5 and
-    # 5e-4; at lr 0.05: 0.08 and 1.5)
+    # 5e-4; at lr 0.05: 0.08, 1.5 and 0.017 for the ViT, whose first-order error is smaller)
     after = warmed_distiller(student, xt, yt, xh, yh, heldout_grad_point="after_step")
     after.load_state_dict(state)
     g_after = hypergradient_after_a_real_step(after, (xt, yt), (xh, yh), lr)
     if lr < 1e-3:
         assert torch.allclose(lr * g_after.double(), brute, rtol=1e-2, atol=2e-3 * brute.abs().max()), (lr * g_after, brute)
     else:
-        assert relative_error(lr * g_after, brute) > 0.04
+        assert relative_error(lr * g_after, brute) > (0.01 if student is student8_vit else 0.04)
     if student is student8_bn:  # eval-mode MI gradients are another derivative where BatchNorm sits in the student
         other = warmed_distiller(student, xt, yt, xh, yh, heldout_grad_mode="eval")
         other.load_state_dict(state)
