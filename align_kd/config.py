@@ -18,6 +18,7 @@ __all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS", "PLAN_OBJECTIVES"]
 #: what a learned plan's logits follow: today's rule (the MI they weight) or held-out cross-entropy
 PLAN_OBJECTIVES = ("mi", "heldout")
 HELDOUT_GRAD_POINTS = ("before_step", "after_step")
+HELDOUT_JVPS = ("exact", "finite_difference")
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -57,6 +58,10 @@ class FitConfig:
     # plan_objective="heldout": where the MI gradients are taken: "before_step" (the student and bank as they were
     # before the step the update follows: the exact one-step derivative) or "after_step" (after it, on the same batch)
     heldout_grad_point: str = "before_step"
+    # plan_objective="heldout": how the T x S inner products <grad I_ij, grad CE_heldout> are computed: "exact" (one
+    # Jacobian-vector product by double backward) or "finite_difference" (two MI forwards at theta +- h v / ||v||)
+    heldout_jvp: str = "exact"
+    heldout_fd_step: float = 0.01  # heldout_jvp="finite_difference": h, the perturbation's norm in parameter space (DistPro's)
     lr: float = 0.05
     weight_decay: float = 5e-4  # student and regressors; never the log-variances or plan logits
     momentum: float = 0.9
@@ -140,6 +145,11 @@ class FitConfig:
               f"Expected `heldout_grad_mode` to be 'train' or 'eval' but got {self.heldout_grad_mode!r}.")
         check(self.heldout_grad_point in HELDOUT_GRAD_POINTS,
               f"Expected `heldout_grad_point` to be one of {list(HELDOUT_GRAD_POINTS)} but got {self.heldout_grad_point!r}.")
+        check(self.heldout_jvp in HELDOUT_JVPS,
+              f"Expected `heldout_jvp` to be one of {list(HELDOUT_JVPS)} but got {self.heldout_jvp!r}.")
+        check(isinstance(self.heldout_fd_step, (int, float)) and math.isfinite(self.heldout_fd_step) and self.heldout_fd_step > 0,
+              f"Expected `heldout_fd_step` > 0 (the finite difference's step, a norm in parameter space; DistPro uses "
+              f"0.01) but got {self.heldout_fd_step!r}.")
         check(self.heldout_optimizer in OPTIMIZERS,
               f"Expected argument `heldout_optimizer` to be one of {list(OPTIMIZERS)} but got {self.heldout_optimizer!r}.")
         check(self.optimizer in OPTIMIZERS, f"Expected argument `optimizer` to be one of {list(OPTIMIZERS)} but got {self.optimizer!r}.")
@@ -184,7 +194,8 @@ DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
     "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
-    "plan_objective", "heldout_every", "heldout_warmup", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "heldout_grad_point", "dustbin", "dustbin_mass",
+    "plan_objective", "heldout_every", "heldout_warmup", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "heldout_grad_point",
+    "heldout_jvp", "heldout_fd_step", "dustbin", "dustbin_mass",
 )
 #: the fields that only fit()'s loop reads
 LOOP_OPTIONS = tuple(f for f in FitConfig.__dataclass_fields__ if f not in DISTILLER_OPTIONS + ("strategy",))

@@ -465,9 +465,11 @@ class Distiller(nn.Module):
         :meth:`capture_step_start` kept) or "after_step" (at theta', first order only: at lr 0.1 with
         momentum 0.9 ``benchmarks/horizon_check.py`` measured it anti-correlated with the exact
         effect). All T x S inner products are one Jacobian-vector product J v of the map theta ->
-        MI matrix, computed exactly by the transpose trick (J v = d/du <J^T u, v>): one forward, a
-        backward with its graph, one more backward (attention in that forward takes the math kernel:
-        the fused CPU kernels have no double backward). The MI forward runs in the mode
+        MI matrix: ``heldout_jvp="exact"`` (default) computes it by the transpose trick (J v = d/du
+        <J^T u, v>: one forward, a backward with its graph, one more backward; attention in that
+        forward takes the math kernel: the fused CPU kernels have no double backward);
+        ``"finite_difference"`` by central differences, two forwards at theta +- h v / ||v|| and no
+        backward (DistPro's form; O(h^2) from the exact value). The MI forward runs in the mode
         ``heldout_grad_mode`` names: "train" (default), the batch statistics the training step's
         gradient has (with BatchNorm the eval-mode gradient is another derivative:
         tests/test_heldout.py), or "eval". The teacher's features of ``train`` are those of the
@@ -488,24 +490,60 @@ class Distiller(nn.Module):
             with preserve_mode(self.student, self.bank, training=False), self.autocast():
                 ce = F.cross_entropy(self.student(xh).float(), yh.long())
             v = torch.autograd.grad(ce, params, allow_unused=True)  # at theta', after the step
-            rng_devices = [self.device] if self.device.type == "cuda" else []
-            # the math attention kernel: the fused CPU ones (flash) have no double backward, which J v needs
-            with (at_mi_point, preserve_mode(self.student, self.bank, training=self.cfg.heldout_grad_mode == "train"),
-                  preserve_buffers(self.running_buffers()), torch.random.fork_rng(devices=rng_devices),
-                  sdpa_kernel(SDPBackend.MATH)):
-                with self.autocast():
-                    if cached:
-                        t_feats = cache[2]
-                    else:
-                        with torch.no_grad():
-                            t_feats, _ = self._teacher_call(xt)
-                    s_feats, _ = self._student_call(xt)
-                    mi = self._bank_call(t_feats, s_feats).float()  # (T, S)
-                u = torch.zeros_like(mi, requires_grad=True)
-                jt_u = torch.autograd.grad(mi, params, grad_outputs=u, create_graph=True, allow_unused=True)
-                dot = sum((a * b).sum() for a, b in zip(jt_u, v) if a is not None and b is not None)
-                directional = torch.autograd.grad(dot, u)[0] if torch.is_tensor(dot) and dot.requires_grad else torch.zeros_like(mi)
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with (at_mi_point, preserve_mode(self.student, self.bank, training=self.cfg.heldout_grad_mode == "train"),
+              preserve_buffers(self.running_buffers()), torch.random.fork_rng(devices=rng_devices)):
+            if cached:
+                t_feats = cache[2]
+            else:
+                with torch.no_grad(), self.autocast():
+                    t_feats, _ = self._teacher_call(xt)
+            if self.cfg.heldout_jvp == "finite_difference":
+                directional = self._mi_jvp_finite_difference(xt, t_feats, params, v, rng_devices)
+            else:
+                directional = self._mi_jvp_exact(xt, t_feats, params, v)
         return mean_over_ranks(self._objective_weight() * directional.detach())  # (T, S): w * <grad I_ij, grad CE_heldout>
+
+    def _mi_jvp_exact(self, xt: Tensor, t_feats, params: list[Tensor], v) -> Tensor:
+        """(T, S) J v, J the Jacobian of theta -> MI matrix on ``xt``: exact, by the transpose trick
+        (J v = d/du <J^T u, v>: one forward, a backward with its graph, one more backward). Attention
+        takes the math kernel: the fused CPU kernels (flash) have no double backward."""
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            with self.autocast():
+                s_feats, _ = self._student_call(xt)
+                mi = self._bank_call(t_feats, s_feats).float()  # (T, S)
+            u = torch.zeros_like(mi, requires_grad=True)
+            jt_u = torch.autograd.grad(mi, params, grad_outputs=u, create_graph=True, allow_unused=True)
+            dot = sum((a * b).sum() for a, b in zip(jt_u, v) if a is not None and b is not None)
+            if not (torch.is_tensor(dot) and dot.requires_grad):
+                return torch.zeros_like(mi)
+            return torch.autograd.grad(dot, u)[0]
+
+    @torch.no_grad()
+    def _mi_jvp_finite_difference(self, xt: Tensor, t_feats, params: list[Tensor], v, rng_devices) -> Tensor:
+        """(T, S) J v by central differences, as DistPro takes its mixed derivative: two MI forwards at
+        theta +- h v / ||v|| (h = ``heldout_fd_step``, the perturbation's norm in parameter space),
+        J v ~ ||v|| (MI(+) - MI(-)) / (2 h); O(h^2) from the exact value, no backward. The forwards run
+        in float32 even under ``amp=True`` (bfloat16's 8-bit mantissa would swamp a difference of two
+        nearby forwards) and from the same RNG state and running statistics; the parameters are put
+        back bit for bit."""
+        moved = [(p, g) for p, g in zip(params, v) if g is not None]
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for _, g in moved)) if moved else torch.zeros((), dtype=torch.float64)
+        if norm == 0:  # no held-out gradient: J v = 0 (one forward for the matrix's shape)
+            return torch.zeros_like(self._bank_call(t_feats, self._student_call(xt)[0]).float())
+        h = self.cfg.heldout_fd_step
+        mis = []
+        with preserve_buffers([p for p, _ in moved]):
+            start = [p.detach().clone() for p, _ in moved]
+            for sign in (1.0, -1.0):
+                for (p, g), p0 in zip(moved, start):
+                    p.copy_(p0 + (sign * h / norm).to(p.dtype) * g)
+                # each pass from the same RNG state and running statistics (a train-mode forward moves them)
+                with (torch.random.fork_rng(devices=rng_devices), preserve_buffers(self.running_buffers()),
+                      torch.autocast(self.device.type, enabled=False)):
+                    s_feats, _ = self._student_call(xt)
+                    mis.append(self._bank_call(t_feats, s_feats).float())  # (T, S)
+        return (mis[0] - mis[1]) * (norm.float() / (2 * h))
 
     def update_plan(self, batches=None, *, train=None, heldout=None) -> dict | None:
         """Update a plan that learns from data of its own; call it from your loop when

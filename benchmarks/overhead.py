@@ -110,10 +110,14 @@ EXTRA = {
     # one update per 40 steps: an update costs about 1.2 sinkhorn steps, so this is the interval at
     # which the held-out plan's amortised cost comes within issue 13's 1.3x hinton
     "sinkhorn-heldout-every40": dict(strategy="sinkhorn", plan_objective="heldout", heldout_every=40),
+    # the same rule with J v by central differences (two MI forwards, no backward) instead of the exact
+    # double backward (benchmarks/heldout_jvp.py compares the two)
+    "sinkhorn-heldout-fd": dict(strategy="sinkhorn", plan_objective="heldout", heldout_jvp="finite_difference",
+                                heldout_fd_step=1e-3),
     "sinkhorn-infonce": dict(strategy="sinkhorn", mi_estimator="infonce"),
 }
 #: rows whose cost comes in bursts (a plan update every few steps): judged by the ratio of mean step times
-AMORTISED = ("sinkhorn-heldout", "sinkhorn-heldout-every40")
+AMORTISED = ("sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-heldout-fd")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,20 +149,20 @@ PAIRS = OrderedDict(
         teacher=("SmallCNN(width=32)", lambda: SmallCNN(32)),
         student=("SmallCNN(width=8)", lambda: SmallCNN(8)),
         target=1.3,
-        extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-full", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-infonce"],
+        extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-full", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-heldout-fd", "sinkhorn-infonce"],
     ),
     **{
         "resnet20-cnn10": dict(
             teacher=("ResNetCIFAR(depth=20, width=16)", lambda: ResNetCIFAR(20, 16)),
             student=("cnn10(width=8) (9 conv layers + head, inline)", lambda: cnn10(8)),
             target=1.6,
-            extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-infonce"],
+            extra=["sinkhorn-pool4", "sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-heldout-fd", "sinkhorn-infonce"],
         ),
         "resnet20-mlp": dict(
             teacher=("ResNetCIFAR(depth=20, width=16)", lambda: ResNetCIFAR(20, 16)),
             student=("MLP(hidden=(256,)*9)", lambda: MLP(hidden=(256,) * 9)),
             target=1.6,
-            extra=["sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-infonce"],
+            extra=["sinkhorn-skip", "sinkhorn-heldout", "sinkhorn-heldout-every40", "sinkhorn-heldout-fd", "sinkhorn-infonce"],
         ),
     },
 )
