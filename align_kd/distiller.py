@@ -529,15 +529,15 @@ class Distiller(nn.Module):
         back bit for bit."""
         moved = [(p, g) for p, g in zip(params, v) if g is not None]
         norm = torch.sqrt(sum(g.double().pow(2).sum() for _, g in moved)) if moved else torch.zeros((), dtype=torch.float64)
-        if norm == 0:  # no held-out gradient: J v = 0 (one forward for the matrix's shape)
-            return torch.zeros_like(self._bank_call(t_feats, self._student_call(xt)[0]).float())
         h = self.cfg.heldout_fd_step
+        step = h / norm if norm > 0 else torch.zeros_like(norm)  # v = 0: both passes at theta, J v = 0 (and every
+        # rank runs the same two forwards: the bank's train-mode standardisers all-reduce)
         mis = []
         with preserve_buffers([p for p, _ in moved]):
             start = [p.detach().clone() for p, _ in moved]
             for sign in (1.0, -1.0):
                 for (p, g), p0 in zip(moved, start):
-                    p.copy_(p0 + (sign * h / norm).to(p.dtype) * g)
+                    p.copy_(p0 + (sign * step).to(p.dtype) * g)
                 # each pass from the same RNG state and running statistics (a train-mode forward moves them)
                 with (torch.random.fork_rng(devices=rng_devices), preserve_buffers(self.running_buffers()),
                       torch.autocast(self.device.type, enabled=False)):
