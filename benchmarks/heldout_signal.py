@@ -98,7 +98,7 @@ def draw(path: Path, table: dict, t_names: list[str], s_names: list[str]) -> Non
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.6, label="t of H (red: raising the weight raises held-out CE)")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long layer names and the colour bar label stay inside
     plt.close(fig)
     print(f"wrote {path}")
 
