@@ -469,7 +469,7 @@ class Distiller(nn.Module):
         <J^T u, v>: one forward, a backward with its graph, one more backward; attention in that
         forward takes the math kernel: the fused CPU kernels have no double backward);
         ``"finite_difference"`` by central differences, two forwards at theta +- h v / ||v|| and no
-        backward (DistPro's form; O(h^2) from the exact value). The MI forward runs in the mode
+        backward (DistPro's form; O(h^2) from the exact value on smooth nets). The MI forward runs in the mode
         ``heldout_grad_mode`` names: "train" (default), the batch statistics the training step's
         gradient has (with BatchNorm the eval-mode gradient is another derivative:
         tests/test_heldout.py), or "eval". The teacher's features of ``train`` are those of the
