@@ -523,7 +523,8 @@ class Distiller(nn.Module):
     def _mi_jvp_finite_difference(self, xt: Tensor, t_feats, params: list[Tensor], v, rng_devices) -> Tensor:
         """(T, S) J v by central differences, as DistPro takes its mixed derivative: two MI forwards at
         theta +- h v / ||v|| (h = ``heldout_fd_step``, the perturbation's norm in parameter space),
-        J v ~ ||v|| (MI(+) - MI(-)) / (2 h); O(h^2) from the exact value, no backward. The forwards run
+        J v ~ ||v|| (MI(+) - MI(-)) / (2 h), no backward; O(h^2) from the exact value where the nets are
+        smooth at scale h, O(h) across ReLU kinks (tests/test_heldout.py). The forwards run
         in float32 even under ``amp=True`` (bfloat16's 8-bit mantissa would swamp a difference of two
         nearby forwards) and from the same RNG state and running statistics; the parameters are put
         back bit for bit."""
@@ -533,8 +534,7 @@ class Distiller(nn.Module):
         step = h / norm if norm > 0 else torch.zeros_like(norm)  # v = 0: both passes at theta, J v = 0 (and every
         # rank runs the same two forwards: the bank's train-mode standardisers all-reduce)
         mis = []
-        with preserve_buffers([p for p, _ in moved]):
-            start = [p.detach().clone() for p, _ in moved]
+        with preserve_buffers([p for p, _ in moved]) as start:
             for sign in (1.0, -1.0):
                 for (p, g), p0 in zip(moved, start):
                     p.copy_(p0 + (sign * step).to(p.dtype) * g)

@@ -34,10 +34,11 @@ def preserve_mode(*modules: nn.Module | None, training: bool | None = None):
 @contextlib.contextmanager
 def preserve_buffers(buffers: list[torch.Tensor]):
     """Inside: ``buffers`` (running statistics, or any tensors, parameters included) may change in
-    place; on exit they hold their values from before again."""
+    place; on exit they hold their values from before again. Yields the saved copies (read them,
+    do not change them)."""
     saved = [b.detach().clone() for b in buffers]
     try:
-        yield
+        yield saved
     finally:
         with torch.no_grad():
             for b, v in zip(buffers, saved):
