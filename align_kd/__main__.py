@@ -90,12 +90,12 @@ def cmd_fit(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from .experiment import REAL_TABLE, SETTINGS, quick, report
+    from .experiment import REAL_TABLE, SETTINGS, quick, report, report_settings
 
     names = args.settings or (list(REAL_TABLE) if args.protocol == "real" else
                               [n for n, s in SETTINGS.items() if s.protocol == "toy"])
     if args.report and not args.settings and args.protocol == "real":  # also the diagnostic settings that have runs
-        names += [n for n, s in SETTINGS.items() if s.protocol == "real" and n not in names and (Path(args.out) / n).is_dir()]
+        names = [s.name for s in report_settings(args.out)]
     settings = [quick(SETTINGS[n]) if args.quick else SETTINGS[n] for n in names]
     readme = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
     readme = readme if (not args.quick and Path(args.out).resolve() == (readme.parent / "results").resolve()) else None

@@ -170,6 +170,11 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     assert "| alone |" not in text  # alone-s0 now holds the longer budget's record: not this setting's run
     report([setting], out, readme=readme)  # regenerating replaces the block, never appends a second one
     assert readme.read_text().count(experiment.README_START) == 1
+    (out / "real-cnn-noaug").mkdir()  # a diagnostic setting with a results folder
+    report([setting], out, readme=readme)  # a report of one setting keeps every other setting's section
+    body = readme.read_text()
+    assert all(f"### {name}:" in body for name in (*experiment.REAL_TABLE, "real-cnn-noaug"))
+    assert body.count("### real-cnn:") == 1 and "real-cnn-beta" not in body  # no folder, no section
 
 
 @needs_data
