@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._env import versions
 from ._io import atomic_write_text
 from .config import FitConfig
 from .data import cifar10_loaders, heldout_count
@@ -177,15 +177,6 @@ SETTINGS["demo"] = Setting(
     **{**_REAL, "fit_options": {**_REAL["fit_options"]}},
     description="the study's 3 conv + 2 linear student from the shipped fast CNN teacher, full CIFAR-10 (demo budget)",
 )
-
-
-def versions() -> dict:
-    import numpy
-
-    import align_kd
-
-    return {"align_kd": align_kd.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
 def _fit_options(setting: Setting, strategy: str, seed: int, progress: bool) -> tuple[str, dict]:

@@ -32,15 +32,14 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 from align_kd import fit  # noqa: E402
+from align_kd._env import versions  # noqa: E402
 from align_kd.data import cifar10_loaders  # noqa: E402
 from _common import default_root, mean_std, write_json  # noqa: E402
 from align_kd.models import SmallCNN, load_or_train_teacher  # noqa: E402
@@ -56,18 +55,6 @@ RUNS = {
     "hinton": dict(strategy="hinton"),
     "alone": dict(strategy="hinton", beta=1.0, kd_weight=0.0),
 }
-
-
-def versions() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout.strip())
-    except Exception:  # pragma: no cover
-        commit, dirty = None, None
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "git_commit": commit, "git_dirty": dirty, "platform": platform.platform(), "cpu_count": os.cpu_count()}
 
 
 def main(argv=None):

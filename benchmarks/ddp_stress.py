@@ -25,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from align_kd._env import versions  # noqa: E402
 from _common import write_json  # noqa: E402
 from test_distributed import WORKER, load, same  # noqa: E402  (the test's own worker and oracle)
 
@@ -128,7 +128,7 @@ def main() -> None:
                           "minimal_ddp_by_debug_level": minimal,
                           "config": {"world_size": 2, "backend": "gloo", "TORCH_DISTRIBUTED_DEBUG": args.debug_level,
                                      "threads_per_rank": 1, "worker": "tests/test_distributed.py::WORKER"},
-                          "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}, args.out)
+                          "versions": versions()}, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import textwrap
 from pathlib import Path
 
 from _common import write_json
+from align_kd._env import versions
 
 WORKER = textwrap.dedent('''
     import json, os, sys, time
@@ -97,13 +97,12 @@ def main(argv=None) -> int:
     for s in summary:
         print(f"| {s['procs']} | {s['steps_per_rank']} | {s['median_fit_s']:.2f} [{s['min_fit_s']:.2f}, {s['max_fit_s']:.2f}] "
               f"| {s['speedup']:.2f}x |")
-    import torch
 
     payload = {
         "config": {"limit": 2048, "test_limit": 1024, "batch_size": 128, "teacher": "cnn(width=16)",
                    "student": "cnn(width=8)", "strategy": "sinkhorn", "epochs": 1, "threads_per_proc": 1,
                    "backend": "gloo", "repeats": args.repeats},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "machine": {"cpus": os.cpu_count()}, "runs": rows, "summary": summary,
     }
     write_json(payload, args.out)

@@ -64,7 +64,6 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -79,6 +78,7 @@ from torch import nn  # noqa: E402
 
 import align_kd.mi as mi_module  # noqa: E402
 import align_kd.plans.projection as plans_module  # noqa: E402
+from align_kd._env import versions as package_versions  # noqa: E402
 from align_kd.data import cifar10_loaders  # noqa: E402
 from _common import default_root, write_json  # noqa: E402
 from align_kd.mi import MIBank  # noqa: E402
@@ -845,32 +845,17 @@ def ablation_table(pair: str, bp: dict) -> str:
 
 
 def versions() -> dict:
-    import numpy
-    import torchvision
-
-    try:
-        import align_kd
-
-        ak = getattr(align_kd, "__version__", None)
-    except Exception:  # pragma: no cover
-        ak = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout.strip())
-    except Exception:  # pragma: no cover
-        commit, dirty = None, None
+    """The shared provenance (align_kd._env.versions) plus a hash of every module of the package, so
+    timings can be matched to the exact source they measured."""
     import hashlib
+
+    import align_kd
 
     src = Path(align_kd.__file__).resolve().parent
     # every module of the package, subpackages included (align_kd/graph/, align_kd/zoo/), keyed by relative path
     hashes = {f.relative_to(src).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()[:12]
               for f in sorted(src.glob("**/*.py"))}
-    return {
-        "align_kd_source_sha256_12": hashes,
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__, "align_kd": ak, "git_commit": commit, "git_dirty": dirty,
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-    }
+    return {"align_kd_source_sha256_12": hashes, **package_versions()}
 
 
 def main(argv=None):

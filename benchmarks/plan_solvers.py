@@ -34,7 +34,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ import numpy as np
 import scipy
 import torch
 
+from align_kd._env import versions
 from align_kd.exact import exact_plan, exact_plan_info
 from align_kd.plans import sinkhorn_solve
 from _common import write_json
@@ -345,10 +345,8 @@ def main(argv=None) -> int:
                                  "tau=0": "scipy linprog HiGHS, objective gap"},
                    "timing": "median of timed calls after one warm-up call (first problem only for looped "
                              "exact solvers); time.perf_counter"},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "scipy": scipy.__version__, "cvxpy": cvxpy.__version__,
-                     "cvxpy_solvers": cvxpy.installed_solvers(), "platform": platform.platform(),
-                     "processor": platform.processor()},
+        "versions": {**versions(), "scipy": scipy.__version__, "cvxpy": cvxpy.__version__,
+                     "cvxpy_solvers": cvxpy.installed_solvers()},
         "results": results,
         "gradients": grads,
         "crossovers": summary,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._env import versions
 from .._io import atomic_save, atomic_write_text
 from ..data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, load_cifar10
 from ..models import FastCNN, build_model, evaluate, train_supervised
@@ -224,7 +224,7 @@ def train_teacher(
         "recipe": {**asdict(recipe), "epochs": epochs},
         "seed": seed,
         "history": history,
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
+        "versions": versions(),
     }
     atomic_write_text(folder / f"{name}.json", json.dumps(card, indent=1))
     return model, card
