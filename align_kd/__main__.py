@@ -19,7 +19,7 @@ def _strategy_help() -> str:
             "(the column-softmax plan with a dustbin whose mass it chooses), sinkhorn-heldout-late (its plan held for the "
             "first half of training), sinkhorn-heldout-slow, -every40, -split20 (a 10x smaller plan step, an update every 40 "
             "steps, a 20% split), sinkhorn-heldout-frozen (the held-out split with the plan never updated: the "
-            "control), sinkhorn-heldout-retrain (sinkhorn-heldout's "
+            "control), pairwise-dkd (the depth pairing with DKD as its logit term), sinkhorn-heldout-retrain (sinkhorn-heldout's "
             "final plan of the same seed, fixed, on all the training data)")
 
 
