@@ -7,10 +7,12 @@ record files being untouched); a changed budget is a different run.
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from scipy import stats
 
 from align_kd import experiment
@@ -19,6 +21,17 @@ from align_kd.experiment import SETTINGS, paired_interval, quick, report, run_se
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 needs_data = pytest.mark.skipif(not ARCHIVE.is_file() and not os.environ.get("ALIGN_KD_DATA"),
                                 reason="needs the CIFAR-10 archive")
+
+
+def test_versions_state_the_machine_and_the_commit():
+    """Records and cards say what made them: torch's own answers and git's, read independently."""
+    v = experiment.versions()
+    assert v["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and v["cpu"]
+    assert (v["torch"], v["threads"]) == (torch.__version__, torch.get_num_threads())
+    repo = Path(experiment.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    assert v["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert json.loads(json.dumps(v)) == v  # JSON as it is
 
 
 @pytest.mark.parametrize("a,b", [([0.81, 0.83, 0.80], [0.79, 0.80, 0.80]),
