@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reproduce and extend the originating study's table: every named setting, every "
                                    "strategy, several seeds, identical budgets; writes JSON, markdown tables and plots.")
     p.add_argument("--protocol", choices=["toy", "real"], default="toy",
-                   help="toy: the small-budget settings; real: shipped teachers, full CIFAR-10 (resumable: finished runs are skipped)")
+                   help="toy: the small-budget settings; real: shipped teachers, full CIFAR-10 (resumable: finished runs are skipped, a run cut off mid-way continues from its last finished epoch)")
     p.add_argument("--settings", nargs="+", default=None, choices=sorted(s for s in SETTINGS if s != "demo"),
                    help="settings to run (default: every setting of --protocol)")
     p.add_argument("--strategies", nargs="+", default=list(ALL_STRATEGIES), choices=ALL_STRATEGIES)

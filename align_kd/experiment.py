@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from ._env import versions
 from ._io import atomic_write_text
+from .checkpoint import list_checkpoints
 from .config import FitConfig
 from .data import cifar10_loaders, heldout_count
 from .losses import KD_PAPER_SETTINGS
@@ -364,10 +366,16 @@ def run_setting(
             torch.manual_seed(seed)
             student = build_model(setting.student, **setting.student_kwargs)
             plan = _plan_from_row(out, setting, strategy, seed) if strategy in PLAN_FROM_ROW else name
+            # a run cut off in an earlier sitting continues from its last finished epoch (bitwise the same run)
+            stamp = {"run_key": key, "fit_strategy": name, "fit_options": {k: v for k, v in opts.items() if k != "progress"},
+                     "teacher_key": tinfo["key"], "plan": plan.tolist() if isinstance(plan, Tensor) else plan}
+            resumed = _resume_point(run_dir, stamp, log) if dist.is_main else 0
             start = time.perf_counter()
             # steps.csv / epochs.csv (and TensorBoard events when installed) beside the record
-            result = fit(teacher, student, (train, test), strategy=plan, log_dir=str(run_dir), **opts)
-            wall = time.perf_counter() - start
+            result = fit(teacher, student, (train, test), strategy=plan, log_dir=str(run_dir),
+                         checkpoint_dir=str(run_dir / CHECKPOINT_DIR), resume=True, keep_checkpoints=1, **opts)
+            # the epochs an earlier sitting trained count towards the run's cost
+            wall = time.perf_counter() - start + sum(h["wall_s"] for h in result.history[:resumed])
             record = {
                 "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
                 "seed": seed, **_record_options(opts), "test_acc": result.test_acc, "best_acc": result.best_acc,
@@ -375,7 +383,7 @@ def run_setting(
                 "epochs": setting.epochs,
                 "teacher_acc": tinfo["test_acc"], "teacher_key": tinfo["key"],
                 "test_images": len(test.labels), "train_images": len(train.labels),
-                "wall_s": wall, "run_dir": str(run_dir), "run_key": key,
+                "wall_s": wall, "resumed_after_epoch": resumed, "run_dir": str(run_dir), "run_key": key,
                 "curve": [h["test_acc"] for h in result.history],
                 "plan": result.plan.tolist(), "teacher_layers": result.teacher_layers,
                 "student_layers": result.student_layers, "fit_strategy": name, "fit_options": opts,
@@ -384,9 +392,42 @@ def run_setting(
             if dist.is_main:
                 result.save(run_dir)
                 atomic_write_text(run_dir / "record.json", json.dumps(record, indent=1))  # written the moment it finishes
+                shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the record supersedes them
             records.append(record)
-            log(f"  {strategy:<9} seed {seed}: test acc {result.test_acc:.4f} (best {result.best_acc:.4f}, {wall:.0f} s)")
+            log(f"  {strategy:<9} seed {seed}: test acc {result.test_acc:.4f} (best {result.best_acc:.4f}, {wall:.0f} s"
+                + (f"; resumed after epoch {resumed}" if resumed else "") + ")")
     return records, tinfo
+
+
+#: a run's folder holds its per-epoch checkpoints here while it trains; removed once its record is written
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _resume_point(run_dir: Path, stamp: dict, log) -> int:
+    """Make ``run_dir/checkpoint`` ready for ``fit(resume=True)`` and return the epoch the run resumes after.
+
+    A cut-off run's checkpoints are kept when ``stamp`` (run key, fit() strategy and options, teacher,
+    fixed plan) is the one they were written under, so the run continues where it stopped; checkpoints
+    of anything else (the row's options or the teacher changed since) are deleted and the run starts
+    over (0).
+    """
+    folder = run_dir / CHECKPOINT_DIR
+    stamp_file = folder / "run.json"
+    stamp = json.loads(json.dumps(stamp, sort_keys=True, default=str))  # as it reads back from disk
+    saved = list_checkpoints(folder)
+    try:
+        same_run = json.loads(stamp_file.read_text()) == stamp
+    except (OSError, json.JSONDecodeError):
+        same_run = False
+    if saved and same_run:
+        log(f"  {run_dir.name}: continuing the run cut off after epoch {saved[-1][0]} ({folder})")
+        return saved[-1][0]
+    if saved:
+        log(f"  {run_dir.name}: discarding checkpoints of a cut-off run made with other options ({folder})")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    atomic_write_text(stamp_file, json.dumps(stamp, sort_keys=True, indent=1))
+    return 0
 
 
 def paired_interval(a: list[float], b: list[float], confidence: float = 0.95) -> dict:

@@ -224,6 +224,59 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
     assert again["plan"] == changed["plan"] and "| sinkhorn-heldout-retrain |" in report([setting], out)
 
 
+@needs_data
+def test_a_run_cut_off_mid_way_continues_from_its_last_epoch(tmp_path, monkeypatch):
+    """Oracle: the same run uninterrupted. A run stopped in its second epoch leaves no record but its
+    first epoch's checkpoint; the same command continues from there and records the identical run
+    (accuracy, curve, plan), then clears the checkpoints. A cut-off run of other options is not continued."""
+    monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))
+    setting = replace(quick(SETTINGS["real-cnn"]), train_limit=256, test_limit=128, epochs=2)
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    real_build = experiment.build_model
+    forwards, bomb_at = [0], [None]
+
+    def student_with_a_fuse(*args, **kwargs):  # the real student; its forward raises Ctrl-C at call bomb_at
+        model = real_build(*args, **kwargs)
+
+        def count(module, inputs, output):
+            forwards[0] += 1
+            if forwards[0] == bomb_at[0]:
+                raise KeyboardInterrupt
+        model.register_forward_hook(count)
+        return model
+
+    monkeypatch.setattr(experiment, "build_model", student_with_a_fuse)
+    (whole,), _ = run_setting(setting, ["sinkhorn"], [0], tmp_path / "whole", data_root=data, progress=False)
+    per_run = forwards[0]
+    assert whole["resumed_after_epoch"] == 0 and not (tmp_path / "whole" / "real-cnn" / "sinkhorn-s0" / "checkpoint").exists()
+
+    run_dir = tmp_path / "cut" / "real-cnn" / "sinkhorn-s0"
+    forwards[0], bomb_at[0] = 0, per_run - 1  # the second epoch's last forward: after epoch 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run_setting(setting, ["sinkhorn"], [0], tmp_path / "cut", data_root=data, progress=False)
+    assert not (run_dir / "record.json").exists()
+    assert [p.name for p in sorted((run_dir / "checkpoint").glob("*.pt"))] == ["checkpoint-epoch0001.pt"]
+    bomb_at[0] = None
+    (resumed,), _ = run_setting(setting, ["sinkhorn"], [0], tmp_path / "cut", data_root=data, progress=False)
+    assert resumed["resumed_after_epoch"] == 1
+    for key in ("test_acc", "best_acc", "train_acc", "curve", "plan", "run_key"):
+        assert resumed[key] == whole[key], key
+    assert not (run_dir / "checkpoint").exists() and resumed["wall_s"] > 0
+
+    # the row's options changed after the cut: the old checkpoints are discarded, the run starts over
+    forwards[0], bomb_at[0] = 0, per_run - 1
+    with pytest.raises(KeyboardInterrupt):
+        run_setting(setting, ["sinkhorn"], [1], tmp_path / "cut", data_root=data, progress=False)
+    stamp = run_dir.with_name("sinkhorn-s1") / "checkpoint" / "run.json"
+    edited = json.loads(stamp.read_text())
+    edited["fit_options"]["lr"] = 0.5
+    stamp.write_text(json.dumps(edited))
+    bomb_at[0] = None
+    with pytest.warns(RuntimeWarning, match="Starting new logs"):  # the cut-off run's logs are replaced, not continued
+        (fresh,), _ = run_setting(setting, ["sinkhorn"], [1], tmp_path / "cut", data_root=data, progress=False)
+    assert fresh["resumed_after_epoch"] == 0 and len(fresh["curve"]) == 2
+
+
 def test_run_keys_of_recorded_runs_survive_new_setting_fields():
     """A Setting field added after runs were recorded (augment) leaves those runs' keys as they
     were at its default, and changes the key when set: the committed records are the oracle."""
