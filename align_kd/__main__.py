@@ -91,13 +91,19 @@ def cmd_fit(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from .experiment import REAL_TABLE, SETTINGS, quick, report, report_settings
+    from .experiment import ALL_STRATEGIES, REAL_TABLE, SETTINGS, format_status, quick, report, report_settings, run_states
 
     names = args.settings or (list(REAL_TABLE) if args.protocol == "real" else
                               [n for n, s in SETTINGS.items() if s.protocol == "toy"])
-    if args.report and not args.settings and args.protocol == "real":  # also the diagnostic settings that have runs
+    if (args.report or args.status) and not args.settings and args.protocol == "real":  # also the diagnostics with runs
         names = [s.name for s in report_settings(args.out)]
     settings = [quick(SETTINGS[n]) if args.quick else SETTINGS[n] for n in names]
+    if args.status:
+        seeds = [0] if args.quick else list(range(args.seeds))
+        for setting in settings:
+            print(format_status(setting, run_states(args.out, setting, args.strategies, seeds)))
+        return 0
+    args.strategies = args.strategies or list(ALL_STRATEGIES)
     readme = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
     readme = readme if (not args.quick and Path(args.out).resolve() == (readme.parent / "results").resolve()) else None
     if not args.report:
@@ -196,10 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="toy: the small-budget settings; real: shipped teachers, full CIFAR-10 (resumable: finished runs are skipped, a run cut off mid-way continues from its last finished epoch)")
     p.add_argument("--settings", nargs="+", default=None, choices=sorted(s for s in SETTINGS if s != "demo"),
                    help="settings to run (default: every setting of --protocol)")
-    p.add_argument("--strategies", nargs="+", default=list(ALL_STRATEGIES), choices=ALL_STRATEGIES)
+    p.add_argument("--strategies", nargs="+", default=None, choices=ALL_STRATEGIES, help="rows to run (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: rebuild the tables from the finished runs' record files (and benchmarks/README.md)")
+    p.add_argument("--status", action="store_true",
+                   help="train nothing: show which runs are finished, cut off (and after which epoch) or still to run, "
+                        "and the hours left estimated from the finished runs")
     p.add_argument("--quick", action="store_true", help="a few hundred images, one epoch, one seed (CI)")
     p.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     _common(p)

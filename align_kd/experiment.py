@@ -31,8 +31,8 @@ from .plans import PLANS
 from .training import fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
-           "format_table", "paired_interval", "plan_patterns", "plot_curves", "report", "row_settings", "run_key",
-           "run_setting", "summarise", "versions", "write_outputs"]
+           "format_status", "format_table", "paired_interval", "plan_patterns", "plot_curves", "report", "row_settings", "run_key",
+           "run_setting", "run_states", "summarise", "versions", "write_outputs"]
 
 #: "alone" is the student trained on labels only (beta = 1, no KD), same loop and budget; "dkd" and
 #: "ls" are the logit baselines (decoupled KD, logit-standardised KD) at their papers' settings;
@@ -95,6 +95,8 @@ ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS 
 _LEARNED_PLANS = tuple(name for name, cls in PLANS.items() if cls.learned or cls.data is not None)
 LEARNED = (*_LEARNED_PLANS, *(v for v, (base, _) in PLAN_VARIANTS.items() if base in _LEARNED_PLANS), *PLAN_FROM_ROW)
 FIXED = tuple(name for name, cls in PLANS.items() if cls.uses_features and name not in LEARNED)
+#: the rows of the `real` protocol's table (issue 12); `bench --status` lists them even before they run
+TABLE_ROWS = ("alone", "hinton", *LOGIT_BASELINES, "pairwise", "uniform", "softmax", "sinkhorn", "exact")
 #: fit() options every record states at top level, so that rows can be told apart (issue 13)
 RECORD_OPTIONS = ("plan_objective", "dustbin", "mi_estimator")
 
@@ -710,6 +712,65 @@ def collect_records(out_dir, setting: Setting) -> list[dict]:
             if done is not None:
                 records.append(done)
     return records
+
+
+def run_states(out_dir, setting: Setting, strategies=None, seeds=(0, 1, 2)) -> list[dict]:
+    """Where each run of ``setting`` stands under ``out_dir``: one dict per (row, seed) with ``state``
+    "finished" (its current record: ``test_acc``, ``wall_s``), "cut" (a run of today's options stopped
+    after ``epoch`` of ``epochs``; the next `bench` continues it) or "to run" (nothing, or a record or
+    checkpoints that the benchmark would not reuse). Rows: ``strategies``, else :data:`TABLE_ROWS`
+    and every other row with a folder."""
+    folder = Path(out_dir) / setting.name
+    if strategies is None:
+        strategies = [s for s in ALL_STRATEGIES if s in TABLE_ROWS or any((folder / f"{s}-s{n}").is_dir() for n in seeds)]
+    states = []
+    for strategy in strategies:
+        for seed in seeds:
+            run_dir = folder / f"{strategy}-s{seed}"
+            state = {"strategy": strategy, "seed": seed, "state": "to run", "epochs": setting.epochs}
+            done = _current_record(folder, setting, strategy, seed)
+            saved = list_checkpoints(run_dir / CHECKPOINT_DIR)
+            if done is not None:
+                state.update(state="finished", test_acc=done["test_acc"], wall_s=done["wall_s"])
+            elif saved:
+                try:
+                    stamp = json.loads((run_dir / CHECKPOINT_DIR / "run.json").read_text())
+                except (OSError, json.JSONDecodeError):
+                    stamp = {}
+                opts = _fit_options(setting, strategy, seed, False)[1]
+                if stamp.get("run_key") == run_key(setting, strategy, seed) and _same_options(stamp.get("fit_options", {}), opts):
+                    state.update(state="cut", epoch=saved[-1][0])
+            states.append(state)
+    return states
+
+
+def format_status(setting: Setting, states: list[dict]) -> str:
+    """A row x seed grid of :func:`run_states` and the hours left, each row's unfinished runs timed by
+    the median wall time of its finished ones (a cut run by the epochs it has left)."""
+    seeds = sorted({s["seed"] for s in states})
+    lines = [f"### {setting.name}: {setting.description}", "", "| row | " + " | ".join(f"seed {n}" for n in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]
+    hours, untimed, left = 0.0, 0, 0
+    for strategy in dict.fromkeys(s["strategy"] for s in states):
+        mine = [s for s in states if s["strategy"] == strategy]
+        walls = [s["wall_s"] for s in mine if s["state"] == "finished"]
+        cells = []
+        for s in mine:
+            if s["state"] == "finished":
+                cells.append(f"{s['test_acc']:.4f}")
+                continue
+            share = 1 - s.get("epoch", 0) / s["epochs"]
+            cells.append(f"cut after {s['epoch']}/{s['epochs']}" if s["state"] == "cut" else "to run")
+            left += 1
+            if walls:
+                hours += share * statistics.median(walls) / 3600
+            else:
+                untimed += 1
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    tail = f"{left} runs left" + (f", about {hours:.1f} h of this machine for the {left - untimed} whose row has a "
+                                  "finished run to time them by" if left > untimed else "") + (
+        f"; {untimed} not timed (no finished run of their row yet)" if untimed else "")
+    return "\n".join(lines) + f"\n\n{tail}.\n"
 
 
 README_START, README_END = "<!-- real-tables:start (generated by `python -m align_kd bench --report`) -->", "<!-- real-tables:end -->"

@@ -122,6 +122,13 @@ def test_bench_quick_writes_the_benchmark_outputs(tmp_path, capsys):
     assert results["setting"]["name"] == "resnet-mlp" and results["seeds"] == [0]
     assert {p["strategy"] for p in results["plan_patterns"]} == {"sinkhorn", "exact"}
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["bench", "--quick", "--settings", "resnet-mlp", "--status", "--out", str(tmp_path)]) == 0
+    status = capsys.readouterr().out  # the table rows, finished ones with their accuracy; nothing trained
+    acc = {r["strategy"]: r["test_acc"] for r in results["runs"]}
+    assert f"| alone | {acc['alone']:.4f} |" in status and f"| exact | {acc['exact']:.4f} |" in status
+    assert "| hinton | to run |" in status and "| dkd | to run |" in status
+    assert "5 runs left" in status and "not timed (no finished run of their row yet)" in status
 
 
 def test_bench_report_adds_the_diagnostic_settings_that_have_runs(tmp_path, capsys):

@@ -16,7 +16,7 @@ import torch
 from scipy import stats
 
 from align_kd import experiment
-from align_kd.experiment import SETTINGS, paired_interval, quick, report, run_setting, summarise
+from align_kd.experiment import SETTINGS, paired_interval, quick, report, run_setting, run_states, summarise
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 needs_data = pytest.mark.skipif(not ARCHIVE.is_file() and not os.environ.get("ALIGN_KD_DATA"),
@@ -267,10 +267,17 @@ def test_a_run_cut_off_mid_way_continues_from_its_last_epoch(tmp_path, monkeypat
     forwards[0], bomb_at[0] = 0, per_run - 1
     with pytest.raises(KeyboardInterrupt):
         run_setting(setting, ["sinkhorn"], [1], tmp_path / "cut", data_root=data, progress=False)
+    states = run_states(tmp_path / "cut", setting, ["sinkhorn"], [0, 1, 2])  # what `bench --status` shows
+    assert [(s["state"], s.get("epoch"), s.get("test_acc")) for s in states] == [
+        ("finished", None, whole["test_acc"]), ("cut", 1, None), ("to run", None, None)]
+    text = experiment.format_status(setting, states)
+    assert f"| sinkhorn | {whole['test_acc']:.4f} | cut after 1/2 | to run |" in text
+    assert f"2 runs left, about {1.5 * resumed['wall_s'] / 3600:.1f} h" in text  # half a run plus a whole one
     stamp = run_dir.with_name("sinkhorn-s1") / "checkpoint" / "run.json"
     edited = json.loads(stamp.read_text())
     edited["fit_options"]["lr"] = 0.5
     stamp.write_text(json.dumps(edited))
+    assert run_states(tmp_path / "cut", setting, ["sinkhorn"], [1])[0]["state"] == "to run"  # it will not be continued
     bomb_at[0] = None
     with pytest.warns(RuntimeWarning, match="Starting new logs"):  # the cut-off run's logs are replaced, not continued
         (fresh,), _ = run_setting(setting, ["sinkhorn"], [1], tmp_path / "cut", data_root=data, progress=False)
