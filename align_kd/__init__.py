@@ -29,7 +29,7 @@ from .mi import MIBank
 from .plans import PLAN_STRATEGIES, PLANS, register_plan, sinkhorn, sinkhorn_solve
 from .taps import FeatureTap, describe_layers, discover_layers
 from .result import FitResult
-from .training import FitConfig, fit
+from .training import FitConfig, TrainingDiverged, fit
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "MIBank",
     "PLANS",
     "PLAN_STRATEGIES",
+    "TrainingDiverged",
     "alignment_graph",
     "compare",
     "crossings",

@@ -20,7 +20,8 @@ def _strategy_help() -> str:
             "first half of training), sinkhorn-heldout-slow, -every40, -split20 (a 10x smaller plan step, an update every 40 "
             "steps, a 20% split), sinkhorn-heldout-frozen (the held-out split with the plan never updated: the "
             "control), pairwise-dkd (the depth pairing with DKD as its logit term), sinkhorn-heldout-retrain (sinkhorn-heldout's "
-            "final plan of the same seed, fixed, on all the training data)")
+            "final plan of the same seed, fixed, on all the training data), softmax-retrain (softmax's final plan of the "
+            "same seed, fixed from step 0: learning the plan against the plan it finds)")
 
 
 def _threads(n: int | None) -> None:

@@ -28,6 +28,7 @@ parallelism (see ``examples/torchrun_distill.py``).
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -129,7 +130,8 @@ def _compiled(fn, enabled: bool):
 # model checks
 
 
-def _num_classes(model: nn.Module, x: Tensor, role: str) -> int:
+def _probe_logits(model: nn.Module, x: Tensor, role: str) -> Tensor:
+    """The model's logits (B, K) on ``x`` in eval mode, or a clear error when it cannot take the batch."""
     try:
         with torch.no_grad(), preserve_mode(model, training=False):
             out = model(x)
@@ -142,7 +144,22 @@ def _num_classes(model: nn.Module, x: Tensor, role: str) -> int:
         ) from err
     if not isinstance(out, Tensor) or out.dim() != 2:
         raise TypeError(f"Expected the {role} to return logits of shape (B, num_classes) but got {getattr(out, 'shape', type(out).__name__)}.")
-    return out.shape[1]
+    return out
+
+
+def _warn_if_ls_cannot_standardize(student_logits: Tensor) -> None:
+    """kd_loss="ls" z-scores the student's logits, dividing by their spread + 1e-7: logits with no
+    spread (a zero-initialised classifier head, as torchvision's VisionTransformer has) scale the first
+    steps' gradients by up to 1e7, and training diverges within a few steps."""
+    spread = float(student_logits.float().std(dim=1).min())
+    if spread < 1e-4:
+        warnings.warn(
+            f"kd_loss='ls' standardises the student's logits, but on the example batch they have (almost) no "
+            f"spread across classes (std {spread:.1e}; a zero-initialised classifier head, as in torchvision's "
+            "VisionTransformer): dividing by std + 1e-7 scales the first gradients by up to 1e7 and training "
+            "diverges (measured: the benchmark's ViT student, NaN loss from step 3). Initialise the head with small "
+            "random weights (e.g. torch.nn.init.normal_(head.weight, std=0.01)) or use kd_loss='hinton' or 'dkd'.",
+            RuntimeWarning, stacklevel=3)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -218,7 +235,8 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: no parameters, no state_dict entries
         self.student = student
 
-        nt, ns = _num_classes(teacher, x, "teacher"), _num_classes(student, x, "student")
+        t_logits, s_logits = _probe_logits(teacher, x, "teacher"), _probe_logits(student, x, "student")  # (B, K) each
+        nt, ns = t_logits.shape[1], s_logits.shape[1]
         if nt != ns:
             raise ValueError(f"Teacher and student must predict the same classes but the teacher has {nt} outputs and the student {ns}.")
         self.num_classes = nt
@@ -249,6 +267,8 @@ class Distiller(nn.Module):
                                     row_marginal=row_marginal, init=cfg.plan_init,
                                     options={k: getattr(cfg, k) for k in DISTILLER_OPTIONS}).to(self.device)
         self.uses_kd = cfg.kd_weight > 0 and weighs_distil
+        if self.uses_kd and cfg.kd_loss == "ls":
+            _warn_if_ls_cannot_standardize(s_logits)
         self.uses_teacher = self.uses_kd or self.uses_features  # else (labels only) skip its forward
         self.bank = (
             MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout, estimator=cfg.mi_estimator,

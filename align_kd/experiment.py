@@ -28,7 +28,7 @@ from .losses import KD_PAPER_SETTINGS
 from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
 from .plans import PLANS
-from .training import fit
+from .training import TrainingDiverged, fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
            "format_status", "format_table", "paired_interval", "plan_patterns", "plot_curves", "report", "row_settings", "run_key",
@@ -87,8 +87,10 @@ PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", _HELDOUT),
 #: the held-out rows' control: their split and initial plan, never updated; the report pairs every
 #: held-out row (and the fixed diagonal) with it
 HELDOUT_CONTROL = "sinkhorn-heldout-frozen"
-#: search then retrain (DistPro's protocol): the plan a row learned on the same seed, fixed, on all the data
-PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout"}
+#: the final plan a row learned on the same seed, held fixed from step 0 on all the data: search then
+#: retrain (DistPro's protocol) for the held-out row; for `softmax` (the MI rule's plan that hardens in
+#: epoch 1 and wins setting (iii)) the control that tells learning the plan from the plan it finds
+PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout", "softmax-retrain": "softmax"}
 ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS,
                   *PLAN_FROM_ROW)
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
@@ -213,14 +215,15 @@ def _fit_options(setting: Setting, strategy: str, seed: int, progress: bool) -> 
     return strategy, opts
 
 
-def _current_record(out: Path, setting: Setting, strategy: str, seed: int) -> dict | None:
-    """The finished record of row ``strategy``, seed ``seed``, if it was made with the row's options of today."""
-    done = finished_record(Path(out) / f"{strategy}-s{seed}", run_key(setting, strategy, seed))
+def _current_record(out: Path, setting: Setting, strategy: str, seed: int, name: str = "record.json") -> dict | None:
+    """The finished record of row ``strategy``, seed ``seed``, if it was made with the row's options of today
+    (``name``: :data:`DIVERGED_FILE` for the record of a run that diverged)."""
+    done = finished_record(Path(out) / f"{strategy}-s{seed}", run_key(setting, strategy, seed), name)
     if done is None or not _same_options(done.get("fit_options", {}), _fit_options(setting, strategy, seed, False)[1]):
         return None
     if strategy in PLAN_FROM_ROW:  # trained with the plan its source row had then: current only if it still has it
         source = _current_record(out, setting, PLAN_FROM_ROW[strategy], seed)
-        if source is None or source["plan"] != done["plan"]:
+        if source is None or source["plan"] != done.get("plan"):
             return None
     return done
 
@@ -261,9 +264,10 @@ def run_key(setting: Setting, strategy: str, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def finished_record(run_dir: Path, key: str) -> dict | None:
-    """The record of a finished run in ``run_dir`` when it was made with the same ``key``, else None."""
-    file = Path(run_dir) / "record.json"
+def finished_record(run_dir: Path, key: str, name: str = "record.json") -> dict | None:
+    """The record of a finished run in ``run_dir`` when it was made with the same ``key``, else None
+    (``name``: :data:`DIVERGED_FILE` for a run that diverged)."""
+    file = Path(run_dir) / name
     if not file.is_file():
         return None
     try:
@@ -364,6 +368,10 @@ def run_setting(
                 records.append(done)
                 log(f"  {strategy:<9} seed {seed}: test acc {done['test_acc']:.4f} (finished earlier: {run_dir})")
                 continue
+            gave_up = finished_record(run_dir, key, DIVERGED_FILE)
+            if gave_up is not None and not _stale_reason(gave_up, opts, tinfo):  # the same seed diverges the same way
+                log(f"  {strategy:<9} seed {seed}: diverged earlier, at step {gave_up['step']} ({run_dir / DIVERGED_FILE})")
+                continue
             # paired seeds: the same student initialisation and data order for every row of a seed
             torch.manual_seed(seed)
             student = build_model(setting.student, **setting.student_kwargs)
@@ -374,8 +382,21 @@ def run_setting(
             resumed = _resume_point(run_dir, stamp, log) if dist.is_main else 0
             start = time.perf_counter()
             # steps.csv / epochs.csv (and TensorBoard events when installed) beside the record
-            result = fit(teacher, student, (train, test), strategy=plan, log_dir=str(run_dir),
-                         checkpoint_dir=str(run_dir / CHECKPOINT_DIR), resume=True, keep_checkpoints=1, **opts)
+            try:
+                result = fit(teacher, student, (train, test), strategy=plan, log_dir=str(run_dir),
+                             checkpoint_dir=str(run_dir / CHECKPOINT_DIR), resume=True, keep_checkpoints=1, **opts)
+            except TrainingDiverged as err:  # one row's blow-up is that row's result: recorded, and the others still run
+                if dist.is_main:
+                    atomic_write_text(run_dir / DIVERGED_FILE, json.dumps({
+                        "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
+                        "seed": seed, "diverged": True, "first_step": err.first_step, "step": err.step,
+                        "reason": err.reason, "error": str(err), "teacher_acc": tinfo["test_acc"],
+                        "teacher_key": tinfo["key"], "wall_s": time.perf_counter() - start, "run_key": key,
+                        "fit_strategy": name, "fit_options": opts, "versions": versions(),
+                        "plan": plan.tolist() if isinstance(plan, Tensor) else None}, indent=1))
+                    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+                log(f"  {strategy:<9} seed {seed}: diverged at step {err.step} ({err.reason}); recorded in {run_dir / DIVERGED_FILE}")
+                continue
             # the epochs an earlier sitting trained count towards the run's cost
             wall = time.perf_counter() - start + sum(h["wall_s"] for h in result.history[:resumed])
             record = {
@@ -395,6 +416,7 @@ def run_setting(
                 result.save(run_dir)
                 atomic_write_text(run_dir / "record.json", json.dumps(record, indent=1))  # written the moment it finishes
                 shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the record supersedes them
+                (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # and an older option's divergence
             records.append(record)
             log(f"  {strategy:<9} seed {seed}: test acc {result.test_acc:.4f} (best {result.best_acc:.4f}, {wall:.0f} s"
                 + (f"; resumed after epoch {resumed}" if resumed else "") + ")")
@@ -403,6 +425,8 @@ def run_setting(
 
 #: a run's folder holds its per-epoch checkpoints here while it trains; removed once its record is written
 CHECKPOINT_DIR = "checkpoint"
+#: written instead of record.json when fit() gives up (TrainingDiverged); reruns skip such a run like a finished one
+DIVERGED_FILE = "diverged.json"
 
 
 def _resume_point(run_dir: Path, stamp: dict, log) -> int:
@@ -499,7 +523,9 @@ def _against_control(strategy: str) -> bool:
     """Rows the report pairs with :data:`HELDOUT_CONTROL`: those whose plan learns from held-out
     cross-entropy or retrains with such a plan, and the fixed diagonal (``pairwise``, all the data)."""
     opts = PLAN_VARIANTS.get(strategy, (None, {}))[1]
-    return strategy == "pairwise" or strategy in PLAN_FROM_ROW or opts.get("plan_objective") == "heldout"
+    if strategy in PLAN_FROM_ROW:
+        return _against_control(PLAN_FROM_ROW[strategy])
+    return strategy == "pairwise" or opts.get("plan_objective") == "heldout"
 
 
 def _diff(p: dict | None) -> str:
@@ -691,24 +717,26 @@ def row_settings(setting: Setting) -> str:
         elif opts.get("dustbin"):
             what += ", with a 'no teacher' row whose mass the plan chooses (no row marginal: 0 to every student layer)"
         if strategy in PLAN_FROM_ROW:
-            what += (f": the final plan `{PLAN_FROM_ROW[strategy]}` learned on the same seed, held fixed, trained on all "
-                     f"{setting.train_limit or 50000} training images (search, then retrain)")
+            source = PLAN_FROM_ROW[strategy]
+            what += (f": the final plan `{source}` learned on the same seed, held fixed from step 0, trained on all "
+                     f"{setting.train_limit or 50000} training images"
+                     + (" (search, then retrain)" if _against_control(source) else " (learning the plan against the plan it finds)"))
         lines.append(f"- `{strategy}`: {what}")
     return "\n".join(lines) + "\n"
 
 
-def collect_records(out_dir, setting: Setting) -> list[dict]:
+def collect_records(out_dir, setting: Setting, name: str = "record.json") -> list[dict]:
     """Every finished run's record of ``setting`` under ``out_dir`` made with the current configuration:
     its run key, the row's fit() options as they are today, and for a row that retrains with another
     row's plan, the plan that row has today (any other record is left out, as the benchmark would
-    run it again)."""
+    run it again). ``name=DIVERGED_FILE``: the records of the runs that diverged instead."""
     records = []
     for strategy in ALL_STRATEGIES:
-        for file in sorted((Path(out_dir) / setting.name).glob(f"{strategy}-s*/record.json")):
+        for file in sorted((Path(out_dir) / setting.name).glob(f"{strategy}-s*/{name}")):
             seed = file.parent.name.removeprefix(f"{strategy}-s")
             if not seed.isdigit():  # another row whose name continues with "-s" (sinkhorn-heldout-slow-s0)
                 continue
-            done = _current_record(file.parent.parent, setting, strategy, int(seed))
+            done = _current_record(file.parent.parent, setting, strategy, int(seed), name)
             if done is not None:
                 records.append(done)
     return records
@@ -716,7 +744,8 @@ def collect_records(out_dir, setting: Setting) -> list[dict]:
 
 def run_states(out_dir, setting: Setting, strategies=None, seeds=(0, 1, 2)) -> list[dict]:
     """Where each run of ``setting`` stands under ``out_dir``: one dict per (row, seed) with ``state``
-    "finished" (its current record: ``test_acc``, ``wall_s``), "cut" (a run of today's options stopped
+    "finished" (its current record: ``test_acc``, ``wall_s``), "diverged" (fit() gave up at ``step``;
+    not run again), "cut" (a run of today's options stopped
     after ``epoch`` of ``epochs``; the next `bench` continues it) or "to run" (nothing, or a record or
     checkpoints that the benchmark would not reuse). Rows: ``strategies``, else :data:`TABLE_ROWS`
     and every other row with a folder."""
@@ -729,9 +758,12 @@ def run_states(out_dir, setting: Setting, strategies=None, seeds=(0, 1, 2)) -> l
             run_dir = folder / f"{strategy}-s{seed}"
             state = {"strategy": strategy, "seed": seed, "state": "to run", "epochs": setting.epochs}
             done = _current_record(folder, setting, strategy, seed)
+            gave_up = _current_record(folder, setting, strategy, seed, DIVERGED_FILE)
             saved = list_checkpoints(run_dir / CHECKPOINT_DIR)
             if done is not None:
                 state.update(state="finished", test_acc=done["test_acc"], wall_s=done["wall_s"])
+            elif gave_up is not None:
+                state.update(state="diverged", step=gave_up["step"])
             elif saved:
                 try:
                     stamp = json.loads((run_dir / CHECKPOINT_DIR / "run.json").read_text())
@@ -756,8 +788,8 @@ def format_status(setting: Setting, states: list[dict]) -> str:
         walls = [s["wall_s"] for s in mine if s["state"] == "finished"]
         cells = []
         for s in mine:
-            if s["state"] == "finished":
-                cells.append(f"{s['test_acc']:.4f}")
+            if s["state"] in ("finished", "diverged"):
+                cells.append(f"{s['test_acc']:.4f}" if s["state"] == "finished" else f"diverged (step {s['step']})")
                 continue
             share = 1 - s.get("epoch", 0) / s["epochs"]
             cells.append(f"cut after {s['epoch']}/{s['epochs']}" if s["state"] == "cut" else "to run")
@@ -794,15 +826,18 @@ def report(settings: list[Setting], out_dir, readme=None) -> str:
     parts = []
     for setting in settings:
         records = collect_records(out_dir, setting)
+        gave_up = collect_records(out_dir, setting, DIVERGED_FILE)
+        diverged = "".join(f"\n`{r['strategy']}` seed {r['seed']} diverged: fit() gave up at step {r['step']} "
+                           f"({r['reason']} from step {r['first_step']} on); no accuracy, not in the table.\n" for r in gave_up)
         if not records:
-            parts.append(f"### {setting.name}: {setting.description}\n\nno finished runs yet\n")
+            parts.append(f"### {setting.name}: {setting.description}\n\nno finished runs yet\n{diverged}")
             continue
         seeds = sorted({r["seed"] for r in records})
         strategies = [s for s in ALL_STRATEGIES if any(r["strategy"] == s for r in records)]
         tinfo = {"test_acc": records[0]["teacher_acc"], "key": "", "path": setting.teacher_zoo or setting.teacher, "cached": True}
         summary = write_outputs(setting, records, tinfo, out_dir, seeds=seeds, strategies=strategies)
         wall = sum(r["wall_s"] for r in records)
-        parts.append(summary["table"] + row_settings(setting)
+        parts.append(summary["table"] + row_settings(setting) + diverged
                      + f"\n{len(records)} runs, {wall / 3600:.2f} h of this machine in all (seeds {seeds}).\n")
     text = "\n".join(parts)
     if readme is not None:

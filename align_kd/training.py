@@ -31,7 +31,7 @@ from .distributed import setup as _setup_distributed
 from .evaluation import evaluate, preserve_mode
 from .result import FitResult
 
-__all__ = ["FitConfig", "FitResult", "evaluate", "fit"]
+__all__ = ["FitConfig", "FitResult", "TrainingDiverged", "evaluate", "fit"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,12 +207,20 @@ def _kd_ramp(cfg: FitConfig, step: int, steps_per_epoch: int) -> float:
     return 1.0 if warm <= 0 else min(1.0, (step + 1) / warm)
 
 
-def _too_many_bad_steps(cfg: FitConfig, n: int, what: str) -> RuntimeError:
-    return RuntimeError(
-        f"{n} training steps in a row were skipped ({what}). Likely causes: a learning rate "
+class TrainingDiverged(RuntimeError):
+    """fit() gave up: ``max_bad_steps`` training steps in a row were skipped (a non-finite loss or
+    gradient). ``first_step`` and ``step`` are the first and last of them (0-based), ``reason`` the last one's."""
+
+    def __init__(self, message: str, *, first_step: int, step: int, reason: str):
+        super().__init__(message)
+        self.first_step, self.step, self.reason = first_step, step, reason
+
+
+def _too_many_bad_steps(cfg: FitConfig, n: int, what: str, step: int) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{n} training steps in a row were skipped ({what}; steps {step - n + 1}-{step}). Likely causes: a learning rate "
         f"too high (lr={cfg.lr}), a plan temperature too low (tau={cfg.tau}), or NaN/inf in the "
-        "input data. Lower `lr`, raise `tau` or check the data."
-    )
+        "input data. Lower `lr`, raise `tau` or check the data.", first_step=step - n + 1, step=step, reason=what)
 
 
 def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, train_loader, test_loader, cfg: FitConfig,
@@ -244,7 +252,7 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
                 skipped += 1
                 warnings.warn(f"Skipped training step {state.step - 1}: {out}.", RuntimeWarning, stacklevel=2)
                 if state.bad_in_a_row >= cfg.max_bad_steps:
-                    raise _too_many_bad_steps(cfg, state.bad_in_a_row, out)
+                    raise _too_many_bad_steps(cfg, state.bad_in_a_row, out, state.step - 1)
                 continue
             state.bad_in_a_row = 0
             row = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()},

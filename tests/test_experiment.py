@@ -190,6 +190,21 @@ def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, mo
     assert body.count("### real-cnn:") == 1 and "real-cnn-beta" not in body  # no folder, no section
 
 
+def test_softmax_retrain_is_the_mi_rules_plan_fixed_and_not_paired_with_the_heldout_control():
+    """`softmax-retrain` holds `softmax`'s final plan from step 0 (the control for learning the plan
+    against the plan it finds): a fixed plan, options otherwise those of `softmax`, described as such,
+    and, unlike the held-out retrain row, not read against the held-out split's control."""
+    setting = SETTINGS["real-vit"]
+    assert experiment.PLAN_FROM_ROW["softmax-retrain"] == "softmax"
+    name, opts = experiment._fit_options(setting, "softmax-retrain", 0, False)
+    assert name == "fixed" and opts == experiment._fit_options(setting, "softmax", 0, False)[1]
+    assert experiment._against_control("sinkhorn-heldout-retrain") and not experiment._against_control("softmax-retrain")
+    text = experiment.row_settings(setting)
+    line = next(x for x in text.splitlines() if x.startswith("- `softmax-retrain`"))
+    assert "final plan `softmax` learned on the same seed, held fixed from step 0" in line and "search, then" not in line
+    assert experiment.run_key(setting, "softmax-retrain", 0) != experiment.run_key(setting, "softmax", 0)
+
+
 @needs_data
 def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))
@@ -282,6 +297,52 @@ def test_a_run_cut_off_mid_way_continues_from_its_last_epoch(tmp_path, monkeypat
     with pytest.warns(RuntimeWarning, match="Starting new logs"):  # the cut-off run's logs are replaced, not continued
         (fresh,), _ = run_setting(setting, ["sinkhorn"], [1], tmp_path / "cut", data_root=data, progress=False)
     assert fresh["resumed_after_epoch"] == 0 and len(fresh["curve"]) == 2
+
+
+@needs_data
+def test_a_row_that_diverges_is_recorded_and_the_benchmark_goes_on(tmp_path, monkeypatch):
+    """A real blow-up (lr 1e30: the first step sends the weights to ~1e30, every later loss is not
+    finite): fit() gives up after max_bad_steps, the run leaves diverged.json instead of a record, the
+    next row still runs, a rerun skips the run without building a student, the report and
+    `bench --status` say so, and once the options change the run trains again and the stale
+    divergence goes."""
+    monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    base = replace(quick(SETTINGS["real-cnn"]), train_limit=256, test_limit=128, epochs=1)
+    setting = replace(base, fit_options={**base.fit_options, "lr": 1e30, "max_bad_steps": 3})
+    records, _ = run_setting(setting, ["alone", "hinton"], [0], tmp_path, data_root=data, progress=False)
+    assert records == []
+    for row in ("alone", "hinton"):  # the first row's blow-up did not stop the second
+        run_dir = tmp_path / "real-cnn" / f"{row}-s0"
+        gave_up = json.loads((run_dir / experiment.DIVERGED_FILE).read_text())
+        assert (gave_up["strategy"], gave_up["seed"], gave_up["diverged"]) == (row, 0, True)
+        assert (gave_up["first_step"], gave_up["step"]) == (1, 3)  # step 0 is finite; steps 1-3 are skipped
+        assert "the loss is" in gave_up["reason"] and gave_up["fit_options"]["lr"] == 1e30
+        assert not (run_dir / "record.json").exists() and not (run_dir / "checkpoint").exists()
+
+    built = [0]
+    real_build = experiment.build_model
+
+    def counting_build(*args, **kwargs):
+        built[0] += 1
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "build_model", counting_build)
+    assert run_setting(setting, ["alone", "hinton"], [0], tmp_path, data_root=data, progress=False)[0] == []
+    assert built[0] == 0  # neither run was trained again
+    text = report([setting], tmp_path)
+    assert "no finished runs yet" in text
+    assert "`alone` seed 0 diverged: fit() gave up at step 3" in text and "`hinton` seed 0 diverged" in text
+    states = run_states(tmp_path, setting, ["alone"], [0, 1])
+    assert [(s["state"], s.get("step")) for s in states] == [("diverged", 3), ("to run", None)]
+    assert "| alone | diverged (step 3) | to run |" in experiment.format_status(setting, states)
+
+    calm = replace(setting, fit_options=base.fit_options)  # the row's options change: the run is due again
+    assert run_states(tmp_path, calm, ["alone"], [0])[0]["state"] == "to run"
+    (record,), _ = run_setting(calm, ["alone"], [0], tmp_path, data_root=data, progress=False)
+    assert built[0] == 1 and 0 < record["test_acc"] <= 1
+    assert not (tmp_path / "real-cnn" / "alone-s0" / experiment.DIVERGED_FILE).exists()
+    assert "diverged" not in report([calm], tmp_path).split("| alone |")[1].split("\n")[0]
 
 
 def test_run_keys_of_recorded_runs_survive_new_setting_fields():

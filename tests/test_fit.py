@@ -327,16 +327,21 @@ def test_overflowing_batch_is_skipped_without_poisoning_later_steps():
 
 
 def test_too_many_bad_batches_stop_with_the_likely_causes():
+    from align_kd import TrainingDiverged
+
     batches = _batches(5)
     for k in (1, 2, 3):
         batches[k] = (torch.full_like(batches[k][0], float("nan")), batches[k][1])
     student = make_student()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(RuntimeError) as err:
+        with pytest.raises(TrainingDiverged) as err:
             fit(make_teacher(), student, Batches(batches), strategy="uniform", max_bad_steps=3, **FAST)
+    assert isinstance(err.value, RuntimeError)  # callers that caught RuntimeError still do
+    assert (err.value.first_step, err.value.step) == (1, 3)  # the NaN batches, 0-based
+    assert err.value.reason == "the input batch contains NaN or inf"
     msg = str(err.value)
-    assert "3 training steps in a row" in msg
+    assert "3 training steps in a row" in msg and "steps 1-3" in msg
     assert "lr" in msg and "tau" in msg and "NaN" in msg
     assert all(torch.isfinite(p).all() for p in student.parameters())
 

@@ -151,3 +151,34 @@ def test_kd_loss_options_are_checked():
         FitConfig(kd_warmup=2.0)
     with pytest.raises(ValueError, match="ce_weight"):
         FitConfig(ce_weight=-1.0)
+
+
+def test_ls_warns_when_the_students_logits_have_no_spread():
+    """torchvision's ViT starts with a zero head: its logits have no spread, the z-scoring divides by
+    1e-7 and the gradient through it is ~1e7 times that of ordinary logits (why the benchmark's ViT
+    diverged under `ls`). The Distiller says so before training; a randomly initialised head, or
+    another KD loss, gets no warning."""
+    import warnings
+
+    from align_kd import Distiller
+    from align_kd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("cnn", width=8)
+    x = torch.randn(4, 3, 32, 32)
+    flat = torch.zeros(2, 10, dtype=torch.float64, requires_grad=True)  # what the zero head gives
+    spread = _logits(2, 10)[0].requires_grad_(True)
+    t = _logits(2, 10, seed=1)[1]
+    (g_flat,) = torch.autograd.grad(ls_kd(flat + 1e-9 * t, t), flat)
+    (g_spread,) = torch.autograd.grad(ls_kd(spread, t), spread)
+    assert g_flat.norm() > 1e5 * g_spread.norm()
+
+    vit = build_model("vit", hidden_dim=32, mlp_dim=64, num_layers=2, patch_size=8)
+    assert not vit.heads.head.weight.any()  # torchvision's zero-initialised head
+    with pytest.warns(RuntimeWarning, match=r"kd_loss='ls'.*no spread.*std 0\.0e\+00.*normal_"):
+        Distiller(teacher, vit, x, strategy="hinton", kd_loss="ls")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Distiller(teacher, vit, x, strategy="hinton", kd_loss="hinton")
+        torch.nn.init.normal_(vit.heads.head.weight, std=0.01)
+        Distiller(teacher, vit, x, strategy="hinton", kd_loss="ls")
