@@ -368,8 +368,9 @@ def run_setting(
                 records.append(done)
                 log(f"  {strategy:<9} seed {seed}: test acc {done['test_acc']:.4f} (finished earlier: {run_dir})")
                 continue
-            gave_up = finished_record(run_dir, key, DIVERGED_FILE)
-            if gave_up is not None and not _stale_reason(gave_up, opts, tinfo):  # the same seed diverges the same way
+            # the same seed diverges the same way: current by the same rules as a record (a retrain row's plan too)
+            gave_up = _current_record(out, setting, strategy, seed, DIVERGED_FILE)
+            if gave_up is not None and not _stale_reason(gave_up, opts, tinfo):
                 log(f"  {strategy:<9} seed {seed}: diverged earlier, at step {gave_up['step']} ({run_dir / DIVERGED_FILE})")
                 continue
             # paired seeds: the same student initialisation and data order for every row of a seed
@@ -380,6 +381,12 @@ def run_setting(
             stamp = {"run_key": key, "fit_strategy": name, "fit_options": {k: v for k, v in opts.items() if k != "progress"},
                      "teacher_key": tinfo["key"], "plan": plan.tolist() if isinstance(plan, Tensor) else plan}
             resumed = _resume_point(run_dir, stamp, log) if dist.is_main else 0
+            # what identifies the run, in its record and, if fit() gives up, in its diverged.json
+            identity = {"protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
+                        "seed": seed, **_record_options(opts), "epochs": setting.epochs,
+                        "teacher_acc": tinfo["test_acc"], "teacher_key": tinfo["key"], "run_dir": str(run_dir),
+                        "run_key": key, "fit_strategy": name, "fit_options": opts,
+                        "setting_config": asdict(setting), "versions": versions()}
             start = time.perf_counter()
             # steps.csv / epochs.csv (and TensorBoard events when installed) beside the record
             try:
@@ -388,29 +395,22 @@ def run_setting(
             except TrainingDiverged as err:  # one row's blow-up is that row's result: recorded, and the others still run
                 if dist.is_main:
                     atomic_write_text(run_dir / DIVERGED_FILE, json.dumps({
-                        "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
-                        "seed": seed, "diverged": True, "first_step": err.first_step, "step": err.step,
-                        "reason": err.reason, "error": str(err), "teacher_acc": tinfo["test_acc"],
-                        "teacher_key": tinfo["key"], "wall_s": time.perf_counter() - start, "run_key": key,
-                        "fit_strategy": name, "fit_options": opts, "versions": versions(),
-                        "plan": plan.tolist() if isinstance(plan, Tensor) else None}, indent=1))
+                        **identity, "diverged": True, "first_step": err.first_step, "step": err.step,
+                        "reason": err.reason, "error": str(err), "wall_s": time.perf_counter() - start,
+                        "plan": stamp["plan"] if isinstance(plan, Tensor) else None}, indent=1))
                     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
                 log(f"  {strategy:<9} seed {seed}: diverged at step {err.step} ({err.reason}); recorded in {run_dir / DIVERGED_FILE}")
                 continue
             # the epochs an earlier sitting trained count towards the run's cost
             wall = time.perf_counter() - start + sum(h["wall_s"] for h in result.history[:resumed])
             record = {
-                "protocol": setting.protocol, "dataset": "cifar10", "setting": setting.name, "strategy": strategy,
-                "seed": seed, **_record_options(opts), "test_acc": result.test_acc, "best_acc": result.best_acc,
+                **identity, "test_acc": result.test_acc, "best_acc": result.best_acc,
                 "train_acc": result.history[-1]["train_acc"],  # last epoch's, on the training images as trained on
-                "epochs": setting.epochs,
-                "teacher_acc": tinfo["test_acc"], "teacher_key": tinfo["key"],
                 "test_images": len(test.labels), "train_images": len(train.labels),
-                "wall_s": wall, "resumed_after_epoch": resumed, "run_dir": str(run_dir), "run_key": key,
+                "wall_s": wall, "resumed_after_epoch": resumed,
                 "curve": [h["test_acc"] for h in result.history],
                 "plan": result.plan.tolist(), "teacher_layers": result.teacher_layers,
-                "student_layers": result.student_layers, "fit_strategy": name, "fit_options": opts,
-                "setting_config": asdict(setting), "versions": versions(),
+                "student_layers": result.student_layers,
             }
             if dist.is_main:
                 result.save(run_dir)
@@ -758,11 +758,10 @@ def run_states(out_dir, setting: Setting, strategies=None, seeds=(0, 1, 2)) -> l
             run_dir = folder / f"{strategy}-s{seed}"
             state = {"strategy": strategy, "seed": seed, "state": "to run", "epochs": setting.epochs}
             done = _current_record(folder, setting, strategy, seed)
-            gave_up = _current_record(folder, setting, strategy, seed, DIVERGED_FILE)
             saved = list_checkpoints(run_dir / CHECKPOINT_DIR)
             if done is not None:
                 state.update(state="finished", test_acc=done["test_acc"], wall_s=done["wall_s"])
-            elif gave_up is not None:
+            elif (gave_up := _current_record(folder, setting, strategy, seed, DIVERGED_FILE)) is not None:
                 state.update(state="diverged", step=gave_up["step"])
             elif saved:
                 try:

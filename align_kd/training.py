@@ -217,10 +217,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def _too_many_bad_steps(cfg: FitConfig, n: int, what: str, step: int) -> TrainingDiverged:
+    first = step - n + 1
     return TrainingDiverged(
-        f"{n} training steps in a row were skipped ({what}; steps {step - n + 1}-{step}). Likely causes: a learning rate "
+        f"{n} training steps in a row were skipped ({what}; steps {first}-{step}). Likely causes: a learning rate "
         f"too high (lr={cfg.lr}), a plan temperature too low (tau={cfg.tau}), or NaN/inf in the "
-        "input data. Lower `lr`, raise `tau` or check the data.", first_step=step - n + 1, step=step, reason=what)
+        "input data. Lower `lr`, raise `tau` or check the data.", first_step=first, step=step, reason=what)
 
 
 def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, train_loader, test_loader, cfg: FitConfig,
