@@ -487,7 +487,8 @@ def summarise(records: list[dict]) -> list[dict]:
     the paired differences (95% interval over seeds) to ``hinton`` and to the best fixed plan.
 
     gap closed = (acc - student alone) / (teacher - student alone), from the means. The best fixed
-    plan is whichever of ``pairwise`` / ``uniform`` has the higher mean.
+    plan is whichever of ``pairwise`` / ``uniform`` has the higher mean among those with the most
+    finished seeds (a row on one lucky seed does not become the reference of a 3-seed table).
     """
     by = {}
     for r in records:
@@ -495,7 +496,7 @@ def summarise(records: list[dict]) -> list[dict]:
     teacher = records[0]["teacher_acc"] if records else None
     alone = statistics.mean(r["test_acc"] for r in by["alone"]) if "alone" in by else None
     fixed = [f for f in FIXED if f in by]
-    best_fixed = max(fixed, key=lambda f: statistics.mean(r["test_acc"] for r in by[f])) if fixed else None
+    best_fixed = max(fixed, key=lambda f: (len(by[f]), statistics.mean(r["test_acc"] for r in by[f]))) if fixed else None
     rows = []
     for strategy in [s for s in ALL_STRATEGIES if s in by]:
         rs = by[strategy]
@@ -600,12 +601,14 @@ def plan_patterns(records: list[dict]) -> list[dict]:
 
     stability: mean over entries of the std of lambda across seeds, and the mean pairwise total
     variation per column; monotonicity: weighted crossings normalised to [0, 1] (0 = monotone in
-    depth); modal matching: per student layer the teacher layer its max-weight matching picks most
-    often, with that frequency; fan-in: mean effective number of teacher layers per student layer.
+    depth); dominant teacher: per student layer the teacher layer with the largest lambda in its column,
+    the one most seeds agree on, with that frequency (what a fan-in plan actually uses); modal
+    matching: per student layer the teacher layer its one-to-one max-weight matching picks most often,
+    with that frequency; fan-in: mean effective number of teacher layers per student layer.
     """
     from itertools import combinations
 
-    from .graph.analysis import alignment_graph, compare, fan_in, stability, weighted_crossings
+    from .graph.analysis import alignment_graph, compare, dominant_teacher, fan_in, stability, weighted_crossings
 
     rows = []
     for strategy in [s for s in ALL_STRATEGIES if s in LEARNED]:
@@ -621,9 +624,23 @@ def plan_patterns(records: list[dict]) -> list[dict]:
             "tv_between_seeds": float(statistics.mean(tvs)) if tvs else 0.0,
             "crossings": statistics.mean(weighted_crossings(g, normalized=True) for g in graphs),
             "fan_in": statistics.mean(statistics.mean(fan_in(g).values()) for g in graphs),
+            "dominant_teacher": _modal_dominant_teacher([dominant_teacher(g) for g in graphs], runs[0]["teacher_layers"]),
             "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()},
         })
     return rows
+
+
+def _modal_dominant_teacher(dominants: list[dict[str, str]], teacher_layers: list[str]) -> dict[str, list]:
+    """``{student: [teacher, frequency]}``: per student layer the dominant teacher most runs share
+    (ties go to the shallowest teacher layer)."""
+    from collections import Counter
+
+    out = {}
+    for s in dominants[0]:
+        counts = Counter(d[s] for d in dominants)
+        t = max(counts, key=lambda t: (counts[t], -teacher_layers.index(t)))
+        out[s] = [t, counts[t] / len(dominants)]
+    return out
 
 
 def format_patterns(rows: list[dict]) -> str:
@@ -631,14 +648,18 @@ def format_patterns(rows: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["", "Learned plans across seeds (std of lambda, mean total variation between seeds per column, "
-             "weighted crossings normalised to [0, 1], mean fan-in; modal matching student <- teacher (frequency) of the "
-             "one-to-one max-weight matching, 'unmatched' where it gives the column no teacher layer):", "",
-             "| strategy | std(lambda) | TV between seeds | crossings | fan-in | modal matching |", "|---|---|---|---|---|---|"]
+             "weighted crossings normalised to [0, 1], mean fan-in; dominant teacher: student <- the teacher layer "
+             "with the most weight in its column (share of seeds agreeing); modal matching: student <- teacher "
+             "(frequency) of the one-to-one max-weight matching, 'unmatched' where it gives the column no teacher "
+             "layer):", "",
+             "| strategy | std(lambda) | TV between seeds | crossings | fan-in | dominant teacher | modal matching |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        dominant = ", ".join(f"{s}<-{t} ({f:.0%})" for s, (t, f) in r.get("dominant_teacher", {}).items())
         match = ", ".join(f"{s}<-unmatched" if t is None else f"{s}<-{t} ({f:.0%})"
                           for s, (t, f) in r["modal_matching"].items())
         lines.append(f"| {r['strategy']} | {r['lambda_std']:.3f} | {r['tv_between_seeds']:.3f} | "
-                     f"{r['crossings']:.3f} | {r['fan_in']:.2f} | {match} |")
+                     f"{r['crossings']:.3f} | {r['fan_in']:.2f} | {dominant} | {match} |")
     return "\n".join(lines) + "\n"
 
 

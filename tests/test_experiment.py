@@ -77,6 +77,18 @@ def test_summary_pairs_by_seed_and_picks_the_best_fixed_plan():
     assert rows["hinton"]["vs_hinton"] is None and rows["uniform"]["vs_best_fixed"] is None
 
 
+def test_best_fixed_plan_is_chosen_among_the_rows_with_the_most_seeds():
+    records = [_record("pairwise", s, a) for s, a in enumerate([0.69, 0.70, 0.72])]
+    records += [_record("uniform", 0, 0.80)]  # higher mean, but on one seed only
+    records += [_record("sinkhorn", s, 0.75) for s in range(3)]
+    rows = {r["strategy"]: r for r in summarise(records)}
+    assert rows["sinkhorn"]["best_fixed"] == "pairwise"
+    assert rows["sinkhorn"]["vs_best_fixed"]["n"] == 3
+    # once uniform has as many seeds, its higher mean decides again
+    records += [_record("uniform", s, 0.80) for s in (1, 2)]
+    assert {r["strategy"]: r for r in summarise(records)}["sinkhorn"]["best_fixed"] == "uniform"
+
+
 def test_heldout_rows_are_paired_with_their_control():
     control = experiment.HELDOUT_CONTROL
     assert experiment.PLAN_VARIANTS[control][1]["plan_objective"] == "heldout"  # the rule's split, never updated
@@ -375,3 +387,21 @@ def test_plan_pattern_table_names_unmatched_columns():
            "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()}}
     line = experiment.format_patterns([row]).strip().splitlines()[-1]
     assert line.count("<-T0 (100%)") == 1 and line.count("<-unmatched") == 1 and "None" not in line
+
+
+def test_plan_pattern_table_names_each_columns_dominant_teacher_across_seeds():
+    """A fan-in plan (both student layers on T0 in two seeds, S1 on T1 in the third): the dominant
+    teacher column shows what the plan uses, with the share of seeds that agree."""
+    fan_in = [[0.9, 0.8], [0.1, 0.2]]  # (T, S)
+    other = [[0.9, 0.3], [0.1, 0.7]]
+    runs = [{"strategy": "softmax", "seed": k, "plan": p, "teacher_layers": ["T0", "T1"], "student_layers": ["S0", "S1"]}
+            for k, p in enumerate([fan_in, fan_in, other])]
+    (row,) = experiment.plan_patterns(runs)
+    assert row["dominant_teacher"] == {"S0": ["T0", 1.0], "S1": ["T0", pytest.approx(2 / 3)]}
+    # the one-to-one matching cannot put both columns on T0: it is not what the plan uses
+    assert row["modal_matching"]["S1"][0] != "T0"
+    line = experiment.format_patterns([row]).strip().splitlines()[-1]
+    assert "| S0<-T0 (100%), S1<-T0 (67%) |" in line
+    # a tie between teacher layers goes to the shallowest
+    tie = experiment._modal_dominant_teacher([{"S0": "T1"}, {"S0": "T0"}], ["T0", "T1"])
+    assert tie == {"S0": ["T0", 0.5]}
