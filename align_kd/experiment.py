@@ -608,7 +608,7 @@ def plan_patterns(records: list[dict]) -> list[dict]:
     """
     from itertools import combinations
 
-    from .graph.analysis import alignment_graph, compare, dominant_teacher, fan_in, stability, weighted_crossings
+    from .graph.analysis import alignment_graph, compare, fan_in, stability, weighted_crossings
 
     rows = []
     for strategy in [s for s in ALL_STRATEGIES if s in LEARNED]:
@@ -624,23 +624,10 @@ def plan_patterns(records: list[dict]) -> list[dict]:
             "tv_between_seeds": float(statistics.mean(tvs)) if tvs else 0.0,
             "crossings": statistics.mean(weighted_crossings(g, normalized=True) for g in graphs),
             "fan_in": statistics.mean(statistics.mean(fan_in(g).values()) for g in graphs),
-            "dominant_teacher": _modal_dominant_teacher([dominant_teacher(g) for g in graphs], runs[0]["teacher_layers"]),
+            "dominant_teacher": {s: [t, f] for s, (t, f) in st["modal_dominant"].items()},
             "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()},
         })
     return rows
-
-
-def _modal_dominant_teacher(dominants: list[dict[str, str]], teacher_layers: list[str]) -> dict[str, list]:
-    """``{student: [teacher, frequency]}``: per student layer the dominant teacher most runs share
-    (ties go to the shallowest teacher layer)."""
-    from collections import Counter
-
-    out = {}
-    for s in dominants[0]:
-        counts = Counter(d[s] for d in dominants)
-        t = max(counts, key=lambda t: (counts[t], -teacher_layers.index(t)))
-        out[s] = [t, counts[t] / len(dominants)]
-    return out
 
 
 def format_patterns(rows: list[dict]) -> str:
@@ -655,7 +642,7 @@ def format_patterns(rows: list[dict]) -> str:
              "| strategy | std(lambda) | TV between seeds | crossings | fan-in | dominant teacher | modal matching |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        dominant = ", ".join(f"{s}<-{t} ({f:.0%})" for s, (t, f) in r.get("dominant_teacher", {}).items())
+        dominant = ", ".join(f"{s}<-{t} ({f:.0%})" for s, (t, f) in r["dominant_teacher"].items())
         match = ", ".join(f"{s}<-unmatched" if t is None else f"{s}<-{t} ({f:.0%})"
                           for s, (t, f) in r["modal_matching"].items())
         lines.append(f"| {r['strategy']} | {r['lambda_std']:.3f} | {r['tv_between_seeds']:.3f} | "

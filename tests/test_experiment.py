@@ -384,9 +384,10 @@ def test_plan_pattern_table_names_unmatched_columns():
     st = stability([np.array([[1.0, 1.0], [0.0, 0.0]])])  # (T, S): both student columns on the first teacher layer
     assert sorted(st["modal_matching"].values(), key=lambda tf: tf[1]) == [(None, 0.0), ("T0", 1.0)]
     row = {"strategy": "softmax", "lambda_std": 0.0, "tv_between_seeds": 0.0, "crossings": 0.0, "fan_in": 1.0,
-           "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()}}
+           "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()},
+           "dominant_teacher": {s: [t, f] for s, (t, f) in st["modal_dominant"].items()}}
     line = experiment.format_patterns([row]).strip().splitlines()[-1]
-    assert line.count("<-T0 (100%)") == 1 and line.count("<-unmatched") == 1 and "None" not in line
+    assert line.count("<-T0 (100%)") == 3 and line.count("<-unmatched") == 1 and "None" not in line
 
 
 def test_plan_pattern_table_names_each_columns_dominant_teacher_across_seeds():
@@ -403,5 +404,9 @@ def test_plan_pattern_table_names_each_columns_dominant_teacher_across_seeds():
     line = experiment.format_patterns([row]).strip().splitlines()[-1]
     assert "| S0<-T0 (100%), S1<-T0 (67%) |" in line
     # a tie between teacher layers goes to the shallowest
-    tie = experiment._modal_dominant_teacher([{"S0": "T1"}, {"S0": "T0"}], ["T0", "T1"])
-    assert tie == {"S0": ["T0", 0.5]}
+    import numpy as np
+
+    from align_kd.graph import stability
+
+    tie = stability([np.array([[0.2], [0.8]]), np.array([[0.8], [0.2]])])["modal_dominant"]  # one run each
+    assert tie == {"S0": ("T0", 0.5)}

@@ -590,7 +590,10 @@ def stability(plans_or_graphs: Sequence[Any], *, threshold: float = 1e-3) -> dic
     Returns ``mean`` and ``std`` ((T, S) arrays; population std, ddof=0, computed relative to the
     first run so identical runs give exactly 0), ``matching_frequency``: ``{(student, teacher):
     fraction of runs whose max_matching contains that pair}``, ``modal_matching``: ``{student:
-    (most frequent teacher or None if never matched, its frequency)}``, ``n_runs``, and the names.
+    (most frequent teacher or None if never matched, its frequency)}``, ``modal_dominant``:
+    ``{student: (the teacher with the largest lambda in that column in most runs, that share)}``
+    (what a plan with several student layers on one teacher layer uses; ties go to the shallowest
+    teacher layer), ``n_runs``, and the names.
     """
     items = list(plans_or_graphs)
     if not items:
@@ -618,7 +621,9 @@ def stability(plans_or_graphs: Sequence[Any], *, threshold: float = 1e-3) -> dic
             modal[s] = (t, f)
         else:
             modal[s] = (None, 0.0)
+    dominant = (X.argmax(axis=1)[None] == np.arange(len(tl))[:, None, None]).mean(axis=1)  # (T, S): share of runs
+    modal_dominant = {s: (tl[int(dominant[:, j].argmax())], float(dominant[:, j].max())) for j, s in enumerate(sl)}
     return {"n_runs": n, "teacher_layers": tl, "student_layers": sl, "mean": mean, "std": std,
-            "matching_frequency": freq, "modal_matching": modal}
+            "matching_frequency": freq, "modal_matching": modal, "modal_dominant": modal_dominant}
 
 
