@@ -3,17 +3,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from align_kd.__main__ import build_parser, main
+from shared_archive import ARCHIVE, REPO
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
-ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 COMMANDS = ["demo", "fit", "bench", "graph", "zoo"]
 
 
@@ -59,11 +57,6 @@ def test_bad_choice_is_refused(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-needs_data = pytest.mark.skipif(not ARCHIVE.exists() and not os.environ.get("ALIGN_KD_DATA"),
-                                reason="CIFAR-10 archive not found beside the repository")
-
-
-@needs_data
 def test_demo_quick_end_to_end_then_graph(tmp_path, capsys):
     data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
     out = tmp_path / "demo"
@@ -97,7 +90,6 @@ def test_demo_quick_end_to_end_then_graph(tmp_path, capsys):
         assert (tmp_path / "g" / name).stat().st_size > 0
 
 
-@needs_data
 def test_fit_command_writes_a_run(tmp_path, capsys):
     data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
     assert main(["fit", "--quick", "--teacher", "cnn", "--teacher-kwargs", '{"width": 8}', "--student", "mlp",
@@ -108,7 +100,6 @@ def test_fit_command_writes_a_run(tmp_path, capsys):
     assert run["student_layers"][-1] == "head" and len(run["plan"][0]) == len(run["student_layers"])
 
 
-@needs_data
 def test_bench_quick_writes_the_benchmark_outputs(tmp_path, capsys):
     data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
     strategies = ["alone", "pairwise", "sinkhorn", "exact"]

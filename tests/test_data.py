@@ -24,10 +24,10 @@ from align_kd.data import (
     normalize,
     sample_order,
 )
+from shared_archive import ARCHIVE
 
 torch.set_num_threads(1)
 
-REAL_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 BATCH_SIZES = {"data_batch_1": 4, "data_batch_2": 4, "data_batch_3": 4, "data_batch_4": 4, "data_batch_5": 4, "test_batch": 6}
 
 
@@ -173,24 +173,22 @@ def test_tar_archive_and_image_folder(tmp_path, clean_env, split):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_cache(tmp_path_factory):
-    if not REAL_ARCHIVE.is_file():
-        pytest.skip(f"the CIFAR-10 JPEG archive is not at {REAL_ARCHIVE}")
     return tmp_path_factory.mktemp("real_cache")
 
 
 def test_real_archive_test_split_matches_member_names(real_cache):
     limit = 40
-    images, labels = load_cifar10(REAL_ARCHIVE, split="test", limit=limit, cache_dir=real_cache)
+    images, labels = load_cifar10(ARCHIVE, split="test", limit=limit, cache_dir=real_cache)
     assert images.shape == (limit, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() <= 9
     assert len(set(labels.tolist())) >= 8  # the fixed order mixes classes even in a small prefix
 
-    with tarfile.open(REAL_ARCHIVE, "r:gz") as tar:
+    with tarfile.open(ARCHIVE, "r:gz") as tar:
         names = sorted(m.name for m in tar if m.isfile() and m.name.startswith("test/"))
     assert len(names) == 10_000
     wanted = {names[j]: i for i, j in enumerate(sample_order(len(names))[:limit].tolist())}
     checked = 0
-    with tarfile.open(REAL_ARCHIVE, "r:gz") as tar:
+    with tarfile.open(ARCHIVE, "r:gz") as tar:
         for member in tar:
             if member.name in wanted:
                 i = wanted[member.name]
@@ -205,14 +203,14 @@ def test_real_archive_test_split_matches_member_names(real_cache):
 
 
 def test_real_archive_second_load_is_a_cache_hit(real_cache, monkeypatch):
-    load_cifar10(REAL_ARCHIVE, split="test", limit=10, cache_dir=real_cache)  # decodes unless already cached
+    load_cifar10(ARCHIVE, split="test", limit=10, cache_dir=real_cache)  # decodes unless already cached
 
     def no_decode(*args):
         raise AssertionError("a cached split must not be decoded again")
 
     monkeypatch.setattr(data, "_decode_source", no_decode)  # a cache hit is observable without a clock
-    train_x, train_y = load_cifar10(REAL_ARCHIVE, split="train", cache_dir=real_cache)
-    test_x, _ = load_cifar10(REAL_ARCHIVE, split="test", cache_dir=real_cache)
+    train_x, train_y = load_cifar10(ARCHIVE, split="train", cache_dir=real_cache)
+    test_x, _ = load_cifar10(ARCHIVE, split="test", cache_dir=real_cache)
     assert train_x.shape == (50_000, 3, 32, 32) and test_x.shape == (10_000, 3, 32, 32)
     assert torch.equal(torch.bincount(train_y), torch.full((10,), 5000))
 

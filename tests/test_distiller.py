@@ -24,9 +24,8 @@ from align_kd import PLAN_STRATEGIES, PLANS, Distiller, fit, register_plan  # no
 from align_kd.data import TensorLoader, load_cifar10  # noqa: E402
 from align_kd.models import MLP, SmallCNN  # noqa: E402
 from align_kd.zoo import load_teacher  # noqa: E402
+from shared_archive import ARCHIVE  # noqa: E402
 
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"the CIFAR-10 archive is not at {ARCHIVE}")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 from align_kd import evaluate
 from align_kd.data import TensorLoader
 from align_kd.distributed import DistContext, is_main, presharded, setup
+from shared_archive import ARCHIVE
 
 WORKER = textwrap.dedent('''
     import os, sys, warnings
@@ -293,13 +294,7 @@ def test_world_size_without_torchrun_variables_is_explained(monkeypatch):
 
 @pytest.mark.slow
 def test_command_line_fit_under_torchrun_writes_outputs_once(tmp_path):
-    from align_kd.data import load_cifar10
-
-    try:
-        load_cifar10(split="test", limit=8)
-    except FileNotFoundError:
-        pytest.skip("CIFAR-10 not available (set ALIGN_KD_DATA)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ALIGN_KD_DATA": str(ARCHIVE)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",

@@ -5,7 +5,6 @@ dustbin m); a planted plan with every column on the dustbin gives exactly the lo
 and the student gradient of strategy "hinton"; the run record, graph and drawing carry the
 dustbin as its own node; the held-out rule keeps the plan valid.
 """
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ from align_kd import Distiller, alignment_graph, draw_alignment, fit  # noqa: E4
 from align_kd.data import TensorLoader, load_cifar10  # noqa: E402
 from align_kd.plans import DUSTBIN, sinkhorn, with_dustbin  # noqa: E402
 from test_heldout import student8, teacher8  # noqa: E402  (the same small nets)
+from shared_archive import ARCHIVE  # noqa: E402
 
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"the CIFAR-10 archive is not at {ARCHIVE}")
 
 
 @pytest.fixture(scope="module")

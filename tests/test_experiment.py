@@ -17,10 +17,8 @@ from scipy import stats
 
 from align_kd import experiment
 from align_kd.experiment import SETTINGS, paired_interval, quick, report, run_setting, run_states, summarise
+from shared_archive import ARCHIVE
 
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-needs_data = pytest.mark.skipif(not ARCHIVE.is_file() and not os.environ.get("ALIGN_KD_DATA"),
-                                reason="needs the CIFAR-10 archive")
 
 
 def test_versions_state_the_machine_and_the_commit():
@@ -112,7 +110,6 @@ def test_heldout_rows_are_paired_with_their_control():
     assert "control" not in plain
 
 
-@needs_data
 def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))  # this test's own data and teacher cache
     setting = replace(quick(SETTINGS["real-cnn"]), train_limit=256, test_limit=128)
@@ -217,7 +214,6 @@ def test_softmax_retrain_is_the_mi_rules_plan_fixed_and_not_paired_with_the_held
     assert experiment.run_key(setting, "softmax-retrain", 0) != experiment.run_key(setting, "softmax", 0)
 
 
-@needs_data
 def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))
     base = quick(SETTINGS["real-cnn"])  # 230 training images after the split: 4 steps, an update every 2nd
@@ -251,7 +247,6 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
     assert again["plan"] == changed["plan"] and "| sinkhorn-heldout-retrain |" in report([setting], out)
 
 
-@needs_data
 def test_a_run_cut_off_mid_way_continues_from_its_last_epoch(tmp_path, monkeypatch):
     """Oracle: the same run uninterrupted. A run stopped in its second epoch leaves no record but its
     first epoch's checkpoint; the same command continues from there and records the identical run
@@ -311,7 +306,6 @@ def test_a_run_cut_off_mid_way_continues_from_its_last_epoch(tmp_path, monkeypat
     assert fresh["resumed_after_epoch"] == 0 and len(fresh["curve"]) == 2
 
 
-@needs_data
 def test_a_row_that_diverges_is_recorded_and_the_benchmark_goes_on(tmp_path, monkeypatch):
     """A real blow-up (lr 1e30: the first step sends the weights to ~1e30, every later loss is not
     finite): fit() gives up after max_bad_steps, the run leaves diverged.json instead of a record, the

@@ -6,7 +6,6 @@ an independent autograd pass through the Sinkhorn projection and Adam's first-st
 invariances (no running statistic, weight, gradient or RNG state changed by an update); the split
 keeps held-out images out of training; an interrupted fit resumes bitwise.
 """
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +20,8 @@ from align_kd.checkpoint import checkpoint_path  # noqa: E402
 from align_kd.data import TensorLoader, load_cifar10, split_heldout  # noqa: E402
 from align_kd.evaluation import preserve_buffers, preserve_mode  # noqa: E402
 from align_kd.models import tiny_vit  # noqa: E402
+from shared_archive import ARCHIVE  # noqa: E402
 
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"the CIFAR-10 archive is not at {ARCHIVE}")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ log B; the linearity of ``student_grad_weight``; active pairs equal to the full 
 Distiller, fit() and the held-out rule on real CIFAR-10 images.
 """
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from align_kd import Distiller, FitConfig, fit  # noqa: E402
 from align_kd.data import TensorLoader, load_cifar10  # noqa: E402
 from align_kd.mi import MAX_INFONCE_SCALE, MIBank  # noqa: E402
 from test_heldout import student8, teacher8  # noqa: E402  (the same small nets)
+from shared_archive import ARCHIVE  # noqa: E402
 
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 T_SHAPES = [(8, 8, 8), (17, 12), (10,)]  # a map, ViT tokens with a class token, a vector
 S_SHAPES = [(6, 4, 4), (5,)]
 
@@ -283,8 +282,6 @@ def test_bad_options_raise_clear_errors():
 
 @pytest.fixture(scope="module")
 def data():
-    if not ARCHIVE.is_file():
-        pytest.skip(f"the CIFAR-10 archive is not at {ARCHIVE}")
     x, y = load_cifar10(ARCHIVE, split="train", limit=128)
     return F.avg_pool2d(x.float(), 4).to(torch.uint8), y  # real images at 8 x 8
 

@@ -7,7 +7,6 @@ refused; two smoke runs of the recipe with the same seed give bitwise the same w
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,7 @@ import torch
 from align_kd import zoo
 from align_kd.data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, load_cifar10
 from align_kd.models import evaluate
-
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-needs_data = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"the CIFAR-10 archive is not at {ARCHIVE}")
+from shared_archive import ARCHIVE
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,6 @@ def test_every_recipe_ships_and_cards_are_complete():
         assert card["params"] == sum(p.numel() for p in model.parameters())
 
 
-@needs_data
 @pytest.mark.parametrize("name", sorted(zoo.RECIPES))
 def test_shipped_teacher_accuracy_matches_its_card(name, cache):
     model, card = zoo.load_teacher(name)
@@ -67,7 +63,6 @@ def test_damaged_weights_are_refused(tmp_path):
         zoo.load_teacher("resnet1000")
 
 
-@needs_data
 def test_recipe_smoke_run_is_deterministic_and_round_trips(tmp_path, cache):
     cards = []
     for run in ("a", "b"):
