@@ -232,3 +232,26 @@ def test_flip_evaluation_averages_mirrored_logits():
         manual = ((model(x) + model(x.flip(-1))) / 2).argmax(1)
     flip_acc = evaluate(model, TensorLoader(test.images[: len(y)], test.labels[: len(y)], batch_size=len(y)), flip=True)
     assert flip_acc == pytest.approx((manual == y).float().mean().item())
+
+
+def test_lookahead_ends_at_the_closed_form_slow_average():
+    """One sync (5 steps in all): the model ends at init + (1 - 0.95**5) * (plain weights - init),
+    weights and BatchNorm statistics alike, where 'plain' is the same run without lookahead."""
+    images, labels = _coloured_dataset()  # 200 images: 5 steps of 40
+    runs = {}
+    for lookahead in (False, True):
+        torch.manual_seed(0)
+        model = ResNetCIFAR(depth=8, width=4)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        train = TensorLoader(images, labels, batch_size=40, shuffle=True, seed=0)
+        train_supervised(model, train, epochs=1, lr=0.1, lookahead=lookahead, progress=False)
+        runs[lookahead] = model.state_dict()
+    keep = 1 - 0.95 ** 5
+    floats = [k for k, v in init.items() if v.is_floating_point()]
+    assert any("running_mean" in k for k in floats)
+    for k in floats:
+        expected = init[k] + keep * (runs[False][k] - init[k])
+        assert torch.allclose(runs[True][k], expected, atol=1e-6), k
+    moved = [k for k in floats if not torch.equal(runs[False][k], init[k])]
+    assert moved and all(not torch.allclose(runs[True][k], runs[False][k]) for k in moved)
+    assert torch.equal(runs[True]["stem.bn.num_batches_tracked"], runs[False]["stem.bn.num_batches_tracked"])

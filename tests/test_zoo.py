@@ -82,6 +82,22 @@ def test_recipe_smoke_run_is_deterministic_and_round_trips(tmp_path, cache):
     assert other["sha256"] != cards[0]["sha256"] and other["seed"] == 1
 
 
+def test_recipe_override_trains_the_given_recipe_and_needs_a_scratch_folder(tmp_path, cache):
+    from dataclasses import replace
+
+    from align_kd.models import FastCNN
+
+    study = replace(zoo.RECIPES["fastcnn"], model_kwargs={"widths": [8, 16, 16]}, lookahead=True)
+    with pytest.raises(ValueError, match="weights_dir"):
+        zoo.train_teacher("fastcnn", recipe=study)
+    _, card = zoo.train_teacher("study", recipe=study, data_root=ARCHIVE, cache_dir=cache, weights_dir=tmp_path,
+                                train_limit=512, test_limit=200, epochs=1, progress=False)
+    assert card["recipe"]["model_kwargs"]["widths"] == [8, 16, 16] and card["recipe"]["lookahead"] is True
+    assert card["params"] == sum(p.numel() for p in FastCNN((8, 16, 16)).parameters())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.json", "study.pt"]
+    assert "study" not in zoo.list_teachers()
+
+
 def test_whitening_init_decorrelates_patches():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 3, 12, 12, generator=g)
