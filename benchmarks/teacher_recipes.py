@@ -36,7 +36,7 @@ from align_kd._env import versions
 ROOT = Path(__file__).resolve().parent
 SHIPPED = zoo.RECIPES["fastcnn"]
 WIDE = replace(SHIPPED, model_kwargs={"widths": [64, 256, 256]}, epochs=5, warmup_epochs=5 * 0.23,
-               description="airbench94's widths, 5 epochs")
+               description="airbench94's widths 64/256/256")
 VARIANTS = {
     "fastcnn": SHIPPED,
     "fastcnn+lookahead": replace(SHIPPED, lookahead=True),

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 torch.set_num_threads(1)
 
 from align_kd import PLAN_STRATEGIES, PLANS, Distiller, fit, register_plan  # noqa: E402
 from align_kd.data import TensorLoader, load_cifar10  # noqa: E402
-from align_kd.models import MLP, SmallCNN  # noqa: E402
+from align_kd.models import SmallCNN  # noqa: E402
 from align_kd.zoo import load_teacher  # noqa: E402
 from shared_archive import ARCHIVE  # noqa: E402
-
 
 
 @pytest.fixture(scope="module")

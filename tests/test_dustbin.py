@@ -19,7 +19,6 @@ from test_heldout import student8, teacher8  # noqa: E402  (the same small nets)
 from shared_archive import ARCHIVE  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def data():
     x, y = load_cifar10(ARCHIVE, split="train", limit=128)

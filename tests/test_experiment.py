@@ -20,7 +20,6 @@ from align_kd.experiment import SETTINGS, paired_interval, quick, report, run_se
 from shared_archive import ARCHIVE
 
 
-
 def test_versions_state_the_machine_and_the_commit():
     """Records and cards say what made them: torch's own answers and git's, read independently."""
     v = experiment.versions()

@@ -23,7 +23,6 @@ from align_kd.models import tiny_vit  # noqa: E402
 from shared_archive import ARCHIVE  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def cifar():
     return load_cifar10(ARCHIVE, split="train", limit=256)
