@@ -406,12 +406,28 @@ def normalize(images: Tensor) -> Tensor:
     return (images.float() / 255.0 - mean) / std  # (..., 3, H, W)
 
 
-def augment(x: Tensor, generator: torch.Generator | None = None, *, padding: int = 4, flip: bool = True) -> Tensor:
-    """Random crop (zero padding ``padding``) plus random horizontal flip, for a whole batch at once.
+PADDING_MODES = ("zeros", "reflect")  # augment(): how the translated crop fills the border
+FLIP_MODES = ("random", "alternate")  # TensorLoader: how training images are mirrored
+FLIP_SEED = 7_919  # TensorLoader(flip="alternate") draws each image's orientation from seed + FLIP_SEED
+
+
+def augment(
+    x: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    padding: int = 4,
+    flip: bool | Tensor = True,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """Random crop (padding ``padding``) plus random horizontal flip, for a whole batch at once.
 
     Args:
-        x: (B, C, H, W) images of any dtype (pad with 0 = black for uint8 pixels).
+        x: (B, C, H, W) images of any dtype.
         generator: a CPU ``torch.Generator`` for the random offsets and flips (None: global RNG).
+        flip: True: each image mirrored with probability 1/2 (drawn after the offsets); False: none;
+            a (B,) bool tensor: exactly those images mirrored (nothing drawn for them).
+        padding_mode: ``"zeros"`` (0 = black for uint8 pixels) or ``"reflect"`` (airbench's: the
+            border mirrored, so a shifted image shows no black edge; needs ``padding`` < H and W).
 
     Returns:
         (B, C, H, W) tensor of the same dtype and device.
@@ -421,11 +437,22 @@ def augment(x: Tensor, generator: torch.Generator | None = None, *, padding: int
         raise ValueError(f"Expected a (B, C, H, W) tensor but got {got}; add a batch dimension with x[None].")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"Expected padding to be an int >= 0 but got {padding!r}.")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"Expected padding_mode in {PADDING_MODES} but got {padding_mode!r}.")
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    if padding_mode == "reflect" and padding >= min(h, w):
+        raise ValueError(f"padding_mode='reflect' needs padding < the image size {h}x{w} but got padding={padding}.")
+    if isinstance(flip, Tensor) and (flip.dtype != torch.bool or tuple(flip.shape) != (b,)):
+        raise ValueError(f"Expected flip as a ({b},) bool tensor (one per image) but got {flip.dtype} of shape {tuple(flip.shape)}.")
+    padded = torch.nn.functional.pad(x, (padding,) * 4, mode="constant" if padding_mode == "zeros" else "reflect")  # (B, C, H+2p, W+2p)
     dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator).to(x.device)  # (B, 1)
     dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator).to(x.device)  # (B, 1)
-    flips = torch.rand(b, 1, generator=generator).to(x.device) < 0.5 if flip else torch.zeros(b, 1, dtype=torch.bool, device=x.device)
+    if isinstance(flip, Tensor):
+        flips = flip.view(b, 1).to(x.device)
+    elif flip:
+        flips = torch.rand(b, 1, generator=generator).to(x.device) < 0.5
+    else:
+        flips = torch.zeros(b, 1, dtype=torch.bool, device=x.device)
     rows = dy + torch.arange(h, device=x.device)  # (B, H)
     cols = torch.arange(w, device=x.device)  # (W,)
     cols = dx + torch.where(flips, w - 1 - cols, cols)  # (B, W)
@@ -455,7 +482,11 @@ class TensorLoader:
         images: (N, 3, H, W) uint8 pixels (normalised with CIFAR-10 mean/std on the fly), or a float
             tensor taken as already normalised.
         labels: (N,) integer class indices.
-        padding: with ``augment``, the random crop's zero padding (a translation by up to that many pixels).
+        padding: with ``augment``, the random crop's padding (a translation by up to that many pixels).
+        padding_mode: with ``augment``, ``"zeros"`` (black border) or ``"reflect"`` (see :func:`augment`).
+        flip: with ``augment``, ``"random"`` (each image mirrored with probability 1/2 every epoch) or
+            ``"alternate"`` (airbench's: each image gets one random orientation, fixed by ``seed``, in
+            even epochs and the other in odd epochs, so every image is seen both ways every two epochs).
     """
 
     def __init__(
@@ -472,6 +503,8 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         padding: int = 4,
+        padding_mode: str = "zeros",
+        flip: str = "random",
     ):
         if not isinstance(images, Tensor) or images.dim() != 4:
             got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
@@ -487,6 +520,10 @@ class TensorLoader:
         _check_int("world_size", world_size, 1)
         _check_int("seed", seed, 0)
         _check_int("padding", padding, 0)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"Expected padding_mode in {PADDING_MODES} but got {padding_mode!r}.")
+        if flip not in FLIP_MODES:
+            raise ValueError(f"Expected flip in {FLIP_MODES} but got {flip!r}.")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"Expected rank in 0..{world_size - 1} (world_size={world_size}) but got {rank!r}.")
         self.device = torch.device(device)
@@ -494,7 +531,11 @@ class TensorLoader:
         self.labels = labels.to(self.device, torch.int64)  # (N,)
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, bool(shuffle), bool(augment), seed
         self.drop_last, self.rank, self.world_size = bool(drop_last), rank, world_size
-        self.padding = padding  # augmentation: random translation by up to this many pixels (zero fill)
+        self.padding = padding  # augmentation: random translation by up to this many pixels
+        self.padding_mode, self.flip = padding_mode, flip
+        # "alternate": each image's orientation in even epochs, from its own generator (not the epochs')
+        self._even_flips = (torch.rand(len(labels), generator=torch.Generator().manual_seed(FLIP_SEED + seed)) < 0.5
+                            if flip == "alternate" else None)  # (N,) bool
         self.dataset_size = len(labels)
         if drop_last and world_size > 1:
             self.num_samples = self.dataset_size // world_size
@@ -549,7 +590,8 @@ class TensorLoader:
             batch = index[i * self.batch_size : (i + 1) * self.batch_size]  # (B,)
             x = self.images[batch]  # (B, C, H, W)
             if self.augment:
-                x = augment(x, generator, padding=self.padding)
+                flips = True if self._even_flips is None else self._even_flips[batch.cpu()] ^ bool(epoch % 2)  # (B,)
+                x = augment(x, generator, padding=self.padding, padding_mode=self.padding_mode, flip=flips)
             x = normalize(x) if x.dtype == torch.uint8 else x.float()  # (B, C, H, W) float32
             yield x, self.labels[batch]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["count_correct", "evaluate", "preserve_buffers", "preserve_mode"]
@@ -55,35 +56,45 @@ def _resolve_device(model: nn.Module, loader, device) -> torch.device:
 
 
 @torch.no_grad()
-def count_correct(model: nn.Module, loader, device=None, *, flip: bool = False) -> tuple[int, int]:
+def count_correct(model: nn.Module, loader, device=None, *, flip: bool = False, translate: bool = False) -> tuple[int, int]:
     """(correct top-1 predictions, samples) of ``model`` over ``loader``; eval mode, flags restored.
 
-    ``flip=True`` is test-time augmentation: the logits of each image and of its horizontal mirror
-    are averaged before the argmax.
+    Test-time augmentation: ``flip=True`` averages the logits of each image and of its horizontal
+    mirror; ``translate=True`` (airbench's second level) averages those logits, weight 1/2, with the
+    mean logits of the image shifted one pixel up-left and one pixel down-right (border reflected),
+    weight 1/4 each (each view itself flip-averaged when ``flip``).
     """
     device = _resolve_device(model, loader, device)
     correct = total = 0
     with preserve_mode(model, training=False):
         for x, y, *_ in loader:
             x, y = x.to(device), y.to(device)
-            logits = model(x)  # (B, classes)
-            if flip:
-                logits = (logits + model(x.flip(-1))) / 2
+            logits = _view_logits(model, x, flip)  # (B, classes)
+            if translate:
+                padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H + 2, W + 2)
+                shifted = (_view_logits(model, padded[..., :-2, :-2], flip) + _view_logits(model, padded[..., 2:, 2:], flip)) / 2
+                logits = (logits + shifted) / 2
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
     return correct, total
 
 
-def evaluate(model: nn.Module, loader, device=None, *, flip: bool = False, dist=None) -> float:
+def _view_logits(model: nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(B, classes) logits of ``x``, averaged with its mirror's when ``flip``."""
+    logits = model(x)
+    return (logits + model(x.flip(-1))) / 2 if flip else logits
+
+
+def evaluate(model: nn.Module, loader, device=None, *, flip: bool = False, translate: bool = False, dist=None) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` over ``loader`` batches ``(x (B, ...), y (B,))``.
 
     Eval mode, no gradients, every training flag restored afterwards. ``device``: where batches go
-    (None: the loader's device, else the model's). ``flip=True`` averages the logits of each image
-    and its mirror. ``dist``: a data-parallel run's DistContext; each sample is then counted once
+    (None: the loader's device, else the model's). ``flip`` / ``translate``: test-time
+    augmentation (see :func:`count_correct`). ``dist``: a data-parallel run's DistContext; each sample is then counted once
     over all ranks.
     """
     shard, split = (loader, False) if dist is None or not dist.enabled else dist.eval_shard(loader)
-    correct, total = count_correct(model, shard, device, flip=flip)
+    correct, total = count_correct(model, shard, device, flip=flip, translate=translate)
     if split:
         counts = dist.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
         correct, total = int(counts[0]), int(counts[1])

@@ -325,7 +325,8 @@ def train_supervised(
     ``schedule="cosine"``: linear warm-up over ``warmup_epochs`` from ``lr_start * lr``, then cosine
     decay to ``lr_end * lr``; ``"linear"``: the same warm-up, then linear decay (a one-cycle triangle).
     ``param_groups``: torch optimiser groups (default: every trainable parameter in one group); a
-    group's optional ``"lr_scale"`` multiplies its learning rate, its ``"weight_decay"`` overrides. Cross-entropy uses
+    group's optional ``"lr_scale"`` multiplies its learning rate, its ``"weight_decay"`` overrides, its
+    ``"train_epochs"`` (an int) freezes it after that many epochs (learning rate 0 from then on). Cross-entropy uses
     ``label_smoothing``. ``flip_eval`` scores the test set with test-time flips (see :func:`evaluate`).
     ``channels_last`` puts the model and each batch in channels_last memory format (faster
     convolutions on CPU and GPU; the same results up to float round-off). ``amp`` runs the forward
@@ -372,6 +373,10 @@ def train_supervised(
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True; there is nothing to train.")
     groups = [dict(g) for g in param_groups] if param_groups is not None else [{"params": trainable}]
     scales = [g.pop("lr_scale", 1.0) for g in groups]
+    group_epochs = [g.pop("train_epochs", epochs) for g in groups]  # a group stops moving after these
+    for limit in group_epochs:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"Expected a param group's 'train_epochs' to be an int >= 0 but got {limit!r}.")
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     total_steps, warmup_steps = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
 
@@ -396,8 +401,8 @@ def train_supervised(
             start = time.perf_counter()
             for x, y in train_loader:
                 x, y = x.to(device, memory_format=memory_format) if x.dim() == 4 else x.to(device), y.to(device)
-                for group, scale in zip(optimizer.param_groups, scales):
-                    group["lr"] = lr * scale * lr_factor(step)
+                for group, scale, limit in zip(optimizer.param_groups, scales, group_epochs):
+                    group["lr"] = lr * scale * lr_factor(step) if epoch < limit else 0.0
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = model(x).float()  # (B, num_classes)
                 loss = criterion(logits, y)
@@ -427,7 +432,7 @@ def train_supervised(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", test_acc=f"{test_acc:.3f}")
     finally:
         bar.close()
-    if slow is not None:
+    if slow is not None and step >= LOOKAHEAD_EVERY:  # (before the first sync the slow copy is the init)
         _lookahead_sync(model, slow, decay=1.0)  # the model ends as the slow copy
     if channels_last:
         model.to(memory_format=torch.contiguous_format)

@@ -345,6 +345,49 @@ def test_augment_matches_manual_crop_and_flip():
     assert not torch.equal(flip_only, x)
 
 
+def test_augment_reflect_padding_matches_numpy_reflect_crops():
+    """padding_mode='reflect': every output is a (possibly mirrored) 32x32 crop of numpy's reflect
+    padding of its image, never of the zero padding; the offsets and flips are drawn exactly as with
+    zeros, so the two modes differ only in the border pixels."""
+    x = _random_batch(b=48, seed=2)
+    out = augment(x, torch.Generator().manual_seed(3), padding=2, padding_mode="reflect")
+    zeros = augment(x, torch.Generator().manual_seed(3), padding=2)
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect"))  # (B, 3, 36, 36)
+    padded_zero = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    shifted = 0
+    for i in range(len(x)):
+        views = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)]
+        crop = lambda p, dy, dx, f: (lambda v: v.flip(-1) if f else v)(p[i, :, dy : dy + 32, dx : dx + 32])  # noqa: E731
+        matches = [v for v in views if torch.equal(out[i], crop(padded, *v))]
+        assert len(matches) == 1, f"image {i} is not a crop of the reflect-padded image"
+        assert torch.equal(zeros[i], crop(padded_zero, *matches[0]))  # same offsets and flip as zero mode
+        shifted += matches[0][:2] != (2, 2)
+    assert shifted > len(x) // 2
+    def black_edges(batch):  # images whose first or last row or column is all 0 (a zero-filled border)
+        edges = [batch[:, :, 0], batch[:, :, -1], batch[:, :, :, 0], batch[:, :, :, -1]]  # each (B, 3, 32)
+        return sum(int((e == 0).flatten(1).all(1).sum()) for e in edges)
+
+    assert black_edges(out) == 0 and black_edges(zeros) > len(x) // 2
+    with pytest.raises(ValueError, match="padding_mode"):
+        augment(x, padding_mode="circular")
+    with pytest.raises(ValueError, match="reflect"):
+        augment(x, padding=32, padding_mode="reflect")
+
+
+def test_augment_given_flips_are_applied_exactly_and_draw_nothing():
+    x = _random_batch(b=16, seed=4)
+    flips = torch.arange(16) % 3 == 0  # (B,)
+    g = torch.Generator().manual_seed(9)
+    out = augment(x, g, padding=0, flip=flips)
+    for i in range(16):
+        assert torch.equal(out[i], x[i].flip(-1) if flips[i] else x[i])
+    reference = torch.Generator().manual_seed(9)
+    torch.randint(0, 1, (16, 1), generator=reference), torch.randint(0, 1, (16, 1), generator=reference)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=reference))  # only the offsets drawn
+    with pytest.raises(ValueError, match=r"\(16,\) bool"):
+        augment(x, flip=torch.ones(8, dtype=torch.bool))
+
+
 # --------------------------------------------------------------------------------------------
 # (6) TensorLoader
 # --------------------------------------------------------------------------------------------
@@ -389,6 +432,41 @@ def test_tensor_loader_shuffle_is_reproducible_per_seed_and_epoch():
     assert torch.equal(_visited(plain), first)  # augmentation does not change the order or labels
     other_seed = TensorLoader(images, labels, batch_size=8, shuffle=True, seed=4)
     assert not torch.equal(_visited(other_seed), first)
+
+
+def test_tensor_loader_alternate_flip_shows_each_image_both_ways_every_two_epochs():
+    """flip='alternate': an image's orientation in epoch 2k+1 is the mirror of epoch 2k and repeats
+    every two epochs; the even-epoch orientations are mixed and fixed by the seed; with
+    augment=False nothing is flipped."""
+    x = _random_batch(b=40, seed=5)
+    labels = torch.arange(40)
+
+    def by_image(loader, epoch):  # (N, C, H, W) in image order, for one epoch
+        loader.set_epoch(epoch)
+        xs, ys = zip(*loader)
+        out = torch.empty(40, 3, 32, 32)
+        out[torch.cat(ys)] = torch.cat(xs)
+        return out
+
+    loader = TensorLoader(x, labels, batch_size=8, shuffle=True, augment=True, padding=0, flip="alternate", seed=1)
+    plain = normalize(x)
+    epochs = [by_image(loader, e) for e in range(4)]
+    mirrored = [torch.tensor([torch.equal(e[i], plain[i].flip(-1)) for i in range(40)]) for e in epochs]  # (N,) each
+    for e in range(4):
+        assert all(torch.equal(epochs[e][i], plain[i]) or mirrored[e][i] for i in range(40))
+    assert torch.equal(mirrored[0], ~mirrored[1]) and torch.equal(mirrored[0], mirrored[2])
+    assert torch.equal(mirrored[1], mirrored[3])
+    assert 10 <= int(mirrored[0].sum()) <= 30
+    again = TensorLoader(x, labels, batch_size=8, shuffle=True, augment=True, padding=0, flip="alternate", seed=1)
+    assert torch.equal(by_image(again, 2), epochs[2])
+    other = TensorLoader(x, labels, batch_size=8, shuffle=True, augment=True, padding=0, flip="alternate", seed=2)
+    assert not torch.equal(by_image(other, 0), epochs[0])
+    no_aug = TensorLoader(x, labels, batch_size=8, shuffle=True, flip="alternate", seed=1)
+    assert torch.equal(by_image(no_aug, 1), plain)
+    with pytest.raises(ValueError, match="flip"):
+        TensorLoader(x, labels, flip="mirror")
+    with pytest.raises(ValueError, match="padding_mode"):
+        TensorLoader(x, labels, padding_mode="edge")
 
 
 @pytest.mark.parametrize("n, drop_last", [(48, False), (50, False), (50, True)])

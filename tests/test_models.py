@@ -255,3 +255,74 @@ def test_lookahead_ends_at_the_closed_form_slow_average():
     moved = [k for k in floats if not torch.equal(runs[False][k], init[k])]
     assert moved and all(not torch.allclose(runs[True][k], runs[False][k]) for k in moved)
     assert torch.equal(runs[True]["stem.bn.num_batches_tracked"], runs[False]["stem.bn.num_batches_tracked"])
+
+
+def test_lookahead_before_its_first_sync_keeps_the_trained_model():
+    """Fewer steps than one Lookahead period: the slow copy is still the init, so the model must end
+    as plainly trained (bitwise the run without Lookahead), not be reset to its initial weights."""
+    images, labels = _coloured_dataset()
+    runs = {}
+    for lookahead in (False, True):
+        torch.manual_seed(0)
+        model = SmallCNN(width=4)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        train = TensorLoader(images[:120], labels[:120], batch_size=40, shuffle=True, seed=0)  # 3 steps < 5
+        train_supervised(model, train, epochs=1, lr=0.1, lookahead=lookahead, progress=False)
+        runs[lookahead] = model.state_dict()
+    for k, v in runs[False].items():
+        assert torch.equal(runs[True][k], v), k
+    assert not torch.equal(runs[True]["conv1.weight"], init["conv1.weight"])
+
+
+def test_param_group_train_epochs_freezes_the_group_after_its_epochs():
+    """A group with train_epochs=1 ends bitwise where it stood when epoch 2 began (snapshotted by the
+    loader's set_epoch); a group with 0 never moves; the other group keeps training throughout."""
+    images, labels = _coloured_dataset()
+
+    class Snapshots(TensorLoader):
+        """Records the model's parameters each time train_supervised starts an epoch."""
+
+        def set_epoch(self, epoch):
+            super().set_epoch(epoch)
+            self.seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    for limit in (1, 0):
+        torch.manual_seed(0)
+        model = SmallCNN(width=4)
+        vectors = [n for n, p in model.named_parameters() if p.dim() == 1]
+        groups = [{"params": [p for p in model.parameters() if p.dim() > 1]},
+                  {"params": [p for p in model.parameters() if p.dim() == 1], "train_epochs": limit}]
+        train = Snapshots(images, labels, batch_size=25, shuffle=True, seed=0)
+        train.seen = []
+        train_supervised(model, train, epochs=3, lr=0.1, progress=False, param_groups=groups)
+        final = dict(model.named_parameters())
+        start, after_limit = train.seen[0], train.seen[limit]
+        assert vectors
+        for n in vectors:
+            assert torch.equal(final[n], after_limit[n]), n
+            assert torch.equal(final[n], start[n]) == (limit == 0), n
+        assert not torch.equal(final["conv1.weight"], train.seen[-1]["conv1.weight"])  # still training in epoch 3
+    with pytest.raises(ValueError, match="train_epochs"):
+        train_supervised(SmallCNN(width=4), train, epochs=1, progress=False,
+                         param_groups=[{"params": list(SmallCNN(width=4).parameters()), "train_epochs": -1}])
+
+
+def test_translate_evaluation_matches_the_six_view_closed_form():
+    """translate=True: 1/2 the (flip-averaged) logits of the image plus 1/4 each of the image shifted
+    one pixel up-left and down-right with reflected borders, rebuilt here with numpy's own padding."""
+    import numpy as np
+
+    _, test = _loaders()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    x, y = next(iter(test))
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect"))  # (B, 3, 34, 34)
+    views = [x, padded[:, :, 0:32, 0:32], padded[:, :, 2:34, 2:34]]
+    with torch.no_grad():
+        for flip in (False, True):
+            logit = [(model(v) + model(v.flip(-1))) / 2 if flip else model(v) for v in views]
+            manual = (0.5 * logit[0] + 0.25 * logit[1] + 0.25 * logit[2]).argmax(1)
+            loader = TensorLoader(x, y, batch_size=len(y))
+            acc = evaluate(model, loader, flip=flip, translate=True)
+            assert acc == pytest.approx((manual == y).float().mean().item())
+            assert not torch.equal(manual, logit[0].argmax(1))  # the views do change predictions

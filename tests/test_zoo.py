@@ -87,12 +87,18 @@ def test_recipe_override_trains_the_given_recipe_and_needs_a_scratch_folder(tmp_
 
     from align_kd.models import FastCNN
 
-    study = replace(zoo.RECIPES["fastcnn"], model_kwargs={"widths": [8, 16, 16]}, lookahead=True)
+    study = replace(zoo.RECIPES["fastcnn"], model_kwargs={"widths": [8, 16, 16]}, lookahead=True,
+                    padding_mode="reflect", flip="alternate", whiten_bias_epochs=1)
     with pytest.raises(ValueError, match="weights_dir"):
         zoo.train_teacher("fastcnn", recipe=study)
-    _, card = zoo.train_teacher("study", recipe=study, data_root=ARCHIVE, cache_dir=cache, weights_dir=tmp_path,
+    with pytest.raises(ValueError, match="whiten_bias_epochs=1 but whiten=False"):
+        zoo.train_teacher("study", recipe=replace(study, whiten=False), weights_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before any work
+    model, card = zoo.train_teacher("study", recipe=study, data_root=ARCHIVE, cache_dir=cache, weights_dir=tmp_path,
                                 train_limit=512, test_limit=200, epochs=1, progress=False)
     assert card["recipe"]["model_kwargs"]["widths"] == [8, 16, 16] and card["recipe"]["lookahead"] is True
+    assert card["recipe"]["padding_mode"] == "reflect" and card["recipe"]["flip"] == "alternate"
+    assert 0 <= card["test_acc_tta"] <= 1 and bool(model.whiten.bias.abs().sum() > 0)  # the stem's bias trained
     assert card["params"] == sum(p.numel() for p in FastCNN((8, 16, 16)).parameters())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.json", "study.pt"]
     assert "study" not in zoo.list_teachers()

@@ -54,10 +54,15 @@ class Recipe:
     warmup_epochs: float = 2.0
     schedule: str = "linear"  # warm-up then linear decay to 0
     translate: int = 2  # augmentation: random translation by up to this many pixels, plus flips
+    padding_mode: str = "zeros"  # the translation's border: "zeros" (black) or "reflect" (airbench's)
+    flip: str = "random"  # "random" per image and epoch, or "alternate" (airbench's: both ways every two epochs)
     lr_start: float = 0.0  # the schedule starts at lr_start * lr ...
     lr_end: float = 0.0  # ... and ends at lr_end * lr
     bias_lr_scale: float = 1.0  # BatchNorm shifts (and other 1-d parameters) train at this multiple of lr
     whiten: bool = False  # set the FastCNN's first conv from the training images' patch covariance
+    # None: the whitening conv's bias trains all along with the other 1-d parameters (at bias_lr_scale);
+    # an int: it trains at the base lr for that many epochs, then stays fixed (airbench: 3)
+    whiten_bias_epochs: int | None = None
     amp: bool = True  # bfloat16 autocast in training (evaluation and the shipped weights are float32)
     lookahead: bool = False  # airbench's Lookahead: the weights end as a slow average (see train_supervised)
     description: str = ""
@@ -193,10 +198,14 @@ def train_teacher(
                          f"the package's shipped teachers. Pass weights_dir (a scratch folder).")
     recipe = _check_name(name) if recipe is None else recipe
     epochs = recipe.epochs if epochs is None else epochs
+    if recipe.whiten_bias_epochs is not None and not recipe.whiten:
+        raise ValueError(f"Recipe {name!r} sets whiten_bias_epochs={recipe.whiten_bias_epochs} but whiten=False: "
+                         f"only a whitened FastCNN stem has that bias. Set whiten=True or whiten_bias_epochs=None.")
     train_x, train_y = load_cifar10(data_root, split="train", limit=train_limit, cache_dir=cache_dir)
     test_x, test_y = load_cifar10(data_root, split="test", limit=test_limit, cache_dir=cache_dir)
     train = TensorLoader(train_x, train_y, batch_size=recipe.batch_size, shuffle=True, augment=True, seed=seed,
-                         padding=recipe.translate, drop_last=len(train_y) >= 2 * recipe.batch_size)
+                         padding=recipe.translate, padding_mode=recipe.padding_mode, flip=recipe.flip,
+                         drop_last=len(train_y) >= 2 * recipe.batch_size)
     test = TensorLoader(test_x, test_y, batch_size=1000, shuffle=False)
     torch.manual_seed(seed)
     model = build_model(recipe.model, **_model_kwargs(recipe))
@@ -205,10 +214,13 @@ def train_teacher(
         if not isinstance(model, FastCNN):
             raise ValueError(f"Recipe {name!r}: whiten=True needs a FastCNN but the model is {type(model).__name__}.")
         whiten_init(model.whiten, next(iter(TensorLoader(train_x[:5000], train_y[:5000], batch_size=5000)))[0])
-    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() == 1]
+    whiten_bias = [model.whiten.bias] if recipe.whiten_bias_epochs is not None else []
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() == 1 and all(p is not q for q in whiten_bias)]
     matrices = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     groups = [{"params": matrices}, {"params": vectors, "lr_scale": recipe.bias_lr_scale,
                                      "weight_decay": recipe.weight_decay / recipe.bias_lr_scale}]
+    if whiten_bias:
+        groups.append({"params": whiten_bias, "train_epochs": min(recipe.whiten_bias_epochs, epochs)})
     history = train_supervised(
         model, train, None, epochs=epochs, lr=recipe.lr, weight_decay=recipe.weight_decay, seed=seed,
         param_groups=groups, lr_start=recipe.lr_start, lr_end=recipe.lr_end,
@@ -219,6 +231,7 @@ def train_teacher(
     train_seconds = time.perf_counter() - start
     model.eval()
     test_acc, test_acc_flip = evaluate(model, test), evaluate(model, test, flip=True)
+    test_acc_tta = evaluate(model, test, flip=True, translate=True)  # airbench's test-time augmentation
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     weights = folder / f"{name}.pt"
     atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights)
@@ -227,6 +240,7 @@ def train_teacher(
         "description": recipe.description,
         "test_acc": test_acc,
         "test_acc_flip": test_acc_flip,
+        "test_acc_tta": test_acc_tta,
         "test_images": len(test_y),
         "train_images": len(train_y),
         "sha256": _sha256(weights),
