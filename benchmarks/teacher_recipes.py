@@ -15,14 +15,21 @@ training time and the shipped recipe's accuracy, side by side from one run:
 - ``resnet20-50ep+lookahead``: the shipped `resnet20` recipe (25 epochs, 0.8673) run twice as long
   with Lookahead, towards issue 12's deep-teacher target (>= 90%, no time limit).
 
-One seed per variant (each is ~10 minutes of this CPU). Resumable: a variant already in the output
-file is not trained again. Weights go to benchmarks/results/_scratch/teacher_recipes/ (not kept).
+- ``fastcnn+lookahead+details``: airbench's remaining training details on top (reflected borders
+  for the translation, alternating flips, the whitening bias at the base lr for 3 epochs, then
+  fixed); ``wide-10ep+lookahead+details``: the same on airbench94's net and epoch count;
+- ``fastcnn+lookahead-fp32``: float32 instead of bfloat16 autocast (what bf16 costs in accuracy).
+
+Each variant is ~10 minutes of this CPU per seed; ``--seed N`` adds a seed, and variants run at two
+or more seeds get a second table of paired differences to ``fastcnn+lookahead``. Resumable: a
+(variant, seed) already in the output file is not trained again. Weights go to benchmarks/results/_scratch/teacher_recipes/ (not kept).
 Output: benchmarks/results/teacher_recipes.json.
 
     python benchmarks/teacher_recipes.py [--variants fastcnn wide-5ep] [--seed 0] [--threads 2]
 """
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +39,7 @@ from _common import default_root, write_json
 
 from align_kd import zoo
 from align_kd._env import versions
+from align_kd.experiment import paired_interval
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED = zoo.RECIPES["fastcnn"]
@@ -50,7 +58,12 @@ VARIANTS = {
                                          whiten_bias_epochs=3),
     # what bfloat16 autocast costs: the same run in float32 (about 1.7x the time per epoch here)
     "fastcnn+lookahead-fp32": replace(SHIPPED, lookahead=True, amp=False),
+    # airbench94's net, epochs and details (but batch 512, bf16 on the CPU, JPEG data): where the
+    # recipe lands with no time limit
+    "wide-10ep+lookahead+details": replace(WIDE, epochs=10, warmup_epochs=10 * 0.23, lookahead=True,
+                                           padding_mode="reflect", flip="alternate", whiten_bias_epochs=3),
 }
+PAIRED_REFERENCE = "fastcnn+lookahead"  # the shipped fastcnn-lookahead's recipe
 TARGET_ACC, TARGET_SECONDS = 0.92, 600.0  # issue 12: >= 92% in <= 10 minutes on this 2-core CPU
 DEEP_TARGET_ACC = 0.90  # issue 12: the deep teacher (ResNet-20 or deeper) at >= 90%, its time stated
 
@@ -96,7 +109,36 @@ def main(argv=None) -> int:
         print(f"| {name} | {model} | {r['epochs']} | {r.get('lookahead', False)} | "
               f"{run['params']:,} | {run['train_seconds']:.0f} | {run['train_seconds'] / r['epochs']:.0f} | "
               f"{run['test_acc']:.4f} | {run['test_acc_flip']:.4f} | {tta} | {vs} |")
+    _print_over_seeds(done)
     return 0
+
+
+def _print_over_seeds(done: dict) -> None:
+    """Variants run at several seeds: mean accuracy and the paired difference to fastcnn+lookahead."""
+    by_variant: dict[str, dict[int, dict]] = {}
+    for key, run in done.items():
+        by_variant.setdefault(key.rsplit("-s", 1)[0], {})[run["seed"]] = run
+    reference = by_variant.get(PAIRED_REFERENCE, {})
+    rows = [name for name in VARIANTS if len(by_variant.get(name, {})) >= 2]
+    if not rows:
+        return
+    print(f"\nover seeds (paired differences to {PAIRED_REFERENCE} over the seeds both ran, 95% t interval, points)\n")
+    print("| variant | seeds | test acc mean | with flips | train s mean | vs reference (plain) | vs reference (flips) |"
+          "\n|---|---|---|---|---|---|---|")
+    for name in rows:
+        runs = by_variant[name]
+        seeds = sorted(runs)
+        cells = []
+        for field in ("test_acc", "test_acc_flip"):
+            common = [s for s in seeds if s in reference]
+            if name == PAIRED_REFERENCE or len(common) < 2:
+                cells.append("")
+                continue
+            d = paired_interval([runs[s][field] for s in common], [reference[s][field] for s in common])
+            cells.append(f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] (n={d['n']})")
+        print(f"| {name} | {','.join(map(str, seeds))} | {statistics.mean(runs[s]['test_acc'] for s in seeds):.4f} | "
+              f"{statistics.mean(runs[s]['test_acc_flip'] for s in seeds):.4f} | "
+              f"{statistics.mean(runs[s]['train_seconds'] for s in seeds):.0f} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":
