@@ -533,9 +533,10 @@ class TensorLoader:
         self.drop_last, self.rank, self.world_size = bool(drop_last), rank, world_size
         self.padding = padding  # augmentation: random translation by up to this many pixels
         self.padding_mode, self.flip = padding_mode, flip
-        # "alternate": each image's orientation in even epochs, from its own generator (not the epochs')
-        self._even_flips = (torch.rand(len(labels), generator=torch.Generator().manual_seed(FLIP_SEED + seed)) < 0.5
-                            if flip == "alternate" else None)  # (N,) bool
+        # "alternate": each image's orientation in even epochs, from its own generator (not the epochs'),
+        # on the device of the batch indices that pick from it
+        even = torch.rand(len(labels), generator=torch.Generator().manual_seed(FLIP_SEED + seed)) < 0.5 if flip == "alternate" else None
+        self._even_flips = even.to(self.device) if even is not None else None  # (N,) bool
         self.dataset_size = len(labels)
         if drop_last and world_size > 1:
             self.num_samples = self.dataset_size // world_size
@@ -590,7 +591,7 @@ class TensorLoader:
             batch = index[i * self.batch_size : (i + 1) * self.batch_size]  # (B,)
             x = self.images[batch]  # (B, C, H, W)
             if self.augment:
-                flips = True if self._even_flips is None else self._even_flips[batch.cpu()] ^ bool(epoch % 2)  # (B,)
+                flips = True if self._even_flips is None else self._even_flips[batch] ^ bool(epoch % 2)  # (B,)
                 x = augment(x, generator, padding=self.padding, padding_mode=self.padding_mode, flip=flips)
             x = normalize(x) if x.dtype == torch.uint8 else x.float()  # (B, C, H, W) float32
             yield x, self.labels[batch]

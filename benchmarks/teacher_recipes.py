@@ -128,9 +128,9 @@ def _print_over_seeds(done: dict) -> None:
     for name in rows:
         runs = by_variant[name]
         seeds = sorted(runs)
+        common = [s for s in seeds if s in reference]
         cells = []
         for field in ("test_acc", "test_acc_flip"):
-            common = [s for s in seeds if s in reference]
             if name == PAIRED_REFERENCE or len(common) < 2:
                 cells.append("")
                 continue

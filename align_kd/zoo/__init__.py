@@ -214,8 +214,8 @@ def train_teacher(
         if not isinstance(model, FastCNN):
             raise ValueError(f"Recipe {name!r}: whiten=True needs a FastCNN but the model is {type(model).__name__}.")
         whiten_init(model.whiten, next(iter(TensorLoader(train_x[:5000], train_y[:5000], batch_size=5000)))[0])
-    whiten_bias = [model.whiten.bias] if recipe.whiten_bias_epochs is not None else []
-    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() == 1 and all(p is not q for q in whiten_bias)]
+    whiten_bias = [model.whiten.bias] if recipe.whiten_bias_epochs is not None else []  # its own group, below
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() == 1 and not any(p is q for q in whiten_bias)]
     matrices = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     groups = [{"params": matrices}, {"params": vectors, "lr_scale": recipe.bias_lr_scale,
                                      "weight_decay": recipe.weight_decay / recipe.bias_lr_scale}]
