@@ -27,6 +27,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -402,9 +404,51 @@ class DistContext:
 _created_group = False
 
 
+def _other_threads_runnable() -> bool | None:
+    """Whether a thread of this process other than the caller is runnable (Linux ``/proc``; None
+    where that cannot be read)."""
+    me = str(threading.get_native_id())
+    try:
+        tasks = [t for t in os.listdir("/proc/self/task") if t != me]
+        states = []
+        for t in tasks:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                with open(f"/proc/self/task/{t}/stat") as f:
+                    states.append(f.read().rpartition(")")[2].split()[0])
+    except OSError:
+        return None
+    return "R" in states
+
+
+def _let_threads_settle(timeout: float = 2.0, quiet_polls: int = 3, poll: float = 0.002) -> None:
+    """Sleep (the GIL released) until no other thread has been runnable for ``quiet_polls``
+    consecutive polls, or ``timeout`` seconds; a fixed 0.1 s where ``/proc`` is unavailable.
+
+    Why: torch's DistributedDataParallel keeps the Gloo process group alive after it is destroyed
+    (its worker threads are never joined), and a worker drops its last reference to a finished
+    collective's tensors slightly after the caller's ``wait()`` returns. If that happens after the
+    interpreter started finalising, taking the GIL ends the thread inside a C++ destructor and the
+    process aborts ("terminate called without an active exception", SIGABRT at exit; seen about
+    once in 20 two-process runs on a loaded 2-core machine). Letting those threads finish their
+    last release while the interpreter is still whole closes that window.
+    """
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < quiet_polls and time.monotonic() < deadline:
+        busy = _other_threads_runnable()
+        if busy is None:
+            time.sleep(0.1)
+            return
+        quiet = 0 if busy else quiet + 1
+        time.sleep(poll)
+
+
 def _destroy() -> None:
+    """At exit, for a group :func:`setup` created: let the collectives' worker threads finish
+    releasing their tensors, then destroy the group (see :func:`_let_threads_settle`)."""
     global _created_group
     if _created_group and dist.is_initialized():
+        _let_threads_settle()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     _created_group = False

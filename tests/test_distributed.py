@@ -292,6 +292,31 @@ def test_world_size_without_torchrun_variables_is_explained(monkeypatch):
         setup("cpu")
 
 
+def test_exit_waits_for_runnable_threads_and_not_for_idle_ones():
+    """The exit handler's settle step (a Gloo worker releasing its last collective after the
+    interpreter began finalising aborts the process): it returns only once a thread computing
+    without the GIL has finished, and does not wait for a thread that only sleeps (an idle worker)."""
+    import hashlib
+    import threading
+
+    from align_kd.distributed import _let_threads_settle
+
+    blob = bytes(32 << 20)
+    computing = threading.Thread(target=lambda: [hashlib.sha256(blob).digest() for _ in range(8)])  # GIL released
+    wake = threading.Event()
+    sleeping = threading.Thread(target=wake.wait)
+    computing.start()
+    sleeping.start()
+    try:
+        _let_threads_settle(timeout=600.0)
+        assert not computing.is_alive()
+        assert sleeping.is_alive()
+    finally:
+        wake.set()
+        computing.join()
+        sleeping.join()
+
+
 @pytest.mark.slow
 def test_command_line_fit_under_torchrun_writes_outputs_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ALIGN_KD_DATA": str(ARCHIVE)}
