@@ -19,6 +19,7 @@ training time and the shipped recipe's accuracy, side by side from one run:
   for the translation, alternating flips, the whitening bias at the base lr for 3 epochs, then
   fixed); ``wide-10ep+lookahead+details``: the same on airbench94's net and epoch count;
 - ``fastcnn+lookahead-fp32``: float32 instead of bfloat16 autocast (what bf16 costs in accuracy).
+- ``fastcnn+lookahead-b1024``: airbench's batch size 1024 (lr doubled, half the steps).
 
 Each variant is ~10 minutes of this CPU per seed; ``--seed N`` adds a seed, and variants run at two
 or more seeds get a second table of paired differences to ``fastcnn+lookahead``. Resumable: a
@@ -58,6 +59,9 @@ VARIANTS = {
                                          whiten_bias_epochs=3),
     # what bfloat16 autocast costs: the same run in float32 (about 1.7x the time per epoch here)
     "fastcnn+lookahead-fp32": replace(SHIPPED, lookahead=True, amp=False),
+    # airbench's batch size: 1024 at twice the mean-loss lr (the same step per example; the same
+    # decoupled decay per example, since lr * weight_decay doubles with the batch); half the steps
+    "fastcnn+lookahead-b1024": replace(SHIPPED, lookahead=True, batch_size=1024, lr=2 * SHIPPED.lr),
     # airbench94's net, epochs and details (but batch 512, bf16 on the CPU, JPEG data): where the
     # recipe lands with no time limit
     "wide-10ep+lookahead+details": replace(WIDE, epochs=10, warmup_epochs=10 * 0.23, lookahead=True,
