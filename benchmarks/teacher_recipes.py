@@ -13,7 +13,9 @@ training time and the shipped recipe's accuracy, side by side from one run:
 - ``wide-10ep+lookahead``: airbench94's widths and epoch count (its 94% recipe but for batch size
   and test-time augmentation): where the recipe lands when time is not the limit;
 - ``resnet20-50ep+lookahead``: the shipped `resnet20` recipe (25 epochs, 0.8673) run twice as long
-  with Lookahead, towards issue 12's deep-teacher target (>= 90%, no time limit).
+  with Lookahead, towards issue 12's deep-teacher target (>= 90%, no time limit);
+- ``resnet32-50ep+lookahead``: the same recipe on the deeper ResNet-32 (0.46M parameters): what
+  depth adds at the same 50 epochs.
 
 - ``fastcnn+lookahead+details``: airbench's remaining training details on top (reflected borders
   for the translation, alternating flips, the whitening bias at the base lr for 3 epochs, then
@@ -53,6 +55,8 @@ VARIANTS = {
     "wide-5ep+lookahead": replace(WIDE, lookahead=True),
     "wide-10ep+lookahead": replace(WIDE, epochs=10, warmup_epochs=10 * 0.23, lookahead=True),
     "resnet20-50ep+lookahead": replace(zoo.RECIPES["resnet20"], epochs=50, lookahead=True),
+    "resnet32-50ep+lookahead": replace(zoo.RECIPES["resnet20"], model_kwargs={"depth": 32, "width": 16}, epochs=50,
+                                       lookahead=True, description="CIFAR ResNet-32 (He et al. 2016)"),
     # airbench's remaining training details, together: reflected borders for the translation,
     # alternating flips, the whitening bias at the base lr for 3 epochs and then fixed
     "fastcnn+lookahead+details": replace(SHIPPED, lookahead=True, padding_mode="reflect", flip="alternate",
