@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 def _strategy_help() -> str:
     from .experiment import ALL_STRATEGIES
@@ -130,9 +131,13 @@ def cmd_zoo(args) -> int:
                      f"trained in {card['train_seconds']:.0f} s on {card['threads']} threads") if card else "not shipped"
             print(f"{name:10s} {state}\n           {zoo.RECIPES[name].description}")
         return 0
+    if args.resume and not args.checkpoint_dir:
+        raise SystemExit("zoo train --resume needs --checkpoint-dir (the folder of the interrupted run's checkpoints).")
     for name in args.names:
+        checkpoints = Path(args.checkpoint_dir) / name if args.checkpoint_dir else None
         model, card = zoo.train_teacher(name, data_root=args.data, seed=args.seed, weights_dir=args.weights_dir,
-                                        train_limit=args.train_limit, epochs=args.epochs, progress=not args.no_progress)
+                                        train_limit=args.train_limit, epochs=args.epochs, progress=not args.no_progress,
+                                        checkpoint_dir=checkpoints, resume=args.resume)
         print(f"{name}: test acc {card['test_acc']:.4f} (with test-time flips {card['test_acc_flip']:.4f}) on "
               f"{card['test_images']} test images; {card['params']:,} parameters; trained in {card['train_seconds']:.0f} s "
               f"on {card['threads']} threads; sha256 {card['sha256'][:16]}...")
@@ -224,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="shorten the recipe (smoke runs)")
     p.add_argument("--train-limit", type=int, default=None, help="train on this many images only (smoke runs)")
     p.add_argument("--weights-dir", default=None, help="where to write weights and card (default: the package's zoo folder)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="write a checkpoint after every epoch to DIR/NAME/ (long recipes over several sittings)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     _common(p)
     p.set_defaults(func=cmd_zoo)
 

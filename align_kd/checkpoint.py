@@ -15,6 +15,10 @@ File format: the line ``ALIGN_KD_CHECKPOINT v1``, the sha256 (hex) of the rest, 
 file in the same directory, fsynced and renamed over the target, so a crash leaves either the old
 or the new file; a truncated or corrupted file fails the hash check and the next older checkpoint
 is used instead, with a warning. :func:`read_checkpoint` reads one for inspection.
+
+:func:`align_kd.models.train_supervised` (and so teacher training, ``zoo train NAME
+--checkpoint-dir d``) writes the same files with the model, optimiser, Lookahead copy, history and
+RNG states, and resumes the same way.
 """
 from __future__ import annotations
 
@@ -39,7 +43,10 @@ __all__ = [
     "Checkpointer",
     "checkpoint_path",
     "config_diff",
+    "find_resume_point",
     "list_checkpoints",
+    "newest_checkpoint",
+    "prune_checkpoints",
     "read_checkpoint",
     "write_checkpoint",
 ]
@@ -123,6 +130,57 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {payload.get('format') if isinstance(payload, dict) else '?'}, expected {FORMAT}.")
     return payload
+
+
+def prune_checkpoints(directory, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoint files in ``directory``."""
+    for _, old in list_checkpoints(directory)[:-keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+def newest_checkpoint(directory) -> tuple[dict | None, list[str]]:
+    """``(payload or None, problems)``: the newest checkpoint in ``directory`` that reads back
+    intact, trying older ones when the newest is damaged; ``problems`` says what was skipped."""
+    problems = []
+    for epoch, path in reversed(list_checkpoints(directory)):
+        try:
+            payload = read_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if payload.get("epoch") != epoch:
+            problems.append(f"{path} holds epoch {payload.get('epoch')}, not {epoch} (renamed file?).")
+            continue
+        return payload, problems
+    return None, problems
+
+
+def find_resume_point(directory, resume: bool) -> tuple[tuple[str, str] | None, dict | None]:
+    """``(message, payload)`` for a run about to start with ``checkpoint_dir=directory``.
+
+    Without ``resume`` the directory must hold no checkpoint (message ``("error", ...)`` otherwise,
+    so that a new run never overwrites an old one); with it, ``payload`` is the newest usable
+    checkpoint (None: start from scratch) and ``message`` a warning about damaged files skipped, or
+    an error when none is usable. Shared by :func:`align_kd.fit` and :func:`align_kd.models.train_supervised`.
+    """
+    directory = Path(directory)
+    existing = list_checkpoints(directory)
+    if not resume:
+        if existing:
+            return ("error", (
+                f"checkpoint_dir {str(directory)!r} already holds {len(existing)} checkpoint(s) "
+                f"(newest: {existing[-1][1].name}). Pass resume=True to continue that run, or choose an empty "
+                "directory (or delete those files) to start a new one.")), None
+        return None, None
+    payload, problems = newest_checkpoint(directory)
+    if payload is None and existing:
+        return ("error", (f"No usable checkpoint in {directory}: " + " ".join(problems)
+                          + " Delete the damaged files to start over, or pass resume=False with an empty directory.")), None
+    if problems:
+        return ("warn", (f"Skipped unusable checkpoint(s): {' '.join(problems)} Resuming from epoch "
+                         f"{payload['epoch']} instead.")), payload
+    return None, payload
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,9 +298,7 @@ class Checkpointer:
         path = checkpoint_path(self.directory, payload["epoch"])
         write_checkpoint(payload, path)
         self.saved_epoch, self.last_path = payload["epoch"], path
-        for epoch, old in list_checkpoints(self.directory)[: -self.keep]:
-            with contextlib.suppress(OSError):
-                old.unlink()
+        prune_checkpoints(self.directory, self.keep)
         return path
 
     def save(self, distiller, optimizer, scheduler, state, loader) -> Path | None:
@@ -274,47 +330,10 @@ class Checkpointer:
 
     # -- resuming -------------------------------------------------------------------------------
 
-    def _newest_good(self):
-        """Rank 0: (payload or None, problems). Tries newest first, falls back to older ones."""
-        problems = []
-        for epoch, path in reversed(list_checkpoints(self.directory)):
-            try:
-                payload = read_checkpoint(path)
-            except CheckpointError as err:
-                problems.append(str(err))
-                continue
-            if payload.get("epoch") != epoch:
-                problems.append(f"{path} holds epoch {payload.get('epoch')}, not {epoch} (renamed file?).")
-                continue
-            return payload, problems
-        return None, problems
-
     def prepare(self, distiller, optimizer, scheduler, state, loader, resume: bool) -> None:
         """Collective: on ``resume`` load the newest good checkpoint into the distiller, optimiser,
         scheduler, loop state and RNGs; else insist on a clean directory."""
-        message = None
-        if self.dist.is_main:
-            existing = list_checkpoints(self.directory)
-            if not resume:
-                box = None
-                if existing:
-                    message = ("error", (
-                        f"checkpoint_dir {str(self.directory)!r} already holds {len(existing)} checkpoint(s) "
-                        f"(newest: {existing[-1][1].name}). Pass resume=True to continue that run, or choose an empty "
-                        "directory (or delete those files) to start a new one."))
-            else:
-                payload, problems = self._newest_good()
-                if payload is None and existing:
-                    message = ("error", (
-                        f"No usable checkpoint in {self.directory}: " + " ".join(problems)
-                        + " Delete the damaged files to start over, or pass resume=False with an empty directory."))
-                elif problems:
-                    message = ("warn", (f"Skipped unusable checkpoint(s): {' '.join(problems)} Resuming from epoch "
-                                        f"{payload['epoch']} instead."))
-                box = payload
-            out = (message, box)
-        else:
-            out = None
+        out = find_resume_point(self.directory, resume) if self.dist.is_main else None
         message, payload = self.dist.broadcast_object(out)
         if message is not None and message[0] == "error":
             raise (ValueError if not resume else CheckpointError)(message[1])

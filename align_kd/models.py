@@ -18,13 +18,26 @@ import inspect
 import json
 import math
 import os
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
+from .checkpoint import (
+    FORMAT,
+    CheckpointError,
+    capture_rng,
+    checkpoint_path,
+    config_diff,
+    find_resume_point,
+    prune_checkpoints,
+    restore_rng,
+    write_checkpoint,
+)
 from .evaluation import _resolve_device, evaluate
 
 __all__ = [
@@ -319,6 +332,8 @@ def train_supervised(
     lr_end: float = 0.0,
     param_groups: list[dict] | None = None,
     lookahead: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train with cross-entropy and SGD (Nesterov momentum), the learning rate set every step.
 
@@ -334,6 +349,11 @@ def train_supervised(
     ``lookahead`` (airbench's Lookahead): a slow copy of every float tensor of the state dict
     (weights and BatchNorm statistics) moves towards the model by ``1 - decay`` every 5 steps and
     replaces it, ``decay = 0.95**5 * (step / total_steps)**3``; the model ends as the slow copy.
+    ``checkpoint_dir``: after every epoch, write ``checkpoint-epochNNNN.pt`` there (the format of
+    :mod:`align_kd.checkpoint`; the newest 2 kept) with the model, optimiser, Lookahead copy,
+    history and RNG states; ``resume=True`` continues from the newest one and ends bitwise where an
+    uninterrupted run ends (the loader's order must be a function of its seed and ``set_epoch``, as
+    :class:`~align_kd.data.TensorLoader`'s is). Without ``resume`` the folder must hold no checkpoint.
 
     ``train_loader`` yields ``(x (B, 3, 32, 32) float, y (B,) int64)``; if it has ``set_epoch`` it is
     called with 0..epochs-1. Seeds torch's global RNG with ``seed``. The model is moved to ``device``
@@ -342,9 +362,12 @@ def train_supervised(
 
     Returns:
         ``{"epoch": [1..E], "train_loss": [E], "train_acc": [E], "test_acc": [E] (None without a test
-        loader), "lr": [E] (at the end of each epoch), "seconds": [E] (training time of each epoch)}``.
+        loader), "lr": [E] (at the end of each epoch), "seconds": [E] (training time of each epoch),
+        "wall_seconds": total wall time of the run, summed over the sittings of a resumed one}``.
     """
     import time
+
+    started = time.perf_counter()
 
     _check_int("epochs", epochs)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
@@ -390,10 +413,21 @@ def train_supervised(
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()} if lookahead else None
     history: dict[str, list] = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": [], "lr": [], "seconds": []}
-    bar = tqdm(total=total_steps, desc=f"train {type(model).__name__}", disable=not progress, unit="step")
-    step = 0
+    step = first_epoch = 0
+    earlier_seconds = 0.0  # wall time of the sittings before this one (a resumed run)
+    if checkpoint_dir is not None:
+        config = {"kind": "train_supervised", "model": type(model).__name__, "epochs": epochs, "lr": lr,
+                  "weight_decay": weight_decay, "seed": seed, "momentum": momentum, "label_smoothing": label_smoothing,
+                  "warmup_epochs": warmup_epochs, "schedule": schedule, "lr_start": lr_start, "lr_end": lr_end,
+                  "amp": amp, "lookahead": lookahead, "steps_per_epoch": steps_per_epoch, "lr_scales": scales,
+                  "group_epochs": group_epochs, "group_sizes": [len(g["params"]) for g in groups],
+                  "loader_seed": getattr(train_loader, "seed", None)}
+        resumed = _resume_supervised(checkpoint_dir, resume, config, model, optimizer, slow, train_loader)
+        if resumed is not None:
+            first_epoch, step, history, earlier_seconds = resumed
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {type(model).__name__}", disable=not progress, unit="step")
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             model.train()
@@ -430,6 +464,14 @@ def train_supervised(
             history["lr"].append(lr * (lr_factor(step) if step < total_steps else lr_end))
             if test_acc is not None:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", test_acc=f"{test_acc:.3f}")
+            if checkpoint_dir is not None:
+                _save_supervised(checkpoint_dir, config, epoch + 1, step, model, optimizer, slow, history,
+                                 earlier_seconds + time.perf_counter() - started, train_loader)
+    except KeyboardInterrupt:
+        if checkpoint_dir is not None:
+            print(f"train_supervised interrupted; the completed epochs are saved in {str(checkpoint_dir)!r}. Resume "
+                  "with the same call plus resume=True.", flush=True)
+        raise
     finally:
         bar.close()
     if slow is not None and step >= LOOKAHEAD_EVERY:  # (before the first sync the slow copy is the init)
@@ -437,7 +479,46 @@ def train_supervised(
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()
+    history["wall_seconds"] = earlier_seconds + time.perf_counter() - started
     return history
+
+
+def _save_supervised(directory, config, epoch, step, model, optimizer, slow, history, wall_seconds, loader) -> None:
+    """train_supervised's checkpoint after ``epoch`` epochs (the newest 2 kept)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    write_checkpoint({"format": FORMAT, "epoch": epoch, "step": step, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "slow": slow or {}, "history": history,
+                      "wall_seconds": wall_seconds, "rng": [capture_rng(loader)], "config": config,
+                      "versions": {"torch": str(torch.__version__)}}, checkpoint_path(directory, epoch))
+    prune_checkpoints(directory, keep=2)
+
+
+def _resume_supervised(directory, resume, config, model, optimizer, slow, loader):
+    """Load the newest usable checkpoint of ``directory`` into the run; ``(first epoch, step,
+    history, earlier wall seconds)``, or None to start from scratch. Raises before any training
+    when the folder holds another run's checkpoints."""
+    message, payload = find_resume_point(directory, resume)
+    if message is not None and message[0] == "error":
+        raise (CheckpointError if resume else ValueError)(message[1])
+    if message is not None:
+        warnings.warn(message[1], RuntimeWarning, stacklevel=3)
+    if payload is None:
+        return None
+    diff = config_diff(payload["config"], config, ignore=())
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {payload['config'].get(k)!r}, now {config.get(k)!r}" for k in diff)
+        raise ValueError(f"Cannot resume from {directory}: its checkpoint was written by a different training run "
+                         f"({details}). Resume with the same model, loader and options, or use an empty checkpoint_dir.")
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise ValueError(f"Cannot resume from {directory}: the model does not match the checkpoint's weights: {err}") from err
+    optimizer.load_state_dict(payload["optimizer"])
+    if slow is not None:
+        for name, value in payload["slow"].items():
+            slow[name].copy_(value)
+    restore_rng(payload["rng"][0], loader)
+    return payload["epoch"], payload["step"], payload["history"], payload["wall_seconds"]
 
 
 LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 5, 0.95  # airbench's Lookahead: a sync every 5 steps, 0.95 per step

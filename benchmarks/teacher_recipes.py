@@ -15,7 +15,8 @@ training time and the shipped recipe's accuracy, side by side from one run:
 - ``resnet20-50ep+lookahead``: the shipped `resnet20` recipe (25 epochs, 0.8673) run twice as long
   with Lookahead, towards issue 12's deep-teacher target (>= 90%, no time limit);
 - ``resnet32-50ep+lookahead``: the same recipe on the deeper ResNet-32 (0.47M parameters): what
-  depth adds at the same 50 epochs.
+  depth adds at the same 50 epochs; ``resnet32-100ep+lookahead``: twice as long (about 2.3 h here,
+  over two sittings: see "Resumable").
 
 - ``fastcnn+lookahead+details``: airbench's remaining training details on top (reflected borders
   for the translation, alternating flips, the whitening bias at the base lr for 3 epochs, then
@@ -25,13 +26,17 @@ training time and the shipped recipe's accuracy, side by side from one run:
 
 Each variant is ~10 minutes of this CPU per seed; ``--seed N`` adds a seed, and variants run at two
 or more seeds get a second table of paired differences to ``fastcnn+lookahead``. Resumable: a
-(variant, seed) already in the output file is not trained again. Weights go to benchmarks/results/_scratch/teacher_recipes/ (not kept).
+(variant, seed) already in the output file is not trained again, and one interrupted mid-run
+continues from its last finished epoch (a checkpoint after every epoch; the weights end bitwise
+those of an uninterrupted run, ``train_seconds`` sums the sittings). Weights and checkpoints go to
+benchmarks/results/_scratch/teacher_recipes/ (not kept).
 Output: benchmarks/results/teacher_recipes.json.
 
     python benchmarks/teacher_recipes.py [--variants fastcnn wide-5ep] [--seed 0] [--threads 2]
 """
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from dataclasses import replace
@@ -58,6 +63,8 @@ VARIANTS = {
     "resnet20-50ep+lookahead": RESNET_50EP,
     "resnet32-50ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 32},
                                        description="CIFAR ResNet-32 (He et al. 2016)"),
+    "resnet32-100ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 32}, epochs=100,
+                                        description="CIFAR ResNet-32 (He et al. 2016)"),
     # airbench's remaining training details, together: reflected borders for the translation,
     # alternating flips, the whitening bias at the base lr for 3 epochs and then fixed
     "fastcnn+lookahead+details": replace(SHIPPED, lookahead=True, padding_mode="reflect", flip="alternate",
@@ -95,13 +102,15 @@ def main(argv=None) -> int:
             print(f"{key}: finished earlier (test acc {done[key]['test_acc']:.4f})")
             continue
         _, card = zoo.train_teacher(name.replace("+", "-"), recipe=VARIANTS[name], weights_dir=scratch,
-                                    data_root=args.data or default_root(), seed=args.seed, progress=False)
+                                    data_root=args.data or default_root(), seed=args.seed, progress=False,
+                                    checkpoint_dir=scratch / f"{key}-checkpoints", resume=True)
         done[key] = {k: card[k] for k in ("test_acc", "test_acc_flip", "test_acc_tta", "params", "train_seconds", "threads", "recipe",
                                           "seed", "history", "versions")}
         print(f"{key}: test acc {card['test_acc']:.4f} (flips {card['test_acc_flip']:.4f}), {card['train_seconds']:.0f} s")
         write_json({"target": {"test_acc": TARGET_ACC, "train_seconds": TARGET_SECONDS},
                     "deep_target": {"test_acc": DEEP_TARGET_ACC}, "runs": done,
                     "versions": versions()}, out)
+        shutil.rmtree(scratch / f"{key}-checkpoints", ignore_errors=True)  # finished and recorded
     base = done.get(f"fastcnn-s{args.seed}")
     print(f"\nseed {args.seed}; targets: test acc >= {TARGET_ACC} in <= {TARGET_SECONDS:.0f} s (fast CNN), "
           f">= {DEEP_TARGET_ACC} (deep teacher, any time)\n")

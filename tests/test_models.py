@@ -326,3 +326,73 @@ def test_translate_evaluation_matches_the_six_view_closed_form():
             acc = evaluate(model, loader, flip=flip, translate=True)
             assert acc == pytest.approx((manual == y).float().mean().item())
             assert not torch.equal(manual, logit[0].argmax(1))  # the views do change predictions
+
+
+def test_train_supervised_resumes_bitwise_after_an_interruption(tmp_path):
+    """Ctrl-C in the middle of epoch 2 of 3, then a fresh model resumed from the checkpoint of epoch 1:
+    it ends bitwise where the uninterrupted run ends (weights, BatchNorm statistics, Lookahead's slow
+    copy, schedule, history), in channels_last and with a frozen-after-1-epoch group."""
+    images, labels = _coloured_dataset()
+
+    class InterruptedLoader(TensorLoader):
+        """Raises KeyboardInterrupt at the third batch of epoch ``stop_epoch`` (0-based)."""
+
+        stop_epoch = None
+
+        def __iter__(self):
+            epoch = self.epoch
+            for k, batch in enumerate(super().__iter__()):
+                if epoch == self.stop_epoch and k == 2:
+                    raise KeyboardInterrupt
+                yield batch
+
+    def run(stop_epoch, init_seed, **kwargs):
+        torch.manual_seed(init_seed)
+        model = ResNetCIFAR(depth=8, width=4)
+        loader = InterruptedLoader(images, labels, batch_size=25, shuffle=True, augment=True, seed=3)
+        loader.stop_epoch = stop_epoch
+        groups = [{"params": [p for p in model.parameters() if p.dim() > 1]},
+                  {"params": [p for p in model.parameters() if p.dim() == 1], "lr_scale": 2.0, "train_epochs": 1}]
+        history = train_supervised(model, loader, epochs=3, lr=0.1, warmup_epochs=1, lookahead=True, channels_last=True,
+                                   param_groups=groups, progress=False, **kwargs)
+        return model, history
+
+    plain, plain_history = run(None, init_seed=0)
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        run(1, init_seed=0, checkpoint_dir=folder)
+    assert [p.name for p in sorted(folder.iterdir())] == ["checkpoint-epoch0001.pt"]  # the partial epoch 2 is not saved
+    resumed, resumed_history = run(None, init_seed=1, checkpoint_dir=folder, resume=True)  # a different init: overwritten
+    for name, value in plain.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    for key in ("epoch", "train_loss", "train_acc", "lr"):
+        assert resumed_history[key] == plain_history[key], key
+    assert len(resumed_history["seconds"]) == 3 and resumed_history["wall_seconds"] >= sum(resumed_history["seconds"])
+    assert [p.name for p in sorted(folder.iterdir())] == ["checkpoint-epoch0002.pt", "checkpoint-epoch0003.pt"]
+    # resuming a finished run trains nothing more and ends at the same weights
+    again, _ = run(None, init_seed=2, checkpoint_dir=folder, resume=True)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+def test_train_supervised_checkpoint_misuse_is_refused_before_training(tmp_path):
+    images, labels = _coloured_dataset()
+    train = TensorLoader(images, labels, batch_size=50, shuffle=True, seed=0)
+    folder = tmp_path / "run"
+    torch.manual_seed(0)
+    train_supervised(SmallCNN(width=4), train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder)
+    model = SmallCNN(width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already holds 2 checkpoint.*resume=True"):
+        train_supervised(model, train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder)
+    with pytest.raises(ValueError, match=r"different training run \(lr: checkpoint 0.1, now 0.2\)"):
+        train_supervised(model, train, epochs=2, lr=0.2, progress=False, checkpoint_dir=folder, resume=True)
+    with pytest.raises(ValueError, match="model: checkpoint 'SmallCNN', now 'MLP'"):
+        train_supervised(MLP(hidden=(8,)), train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder, resume=True)
+    with pytest.raises(ValueError, match="the model does not match the checkpoint's weights"):
+        train_supervised(SmallCNN(width=8), train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder, resume=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing trained
+    newest = folder / "checkpoint-epoch0002.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated: falls back to epoch 1, with a warning
+    with pytest.warns(RuntimeWarning, match="Resuming from epoch 1"):
+        history = train_supervised(model, train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder, resume=True)
+    assert history["epoch"] == [1, 2]

@@ -67,9 +67,17 @@ def test_recipe_smoke_run_is_deterministic_and_round_trips(tmp_path, cache):
     cards = []
     for run in ("a", "b"):
         model, card = zoo.train_teacher("fastcnn", data_root=ARCHIVE, cache_dir=cache, weights_dir=tmp_path / run,
-                                        train_limit=512, test_limit=200, epochs=2, progress=False)
+                                        train_limit=512, test_limit=200, epochs=2, progress=False,
+                                        checkpoint_dir=tmp_path / "checkpoints" if run == "b" else None)
         cards.append(card)
     assert cards[0]["sha256"] == cards[1]["sha256"]  # the same seed: bitwise the same weights
+    # a run resumed from its epoch-1 checkpoint (epoch 2's deleted) ends with the same weights
+    (tmp_path / "checkpoints" / "checkpoint-epoch0002.pt").unlink()
+    _, resumed = zoo.train_teacher("fastcnn", data_root=ARCHIVE, cache_dir=cache, weights_dir=tmp_path / "r",
+                                   train_limit=512, test_limit=200, epochs=2, progress=False,
+                                   checkpoint_dir=tmp_path / "checkpoints", resume=True)
+    assert resumed["sha256"] == cards[0]["sha256"] and resumed["history"]["train_loss"] == cards[0]["history"]["train_loss"]
+    assert resumed["train_seconds"] >= resumed["history"]["wall_seconds"] >= sum(resumed["history"]["seconds"])
     assert cards[0]["test_acc"] == cards[1]["test_acc"] and cards[0]["train_images"] == 512
     assert cards[0]["recipe"]["epochs"] == 2 and cards[0]["history"]["epoch"] == [1, 2]
     assert cards[0]["history"]["train_loss"][1] < cards[0]["history"]["train_loss"][0]
@@ -118,6 +126,13 @@ def test_whitening_init_decorrelates_patches():
     assert torch.equal(conv.weight[12:], -conv.weight[:12]) and torch.equal(conv.bias, torch.zeros(24))
     with pytest.raises(ValueError, match="2 \\* C \\* k \\* k"):
         zoo.whiten_init(torch.nn.Conv2d(3, 8, 2), images)
+
+
+def test_zoo_train_command_refuses_resume_without_a_checkpoint_folder():
+    from align_kd.__main__ import main
+
+    with pytest.raises(SystemExit, match="--resume needs --checkpoint-dir"):
+        main(["zoo", "train", "fastcnn", "--resume"])
 
 
 def test_zoo_list_command_prints_every_card(capsys):

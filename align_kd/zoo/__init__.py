@@ -184,6 +184,8 @@ def train_teacher(
     epochs: int | None = None,
     progress: bool = True,
     recipe: Recipe | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Train zoo teacher ``name`` from scratch on CIFAR-10 and write its weights and card.
 
@@ -191,7 +193,9 @@ def train_teacher(
     them). ``recipe`` trains that recipe instead of ``RECIPES[name]`` (recipe studies:
     ``benchmarks/teacher_recipes.py``; it needs ``weights_dir``); ``name`` still names the files. Writes
     ``<weights_dir>/<name>.pt`` and ``<name>.json`` atomically (default: the package's
-    folder) and returns ``(model in eval mode, card)``.
+    folder) and returns ``(model in eval mode, card)``. ``checkpoint_dir`` / ``resume``: as
+    :func:`align_kd.models.train_supervised`'s (a checkpoint after every epoch; a resumed run ends
+    with bitwise the weights of an uninterrupted one, and ``train_seconds`` sums its sittings).
     """
     if recipe is not None and weights_dir is None:
         raise ValueError(f"train_teacher({name!r}, recipe=...) got no weights_dir: a recipe study would overwrite "
@@ -221,14 +225,16 @@ def train_teacher(
                                      "weight_decay": recipe.weight_decay / recipe.bias_lr_scale}]
     if whiten_bias:
         groups.append({"params": whiten_bias, "train_epochs": min(recipe.whiten_bias_epochs, epochs)})
+    setup_seconds = time.perf_counter() - start
     history = train_supervised(
         model, train, None, epochs=epochs, lr=recipe.lr, weight_decay=recipe.weight_decay, seed=seed,
         param_groups=groups, lr_start=recipe.lr_start, lr_end=recipe.lr_end,
         momentum=recipe.momentum, label_smoothing=recipe.label_smoothing,
         warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs, schedule=recipe.schedule, channels_last=True, amp=recipe.amp,
-        lookahead=recipe.lookahead, progress=progress,
+        lookahead=recipe.lookahead, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
     )
-    train_seconds = time.perf_counter() - start
+    # this sitting's set-up (whitening) plus the loop's wall time over every sitting
+    train_seconds = setup_seconds + history["wall_seconds"]
     model.eval()
     test_acc, test_acc_flip = evaluate(model, test), evaluate(model, test, flip=True)
     test_acc_tta = evaluate(model, test, flip=True, translate=True)  # airbench's test-time augmentation
