@@ -15,8 +15,8 @@ training time and the shipped recipe's accuracy, side by side from one run:
 - ``resnet20-50ep+lookahead``: the shipped `resnet20` recipe (25 epochs, 0.8673) run twice as long
   with Lookahead, towards issue 12's deep-teacher target (>= 90%, no time limit);
 - ``resnet32-50ep+lookahead``: the same recipe on the deeper ResNet-32 (0.47M parameters): what
-  depth adds at the same 50 epochs; ``resnet32-100ep+lookahead``: twice as long (about 2.3 h here,
-  over two sittings: see "Resumable").
+  depth adds at the same 50 epochs; ``resnet56-50ep+lookahead``: ResNet-56 (0.85M parameters), the
+  next depth of He et al.'s table (longer than one sitting here: see "Resumable").
 
 - ``fastcnn+lookahead+details``: airbench's remaining training details on top (reflected borders
   for the translation, alternating flips, the whitening bias at the base lr for 3 epochs, then
@@ -63,8 +63,8 @@ VARIANTS = {
     "resnet20-50ep+lookahead": RESNET_50EP,
     "resnet32-50ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 32},
                                        description="CIFAR ResNet-32 (He et al. 2016)"),
-    "resnet32-100ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 32}, epochs=100,
-                                        description="CIFAR ResNet-32 (He et al. 2016)"),
+    "resnet56-50ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 56},
+                                       description="CIFAR ResNet-56 (He et al. 2016)"),
     # airbench's remaining training details, together: reflected borders for the translation,
     # alternating flips, the whitening bias at the base lr for 3 epochs and then fixed
     "fastcnn+lookahead+details": replace(SHIPPED, lookahead=True, padding_mode="reflect", flip="alternate",
