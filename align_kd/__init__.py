@@ -1,7 +1,7 @@
 """align_kd: knowledge distillation between heterogeneous networks with a learned layer-alignment plan.
 
 The public verbs: ``fit`` (distil), ``Distiller`` (the objective as a module for your own loop), ``discover_layers`` (default taps), ``sinkhorn`` / ``exact_plan``
-(plans), ``alignment_graph`` with its analyses (``max_matching``, ``crossings``, ``fan_in``,
+(plans), ``alignment_graph`` with its analyses (``max_matching``, ``crossings``, ``depth_correlation``, ``fan_in``,
 ``compare``, ``stability``) and drawings (``draw_alignment``, ``draw_plan_heatmap``). Submodules:
 ``align_kd.zoo`` (shipped teachers), ``align_kd.losses`` (logit terms: Hinton, DKD, logit
 standardisation).
@@ -12,6 +12,7 @@ from .graph import (
     alignment_graph,
     compare,
     crossings,
+    depth_correlation,
     dominant_teacher,
     draw_alignment,
     draw_panels,
@@ -46,6 +47,7 @@ __all__ = [
     "alignment_graph",
     "compare",
     "crossings",
+    "depth_correlation",
     "describe_layers",
     "discover_layers",
     "dominant_teacher",

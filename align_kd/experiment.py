@@ -601,14 +601,14 @@ def plan_patterns(records: list[dict]) -> list[dict]:
 
     stability: mean over entries of the std of lambda across seeds, and the mean pairwise total
     variation per column; monotonicity: weighted crossings normalised to [0, 1] (0 = monotone in
-    depth); dominant teacher: per student layer the teacher layer with the largest lambda in its column,
+    depth) and the depth correlation (+1 in depth order, -1 reversed; mean over seeds); dominant teacher: per student layer the teacher layer with the largest lambda in its column,
     the one most seeds agree on, with that frequency (what a fan-in plan actually uses); modal
     matching: per student layer the teacher layer its one-to-one max-weight matching picks most often,
     with that frequency; fan-in: mean effective number of teacher layers per student layer.
     """
     from itertools import combinations
 
-    from .graph.analysis import alignment_graph, compare, fan_in, stability, weighted_crossings
+    from .graph.analysis import alignment_graph, compare, depth_correlation, fan_in, stability, weighted_crossings
 
     rows = []
     for strategy in [s for s in ALL_STRATEGIES if s in LEARNED]:
@@ -623,6 +623,7 @@ def plan_patterns(records: list[dict]) -> list[dict]:
             "lambda_std": float(st["std"].mean()),
             "tv_between_seeds": float(statistics.mean(tvs)) if tvs else 0.0,
             "crossings": statistics.mean(weighted_crossings(g, normalized=True) for g in graphs),
+            "depth_corr": statistics.mean(depth_correlation(g) for g in graphs),
             "fan_in": statistics.mean(statistics.mean(fan_in(g).values()) for g in graphs),
             "dominant_teacher": {s: [t, f] for s, (t, f) in st["modal_dominant"].items()},
             "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()},
@@ -635,18 +636,19 @@ def format_patterns(rows: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["", "Learned plans across seeds (std of lambda, mean total variation between seeds per column, "
-             "weighted crossings normalised to [0, 1], mean fan-in; dominant teacher: student <- the teacher layer "
+             "weighted crossings normalised to [0, 1], depth correlation (lambda-weighted correlation of teacher "
+             "with student depth: +1 in depth order, -1 reversed), mean fan-in; dominant teacher: student <- the teacher layer "
              "with the most weight in its column (share of seeds agreeing); modal matching: student <- teacher "
              "(frequency) of the one-to-one max-weight matching, 'unmatched' where it gives the column no teacher "
              "layer):", "",
-             "| strategy | std(lambda) | TV between seeds | crossings | fan-in | dominant teacher | modal matching |",
-             "|---|---|---|---|---|---|---|"]
+             "| strategy | std(lambda) | TV between seeds | crossings | depth corr | fan-in | dominant teacher | modal matching |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dominant = ", ".join(f"{s}<-{t} ({f:.0%})" for s, (t, f) in r["dominant_teacher"].items())
         match = ", ".join(f"{s}<-unmatched" if t is None else f"{s}<-{t} ({f:.0%})"
                           for s, (t, f) in r["modal_matching"].items())
         lines.append(f"| {r['strategy']} | {r['lambda_std']:.3f} | {r['tv_between_seeds']:.3f} | "
-                     f"{r['crossings']:.3f} | {r['fan_in']:.2f} | {dominant} | {match} |")
+                     f"{r['crossings']:.3f} | {r['depth_corr']:+.2f} | {r['fan_in']:.2f} | {dominant} | {match} |")
     return "\n".join(lines) + "\n"
 
 

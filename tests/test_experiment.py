@@ -376,7 +376,8 @@ def test_plan_pattern_table_names_unmatched_columns():
 
     st = stability([np.array([[1.0, 1.0], [0.0, 0.0]])])  # (T, S): both student columns on the first teacher layer
     assert sorted(st["modal_matching"].values(), key=lambda tf: tf[1]) == [(None, 0.0), ("T0", 1.0)]
-    row = {"strategy": "softmax", "lambda_std": 0.0, "tv_between_seeds": 0.0, "crossings": 0.0, "fan_in": 1.0,
+    row = {"strategy": "softmax", "lambda_std": 0.0, "tv_between_seeds": 0.0, "crossings": 0.0, "depth_corr": float("nan"),
+           "fan_in": 1.0,
            "modal_matching": {s: [t, f] for s, (t, f) in st["modal_matching"].items()},
            "dominant_teacher": {s: [t, f] for s, (t, f) in st["modal_dominant"].items()}}
     line = experiment.format_patterns([row]).strip().splitlines()[-1]
@@ -396,6 +397,12 @@ def test_plan_pattern_table_names_each_columns_dominant_teacher_across_seeds():
     assert row["modal_matching"]["S1"][0] != "T0"
     line = experiment.format_patterns([row]).strip().splitlines()[-1]
     assert "| S0<-T0 (100%), S1<-T0 (67%) |" in line
+    # depth correlation, mean over seeds, by hand: the fan-in plan's weights 0.45 / 0.4 / 0.05 / 0.1 on
+    # (i, j) = (0,0) / (0,1) / (1,0) / (1,1) give E[i] 0.15, E[j] 0.5, E[ij] 0.1, so cov 0.025, var 0.1275
+    # and 0.25; the other's 0.45 / 0.15 / 0.05 / 0.35 give cov 0.35 - 0.4 * 0.5 = 0.15, var 0.24 and 0.25
+    expected = (2 * 0.025 / (0.1275 * 0.25) ** 0.5 + 0.15 / (0.24 * 0.25) ** 0.5) / 3
+    assert row["depth_corr"] == pytest.approx(expected, rel=1e-6)  # the plans pass through float32
+    assert f"| {row['depth_corr']:+.2f} |" in line
     # a tie between teacher layers goes to the shallowest
     import numpy as np
 

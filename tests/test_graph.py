@@ -580,6 +580,7 @@ def test_report_out_dir_format_and_no_history(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["alignment.graphml", "alignment.svg", "plan_heatmap.svg"]
     assert "Crossings: 3 of 3 edge pairs" in text
     assert "normalised 1.0000" in text
+    assert "Depth correlation: -1.000 (" in text  # the reversed plan
     with pytest.raises(ValueError, match="suffix"):
         g.report(f, out_dir=out, fmt="docx")
 
@@ -601,3 +602,30 @@ def test_cli(tmp_path, capsys):
     assert "Alignment report" in out and out.count("Compare with") == 2
     assert (tmp_path / "o" / "alignment.png").exists()
     assert not (tmp_path / "o" / "plan_evolution.png").exists()  # epochs=0 -> no history plans
+
+
+def test_depth_correlation_closed_forms_and_numpy_oracle():
+    # closed forms: the diagonal +1, the reversed plan -1, the uniform plan 0 (depths independent)
+    assert g.depth_correlation(np.eye(5)) == pytest.approx(1.0)
+    assert g.depth_correlation(np.eye(5)[::-1]) == pytest.approx(-1.0)
+    assert g.depth_correlation(np.full((7, 4), 1 / 7)) == pytest.approx(0.0, abs=1e-12)
+    # an independent oracle: numpy's weighted covariance over the (teacher depth, student depth) pairs
+    rng = np.random.default_rng(0)
+    p = col_normalise(rng.uniform(0, 1, size=(11, 5)) ** 4)
+    ii, jj = np.meshgrid(np.arange(11), np.arange(5), indexing="ij")
+    cov = np.cov(ii.ravel(), jj.ravel(), aweights=p.ravel())
+    assert g.depth_correlation(p) == pytest.approx(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]), rel=1e-10)
+    # invariances: the same from a graph as from the bare plan; flipping both depth orders keeps it,
+    # flipping one negates it
+    G = g.alignment_graph(p, names("t", 11), names("s", 5))
+    assert g.depth_correlation(G) == pytest.approx(g.depth_correlation(p), rel=1e-12)
+    assert g.depth_correlation(p[::-1, ::-1]) == pytest.approx(g.depth_correlation(p), rel=1e-10)
+    assert g.depth_correlation(p[::-1]) == pytest.approx(-g.depth_correlation(p), rel=1e-10)
+    # a dustbin row has no depth: the value is that of the teacher rows alone
+    from align_kd.plans import DUSTBIN
+
+    binned = np.vstack([p * 0.6, np.full((1, 5), 0.4)])
+    assert g.depth_correlation(binned, names("t", 11) + [DUSTBIN], names("s", 5)) == pytest.approx(
+        g.depth_correlation(p), rel=1e-10)
+    # no spread on one side: undefined
+    assert math.isnan(g.depth_correlation(np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])))

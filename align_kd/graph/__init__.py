@@ -8,8 +8,9 @@ in depth (forward) order, and every column sums to 1 (``lambda[i, j]`` is how mu
 * :mod:`align_kd.graph.analysis` -- :func:`load_run`; :func:`alignment_graph` (one node per layer,
   one edge per pair with ``lambda > threshold``); :func:`max_matching` (the best one-to-one
   student -> teacher assignment); :func:`crossings` / :func:`weighted_crossings` (how far the plan
-  is from depth-monotone); :func:`fan_in`, :func:`dominant_teacher`, :func:`usage`,
-  :func:`summary` (per-layer numbers); :func:`compare`, :func:`stability` (distances between runs
+  is from depth-monotone); :func:`depth_correlation` (which way it leans: +1 depth order, -1
+  reversed); :func:`fan_in`, :func:`dominant_teacher`, :func:`usage`, :func:`summary` (per-layer
+  numbers); :func:`compare`, :func:`stability` (distances between runs
   and spread over several runs).
 * :mod:`align_kd.graph.drawing` -- :func:`draw_alignment`, :func:`draw_plan_heatmap`,
   :func:`draw_plan_evolution`, :func:`draw_panels`: figures (matplotlib, Agg canvas; pyplot is
@@ -26,6 +27,7 @@ from .analysis import (
     alignment_graph,
     compare,
     crossings,
+    depth_correlation,
     dominant_teacher,
     fan_in,
     graph_plan,

@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 import torch
 
+from ..plans import DUSTBIN
 from ..result import FitResult
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "max_matching",
     "crossings",
     "weighted_crossings",
+    "depth_correlation",
     "fan_in",
     "dominant_teacher",
     "usage",
@@ -473,6 +475,32 @@ def weighted_crossings(graph: Any, *, normalized: bool = False, threshold: float
         S = len(_sides(G)[1])
         return 0.0 if S < 2 else val / (S * (S - 1) / 2.0)
     return val
+
+
+def depth_correlation(graph_or_plan: Any, teacher_layers=None, student_layers=None) -> float:
+    """How closely the plan follows depth order: the lambda-weighted correlation of teacher depth
+    with student depth.
+
+    Reads ``lambda / sum(lambda)`` as a joint distribution over (teacher layer i, student layer j),
+    both in depth order, and returns Pearson's corr(i, j): +1 when every pair lies on one rising
+    line (the depth pairing with T == S), -1 for the fully reversed plan, 0 for the uniform plan
+    (depths independent). Unlike :func:`weighted_crossings` its sign says which way a plan leans:
+    shallow student layers learning from deep teacher layers gives a negative value. A "no teacher"
+    row (dustbin) has no depth and is left out. NaN when one side carries weight on a single layer.
+    Uses the full plan (sub-threshold mass included) when given a graph from :func:`alignment_graph`.
+    """
+    p, tl, _ = _resolve(graph_or_plan, teacher_layers, student_layers)
+    p = p[[k for k, name in enumerate(tl) if name != DUSTBIN]]  # (T, S), teacher rows only
+    total = p.sum()
+    if not total > 0:
+        return float("nan")
+    w = p / total  # (T, S) joint distribution of (teacher depth, student depth)
+    i = np.arange(p.shape[0], dtype=np.float64)[:, None] - (w.sum(1) * np.arange(p.shape[0])).sum()  # (T, 1) centred
+    j = np.arange(p.shape[1], dtype=np.float64)[None, :] - (w.sum(0) * np.arange(p.shape[1])).sum()  # (1, S) centred
+    var_i, var_j = float((w * i**2).sum()), float((w * j**2).sum())
+    if var_i <= 0 or var_j <= 0:
+        return float("nan")
+    return float((w * i * j).sum() / math.sqrt(var_i * var_j))
 
 
 def _fan_in_array(p: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 import networkx as nx
 
 from ..result import FitResult
-from .analysis import alignment_graph, crossings, load_run, max_matching, summary, weighted_crossings
+from .analysis import alignment_graph, crossings, depth_correlation, load_run, max_matching, summary, weighted_crossings
 from .analysis import compare as _compare  # report() has a parameter named `compare`
 from .drawing import _check_out_path, draw_alignment, draw_plan_evolution, draw_plan_heatmap
 
@@ -67,8 +67,8 @@ def report(run: Any, *, compare: Sequence[Any] = (), out_dir: str | os.PathLike 
     directory): ``alignment.<fmt>``, ``plan_heatmap.<fmt>``, ``plan_evolution.<fmt>`` (only when
     the history holds plans) and ``alignment.graphml``. Returns (does not print) a plain-text
     report: per student layer (dominant teacher, its lambda, fan-in, matched teacher), per teacher
-    layer (usage, matched student), crossings and weighted crossings, and :func:`compare` numbers
-    against each run in ``compare`` (paths, dicts or objects).
+    layer (usage, matched student), crossings, weighted crossings and the depth correlation, and
+    :func:`compare` numbers against each run in ``compare`` (paths, dicts or objects).
     """
     r = load_run(run)
     fmt = str(fmt).lower().lstrip(".")
@@ -108,6 +108,7 @@ def report(run: Any, *, compare: Sequence[Any] = (), out_dir: str | os.PathLike 
     match = max_matching(G)
     lines += ["", f"Crossings: {nc} of {E * (E - 1) // 2} edge pairs; weighted {wc:.4f} "
                   f"(normalised {wcn:.4f}; 0 = depth-monotone, 1 = fully reversed one-to-one)",
+              f"Depth correlation: {depth_correlation(G):+.3f} (+1 = in depth order, -1 = reversed, 0 = no depth pattern)",
               f"Max matching: {len(match)} of {S} student layers matched"
               + ("" if len(match) == S else " (unmatched student layers shown as '-')")]
     for k, other in enumerate(compare, start=1):
