@@ -198,7 +198,7 @@ def test_package_layout():
     assert not hasattr(g, "RunData")
     where = {"analysis": ["load_run", "alignment_graph", "graph_plan", "max_matching", "crossings",
                           "weighted_crossings", "fan_in", "dominant_teacher", "usage", "summary", "compare",
-                          "stability"],
+                          "stability", "depth_correlation"],
              "drawing": ["draw_alignment", "draw_plan_heatmap", "draw_plan_evolution", "draw_panels"],
              "reporting": ["report", "format_table", "add_cli", "_cli_graph"]}
     seen = []
