@@ -63,8 +63,7 @@ VARIANTS = {
     "resnet20-50ep+lookahead": RESNET_50EP,
     "resnet32-50ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 32},
                                        description="CIFAR ResNet-32 (He et al. 2016)"),
-    "resnet56-50ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 56},
-                                       description="CIFAR ResNet-56 (He et al. 2016)"),
+    "resnet56-50ep+lookahead": zoo.RECIPES["resnet56"],  # shipped as `resnet56`
     # airbench's remaining training details, together: reflected borders for the translation,
     # alternating flips, the whitening bias at the base lr for 3 epochs and then fixed
     "fastcnn+lookahead+details": replace(SHIPPED, lookahead=True, padding_mode="reflect", flip="alternate",

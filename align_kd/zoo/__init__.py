@@ -101,6 +101,13 @@ RECIPES["fastcnn-lookahead"] = replace(
     RECIPES["fastcnn"], lookahead=True,
     description="fastcnn's net and recipe with airbench's Lookahead (a slow weight average), 0.5M parameters")
 
+# the deep teacher at the depth of He et al.'s ResNet-56 (0.86M parameters): resnet20's recipe twice
+# as long (50 epochs) with Lookahead (benchmarks/teacher_recipes.py, variant resnet56-50ep+lookahead;
+# about 2 hours on this 2-core CPU). setting (ii)'s records hang on resnet20
+RECIPES["resnet56"] = replace(
+    RECIPES["resnet20"], model_kwargs={"depth": 56, "width": 16}, epochs=50, lookahead=True,
+    description="CIFAR ResNet-56 (He et al. 2016), 0.86M parameters, 50 epochs with Lookahead: the strongest deep teacher")
+
 
 def _check_name(name: str) -> Recipe:
     if name not in RECIPES:
