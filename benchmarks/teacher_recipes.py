@@ -15,8 +15,8 @@ training time and the shipped recipe's accuracy, side by side from one run:
 - ``resnet20-50ep+lookahead``: the shipped `resnet20` recipe (25 epochs, 0.8673) run twice as long
   with Lookahead, towards issue 12's deep-teacher target (>= 90%, no time limit);
 - ``resnet32-50ep+lookahead``: the same recipe on the deeper ResNet-32 (0.47M parameters): what
-  depth adds at the same 50 epochs; ``resnet56-50ep+lookahead``: ResNet-56 (0.85M parameters), the
-  next depth of He et al.'s table (longer than one sitting here: see "Resumable").
+  depth adds at the same 50 epochs; ``resnet56-50ep+lookahead``: ResNet-56 (0.86M parameters), the
+  next depth of He et al.'s table, shipped as ``resnet56`` (its variant is that zoo recipe).
 
 - ``fastcnn+lookahead+details``: airbench's remaining training details on top (reflected borders
   for the translation, alternating flips, the whitening bias at the base lr for 3 epochs, then

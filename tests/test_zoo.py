@@ -7,6 +7,7 @@ refused; two smoke runs of the recipe with the same seed give bitwise the same w
 import hashlib
 import json
 import shutil
+from dataclasses import asdict, fields, replace
 
 import pytest
 import torch
@@ -34,6 +35,11 @@ def test_every_recipe_ships_and_cards_are_complete():
         model, loaded = zoo.load_teacher(name)
         assert loaded == card and not model.training
         assert card["params"] == sum(p.numel() for p in model.parameters())
+        # `zoo train NAME` regenerates what the card records: every recipe field the card holds is the
+        # recipe's, and a field the card predates is at its default (the behaviour before it existed)
+        recipe, defaults = asdict(zoo.RECIPES[name]), {f.name: f.default for f in fields(zoo.Recipe)}
+        for key, value in recipe.items():
+            assert card["recipe"].get(key, defaults[key]) == value, (name, key, card["recipe"].get(key), value)
 
 
 @pytest.mark.parametrize("name", sorted(zoo.RECIPES))
@@ -91,7 +97,6 @@ def test_recipe_smoke_run_is_deterministic_and_round_trips(tmp_path, cache):
 
 
 def test_recipe_override_trains_the_given_recipe_and_needs_a_scratch_folder(tmp_path, cache):
-    from dataclasses import replace
 
     from align_kd.models import FastCNN
 

@@ -105,7 +105,7 @@ RECIPES["fastcnn-lookahead"] = replace(
 # as long (50 epochs) with Lookahead (benchmarks/teacher_recipes.py, variant resnet56-50ep+lookahead;
 # about 2 hours on this 2-core CPU). setting (ii)'s records hang on resnet20
 RECIPES["resnet56"] = replace(
-    RECIPES["resnet20"], model_kwargs={"depth": 56, "width": 16}, epochs=50, lookahead=True,
+    RECIPES["resnet20"], model_kwargs={**RECIPES["resnet20"].model_kwargs, "depth": 56}, epochs=50, lookahead=True,
     description="CIFAR ResNet-56 (He et al. 2016), 0.86M parameters, 50 epochs with Lookahead: the strongest deep teacher")
 
 
