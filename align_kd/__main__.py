@@ -137,7 +137,7 @@ def cmd_zoo(args) -> int:
         checkpoints = Path(args.checkpoint_dir) / name if args.checkpoint_dir else None
         model, card = zoo.train_teacher(name, data_root=args.data, seed=args.seed, weights_dir=args.weights_dir,
                                         train_limit=args.train_limit, epochs=args.epochs, progress=not args.no_progress,
-                                        checkpoint_dir=checkpoints, resume=args.resume)
+                                        checkpoint_dir=checkpoints, resume=args.resume, from_teacher=args.from_teacher)
         print(f"{name}: test acc {card['test_acc']:.4f} (with test-time flips {card['test_acc_flip']:.4f}) on "
               f"{card['test_images']} test images; {card['params']:,} parameters; trained in {card['train_seconds']:.0f} s "
               f"on {card['threads']} threads; sha256 {card['sha256'][:16]}...")
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None,
                    help="write a checkpoint after every epoch to DIR/NAME/ (long recipes over several sittings)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    p.add_argument("--from-teacher", default=None, metavar="FIRST",
+                   help="a recipe with an SWA stage: start that stage from teacher FIRST (shipped, or in --weights-dir), "
+                        "which must have been trained by the recipe's first stage (checked against its card)")
     _common(p)
     p.set_defaults(func=cmd_zoo)
 

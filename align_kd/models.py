@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
@@ -332,13 +333,16 @@ def train_supervised(
     lr_end: float = 0.0,
     param_groups: list[dict] | None = None,
     lookahead: bool = False,
+    average: str | None = None,
+    epoch_offset: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> dict:
     """Train with cross-entropy and SGD (Nesterov momentum), the learning rate set every step.
 
     ``schedule="cosine"``: linear warm-up over ``warmup_epochs`` from ``lr_start * lr``, then cosine
-    decay to ``lr_end * lr``; ``"linear"``: the same warm-up, then linear decay (a one-cycle triangle).
+    decay to ``lr_end * lr``; ``"linear"``: the same warm-up, then linear decay (a one-cycle triangle);
+    ``"constant"``: the same warm-up, then ``lr`` to the end (``lr_end`` unused; SWA's schedule).
     ``param_groups``: torch optimiser groups (default: every trainable parameter in one group); a
     group's optional ``"lr_scale"`` multiplies its learning rate, its ``"weight_decay"`` overrides, its
     ``"train_epochs"`` (an int) freezes it after that many epochs (learning rate 0 from then on). Cross-entropy uses
@@ -349,6 +353,12 @@ def train_supervised(
     ``lookahead`` (airbench's Lookahead): a slow copy of every float tensor of the state dict
     (weights and BatchNorm statistics) moves towards the model by ``1 - decay`` every 5 steps and
     replaces it, ``decay = 0.95**5 * (step / total_steps)**3``; the model ends as the slow copy.
+    ``average="swa"`` (stochastic weight averaging, Izmailov et al. 2018): the model ends as the
+    equal-weight mean of its parameters at the end of every epoch (``torch.optim.swa_utils.AveragedModel``),
+    its BatchNorm statistics then recomputed by one pass over ``train_loader`` in train mode
+    (``update_bn``; the loader at epoch ``epoch_offset + epochs``). ``epoch_offset``: the loader's
+    epochs are numbered from it (``set_epoch(epoch_offset + epoch)``), so a second stage that continues
+    a finished run draws new shuffles and augmentations.
     ``checkpoint_dir``: after every epoch, write ``checkpoint-epochNNNN.pt`` there (the format of
     :mod:`align_kd.checkpoint`; the newest 2 kept) with the model, optimiser, Lookahead copy,
     history and RNG states; ``resume=True`` continues from the newest one and ends bitwise where an
@@ -380,8 +390,14 @@ def train_supervised(
         raise ValueError(f"Expected label_smoothing in [0, 1) but got {label_smoothing!r}.")
     if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs < epochs):
         raise ValueError(f"Expected warmup_epochs in [0, epochs={epochs}) but got {warmup_epochs!r}.")
-    if schedule not in ("cosine", "linear"):
-        raise ValueError(f"Expected schedule to be 'cosine' or 'linear' but got {schedule!r}.")
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"Expected schedule to be 'cosine', 'linear' or 'constant' but got {schedule!r}.")
+    if average not in (None, "swa"):
+        raise ValueError(f"Expected average to be None or 'swa' (stochastic weight averaging) but got {average!r}.")
+    if average is not None and lookahead:
+        raise ValueError("lookahead=True and average='swa' are two weight averages of one run; pick one (a second "
+                         "stage can average a Lookahead run's result: train_supervised(..., average='swa') on it).")
+    _check_int("epoch_offset", epoch_offset, minimum=0)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("Expected a train_loader with at least one batch but len(train_loader) == 0.")
@@ -407,11 +423,14 @@ def train_supervised(
         if step < warmup_steps:
             return lr_start + (1 - lr_start) * (step + 1) / warmup_steps
         progress_ = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        if schedule == "constant":
+            return 1.0
         decay = 0.5 * (1 + math.cos(math.pi * progress_)) if schedule == "cosine" else 1 - progress_
         return lr_end + (1 - lr_end) * decay
 
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()} if lookahead else None
+    averaged = AveragedModel(model) if average == "swa" else None  # parameters only: BatchNorm is recomputed at the end
     history: dict[str, list] = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": [], "lr": [], "seconds": []}
     step = first_epoch = 0
     earlier_seconds = 0.0  # wall time of the sittings before this one (a resumed run)
@@ -421,15 +440,17 @@ def train_supervised(
                   "warmup_epochs": warmup_epochs, "schedule": schedule, "lr_start": lr_start, "lr_end": lr_end,
                   "amp": amp, "lookahead": lookahead, "steps_per_epoch": steps_per_epoch, "lr_scales": scales,
                   "group_epochs": group_epochs, "group_sizes": [len(g["params"]) for g in groups],
-                  "loader_seed": getattr(train_loader, "seed", None)}
-        resumed = _resume_supervised(checkpoint_dir, resume, config, model, optimizer, slow, train_loader)
+                  "loader_seed": getattr(train_loader, "seed", None),
+                  # only when set, so a checkpoint written before these options existed still resumes
+                  **({"average": average} if average else {}), **({"epoch_offset": epoch_offset} if epoch_offset else {})}
+        resumed = _resume_supervised(checkpoint_dir, resume, config, model, optimizer, slow, averaged, train_loader)
         if resumed is not None:
             first_epoch, step, history, earlier_seconds = resumed
     bar = tqdm(total=total_steps, initial=step, desc=f"train {type(model).__name__}", disable=not progress, unit="step")
     try:
         for epoch in range(first_epoch, epochs):
             if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
+                train_loader.set_epoch(epoch_offset + epoch)
             model.train()
             loss_sum = correct = seen = 0
             start = time.perf_counter()
@@ -455,17 +476,19 @@ def train_supervised(
                 seen += len(y)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if averaged is not None:
+                averaged.update_parameters(model)
             history["seconds"].append(time.perf_counter() - start)
             test_acc = evaluate(model, test_loader, device, flip=flip_eval) if test_loader is not None else None
             history["epoch"].append(epoch + 1)
             history["train_loss"].append(loss_sum / seen)
             history["train_acc"].append(correct / seen)
             history["test_acc"].append(test_acc)
-            history["lr"].append(lr * (lr_factor(step) if step < total_steps else lr_end))
+            history["lr"].append(lr * (lr_factor(step) if step < total_steps or schedule == "constant" else lr_end))
             if test_acc is not None:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", test_acc=f"{test_acc:.3f}")
             if checkpoint_dir is not None:
-                _save_supervised(checkpoint_dir, config, epoch + 1, step, model, optimizer, slow, history,
+                _save_supervised(checkpoint_dir, config, epoch + 1, step, model, optimizer, slow, averaged, history,
                                  earlier_seconds + time.perf_counter() - started, train_loader)
     except KeyboardInterrupt:
         if checkpoint_dir is not None:
@@ -476,6 +499,8 @@ def train_supervised(
         bar.close()
     if slow is not None and step >= LOOKAHEAD_EVERY:  # (before the first sync the slow copy is the init)
         _lookahead_sync(model, slow, decay=1.0)  # the model ends as the slow copy
+    if averaged is not None:
+        _take_average(model, averaged, train_loader, epoch_offset + epochs, device, memory_format)
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()
@@ -483,17 +508,30 @@ def train_supervised(
     return history
 
 
-def _save_supervised(directory, config, epoch, step, model, optimizer, slow, history, wall_seconds, loader) -> None:
+@torch.no_grad()
+def _take_average(model: nn.Module, averaged: AveragedModel, loader, epoch: int, device, memory_format) -> None:
+    """Set ``model``'s parameters to SWA's running mean, then recompute its BatchNorm statistics over
+    ``loader`` at ``epoch`` (torch's ``update_bn``: the equal-weight mean of the batches' statistics)."""
+    for mine, mean in zip(model.parameters(), averaged.module.parameters()):
+        mine.copy_(mean)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    update_bn((x.to(device, memory_format=memory_format) if x.dim() == 4 else x.to(device) for x, _ in loader), model)
+
+
+def _save_supervised(directory, config, epoch, step, model, optimizer, slow, averaged, history, wall_seconds,
+                     loader) -> None:
     """train_supervised's checkpoint after ``epoch`` epochs (the newest 2 kept)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     write_checkpoint({"format": FORMAT, "epoch": epoch, "step": step, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "slow": slow or {}, "history": history,
+                      "optimizer": optimizer.state_dict(), "slow": slow or {},
+                      "averaged": averaged.state_dict() if averaged is not None else {}, "history": history,
                       "wall_seconds": wall_seconds, "rng": [capture_rng(loader)], "config": config,
                       "versions": {"torch": str(torch.__version__)}}, checkpoint_path(directory, epoch))
     prune_checkpoints(directory, keep=2)
 
 
-def _resume_supervised(directory, resume, config, model, optimizer, slow, loader):
+def _resume_supervised(directory, resume, config, model, optimizer, slow, averaged, loader):
     """Load the newest usable checkpoint of ``directory`` into the run; ``(first epoch, step,
     history, earlier wall seconds)``, or None to start from scratch. Raises before any training
     when the folder holds another run's checkpoints."""
@@ -517,6 +555,8 @@ def _resume_supervised(directory, resume, config, model, optimizer, slow, loader
     if slow is not None:
         for name, value in payload["slow"].items():
             slow[name].copy_(value)
+    if averaged is not None:
+        averaged.load_state_dict(payload["averaged"])
     restore_rng(payload["rng"][0], loader)
     return payload["epoch"], payload["step"], payload["history"], payload["wall_seconds"]
 

@@ -328,10 +328,11 @@ def test_translate_evaluation_matches_the_six_view_closed_form():
             assert not torch.equal(manual, logit[0].argmax(1))  # the views do change predictions
 
 
-def test_train_supervised_resumes_bitwise_after_an_interruption(tmp_path):
+@pytest.mark.parametrize("average", [None, "swa"])
+def test_train_supervised_resumes_bitwise_after_an_interruption(tmp_path, average):
     """Ctrl-C in the middle of epoch 2 of 3, then a fresh model resumed from the checkpoint of epoch 1:
     it ends bitwise where the uninterrupted run ends (weights, BatchNorm statistics, Lookahead's slow
-    copy, schedule, history), in channels_last and with a frozen-after-1-epoch group."""
+    copy or SWA's running mean, schedule, history), in channels_last and with a frozen-after-1-epoch group."""
     images, labels = _coloured_dataset()
 
     class InterruptedLoader(TensorLoader):
@@ -350,11 +351,12 @@ def test_train_supervised_resumes_bitwise_after_an_interruption(tmp_path):
         torch.manual_seed(init_seed)
         model = ResNetCIFAR(depth=8, width=4)
         loader = InterruptedLoader(images, labels, batch_size=25, shuffle=True, augment=True, seed=3)
-        loader.stop_epoch = stop_epoch
+        options = dict(lookahead=True) if average is None else dict(average="swa", schedule="constant", epoch_offset=4)
+        loader.stop_epoch = None if stop_epoch is None else stop_epoch + options.get("epoch_offset", 0)
         groups = [{"params": [p for p in model.parameters() if p.dim() > 1]},
                   {"params": [p for p in model.parameters() if p.dim() == 1], "lr_scale": 2.0, "train_epochs": 1}]
-        history = train_supervised(model, loader, epochs=3, lr=0.1, warmup_epochs=1, lookahead=True, channels_last=True,
-                                   param_groups=groups, progress=False, **kwargs)
+        history = train_supervised(model, loader, epochs=3, lr=0.1, warmup_epochs=1, channels_last=True,
+                                   param_groups=groups, progress=False, **options, **kwargs)
         return model, history
 
     plain, plain_history = run(None, init_seed=0)
@@ -396,3 +398,65 @@ def test_train_supervised_checkpoint_misuse_is_refused_before_training(tmp_path)
     with pytest.warns(RuntimeWarning, match="Resuming from epoch 1"):
         history = train_supervised(model, train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder, resume=True)
     assert history["epoch"] == [1, 2]
+
+
+def test_swa_ends_at_the_mean_of_the_epoch_end_weights():
+    """Oracle: at a constant learning rate a run of k epochs is the first k epochs of a longer one, so
+    SWA over 3 epochs must end at the mean of the plain runs' weights after 1, 2 and 3 epochs (a model
+    without BatchNorm, so nothing is recomputed). The loader sees epochs offset, offset + 1, ..."""
+    images, labels = _coloured_dataset()
+
+    class Epochs(TensorLoader):
+        def set_epoch(self, epoch):
+            super().set_epoch(epoch)
+            self.seen.append(epoch)
+
+    def run(epochs, average=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 10))
+        train = Epochs(images, labels, batch_size=40, shuffle=True, augment=True, seed=0)
+        train.seen = []
+        history = train_supervised(model, train, epochs=epochs, lr=0.05, schedule="constant", average=average,
+                                   epoch_offset=7, progress=False)
+        return model.state_dict(), history, train.seen
+
+    plain = [run(k)[0] for k in (1, 2, 3)]
+    swa, history, seen = run(3, "swa")
+    assert seen == [7, 8, 9, 10]  # three training epochs, then the BatchNorm pass at epoch offset + 3
+    assert history["lr"] == [0.05, 0.05, 0.05]  # constant, to the end
+    for name, value in swa.items():
+        expected = sum(run_[name] for run_ in plain) / 3
+        assert torch.allclose(value, expected, atol=1e-6), name
+        assert not torch.allclose(value, plain[-1][name], atol=1e-4), name  # the mean is not the last epoch
+
+
+def test_swa_recomputes_batchnorm_statistics_over_the_training_loader():
+    """Oracle: a BatchNorm on the input itself ends with the equal-weight mean over the batches (of the
+    loader at epoch offset + epochs) of each batch's channel mean and unbiased variance."""
+    images, labels = _coloured_dataset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    train = TensorLoader(images, labels, batch_size=40, shuffle=True, augment=True, seed=0)
+    train_supervised(model, train, epochs=2, lr=0.05, schedule="constant", average="swa", epoch_offset=3,
+                     progress=False)
+    train.set_epoch(5)
+    batches = [x.double() for x, _ in train]
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in batches])  # (batches, 3)
+    variances = torch.stack([x.transpose(0, 1).flatten(1).var(dim=1) for x in batches])  # (batches, 3), unbiased
+    bn = model[0]
+    assert torch.allclose(bn.running_mean.double(), means.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var.double(), variances.mean(0), rtol=1e-4)
+    assert bn.momentum == 0.1 and not model.training  # update_bn restores the momentum; the model ends in eval
+
+
+def test_swa_options_are_checked_before_training():
+    train, _ = _loaders()
+    model = SmallCNN(width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="average to be None or 'swa'.*'ema'"):
+        train_supervised(model, train, epochs=1, average="ema", progress=False)
+    with pytest.raises(ValueError, match="two weight averages"):
+        train_supervised(model, train, epochs=1, average="swa", lookahead=True, progress=False)
+    with pytest.raises(ValueError, match="epoch_offset to be an int >= 0"):
+        train_supervised(model, train, epochs=1, epoch_offset=-1, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -117,6 +117,35 @@ def test_recipe_override_trains_the_given_recipe_and_needs_a_scratch_folder(tmp_
     assert "study" not in zoo.list_teachers()
 
 
+def test_swa_stage_from_its_first_stage_teacher_ends_where_training_from_scratch_ends(tmp_path, cache):
+    """A two-stage recipe (first stage, then SWA) trained from scratch, and its SWA stage started from a
+    teacher that its first stage wrote, give bitwise the same weights; a teacher that is not that first
+    stage is refused before any training."""
+    first = replace(zoo.RECIPES["resnet20"], model_kwargs={"depth": 8, "width": 4}, batch_size=128, lookahead=True)
+    two = replace(first, swa_epochs=2, swa_lr=0.05)
+    kw = dict(data_root=ARCHIVE, cache_dir=cache, train_limit=512, test_limit=200, epochs=1, progress=False)
+    _, scratch = zoo.train_teacher("two", recipe=two, weights_dir=tmp_path / "scratch", **kw)
+    zoo.train_teacher("first", recipe=first, weights_dir=tmp_path / "staged", **kw)
+    first_card = json.loads((tmp_path / "staged" / "first.json").read_text())
+    _, staged = zoo.train_teacher("two", recipe=two, weights_dir=tmp_path / "staged", from_teacher="first", **kw)
+    assert staged["sha256"] == scratch["sha256"] and staged["test_acc"] == scratch["test_acc"]
+    assert staged["from_teacher"] == {"name": "first", "sha256": first_card["sha256"]} and "from_teacher" not in scratch
+    assert staged["test_acc_before_swa"] == scratch["test_acc_before_swa"] == first_card["test_acc"]
+    assert scratch["history_swa"]["epoch"] == [1, 2] and scratch["history_swa"]["lr"] == [0.05, 0.05]
+    assert scratch["recipe"]["swa_epochs"] == 2 and scratch["history"]["epoch"] == [1]
+    assert staged["train_seconds"] == pytest.approx(first_card["train_seconds"] + staged["history_swa"]["wall_seconds"], abs=0.1)
+    staged_files = sorted(p.name for p in (tmp_path / "staged").iterdir())
+    for wrong, match in ((dict(recipe=replace(two, lr=0.3)), r"not the first stage of recipe 'two' \(lr: first has 0.2, two needs 0.3\)"),
+                         (dict(recipe=two, seed=1), r"seed: first has 0, two needs 1"),
+                         (dict(recipe=first), "no second stage"),
+                         (dict(recipe=replace(two, swa_lr=0.0)), "swa_lr=0.0")):
+        with pytest.raises(ValueError, match=match):
+            zoo.train_teacher("two", weights_dir=tmp_path / "staged", from_teacher="first", **{**kw, **wrong})
+    with pytest.raises(FileNotFoundError, match="'missing' has no weights"):
+        zoo.train_teacher("two", recipe=two, weights_dir=tmp_path / "staged", from_teacher="missing", **kw)
+    assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == staged_files  # nothing written
+
+
 def test_whitening_init_decorrelates_patches():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 3, 12, 12, generator=g)

@@ -9,17 +9,21 @@
 - ``sha256`` of the weight file (checked on every load), ``params``, ``train_seconds``,
   ``threads`` (torch threads it was trained with), ``mean`` / ``std`` (the per-channel input
   normalisation for images scaled to [0, 1]: the library's loaders apply it), ``recipe`` (every
-  training option), ``seed``, ``history`` and ``versions``.
+  training option), ``seed``, ``history`` and ``versions``; a recipe with an SWA stage adds
+  ``test_acc_before_swa``, ``history_swa`` and, when that stage started from an existing teacher,
+  ``from_teacher`` (its name and sha256).
 
 ``train_teacher(name)`` (``python -m align_kd zoo train NAME``) regenerates a teacher from scratch
-with :func:`align_kd.models.train_supervised`, the library's supervised loop.
+with :func:`align_kd.models.train_supervised`, the library's supervised loop. A recipe with an SWA
+stage can start that stage from a shipped teacher trained by its first stage
+(``train_teacher(name, from_teacher=...)``, ``zoo train NAME --from-teacher FIRST``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +69,11 @@ class Recipe:
     whiten_bias_epochs: int | None = None
     amp: bool = True  # bfloat16 autocast in training (evaluation and the shipped weights are float32)
     lookahead: bool = False  # airbench's Lookahead: the weights end as a slow average (see train_supervised)
+    # a second stage after `epochs`: stochastic weight averaging (Izmailov et al. 2018), swa_epochs more epochs at
+    # the constant learning rate swa_lr (fresh momentum, no Lookahead), the weights averaged at the end of each,
+    # then BatchNorm statistics recomputed on the training images (train_supervised(average="swa"))
+    swa_epochs: int = 0
+    swa_lr: float = 0.0
     description: str = ""
 
 
@@ -108,6 +117,13 @@ RECIPES["resnet56"] = replace(
     RECIPES["resnet20"], model_kwargs={**RECIPES["resnet20"].model_kwargs, "depth": 56}, epochs=50, lookahead=True,
     description="CIFAR ResNet-56 (He et al. 2016), 0.86M parameters, 50 epochs with Lookahead: the strongest deep teacher")
 
+# resnet56 then stochastic weight averaging: 12 more epochs (a quarter of the first stage's) at a constant lr of 0.05
+# (a quarter of the peak), the weights averaged at every epoch's end, BatchNorm recomputed. `zoo train resnet56-swa
+# --from-teacher resnet56` runs only the second stage, from the shipped resnet56 (its first stage, checked)
+RECIPES["resnet56-swa"] = replace(
+    RECIPES["resnet56"], swa_epochs=12, swa_lr=0.05,
+    description="resnet56 plus 12 epochs of stochastic weight averaging (constant lr 0.05), 0.86M parameters")
+
 
 def _check_name(name: str) -> Recipe:
     if name not in RECIPES:
@@ -132,10 +148,8 @@ def list_teachers(weights_dir: str | Path | None = None) -> list[str]:
     return sorted(n for n in RECIPES if (folder / f"{n}.pt").is_file() and (folder / f"{n}.json").is_file())
 
 
-def load_teacher(name: str, *, weights_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """``(model in eval mode on the CPU, card)`` of a shipped teacher; the weights' sha256 is checked."""
-    recipe = _check_name(name)
-    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+def _read_checked(name: str, folder: Path) -> tuple[dict, dict]:
+    """``(state dict, card)`` of teacher ``name`` in ``folder``, the weight file's sha256 checked against the card."""
     weights, card_file = folder / f"{name}.pt", folder / f"{name}.json"
     if not weights.is_file() or not card_file.is_file():
         raise FileNotFoundError(
@@ -150,8 +164,15 @@ def load_teacher(name: str, *, weights_dir: str | Path | None = None) -> tuple[n
             f"{card.get('sha256')}: the file is damaged or was replaced. Reinstall align_kd or regenerate it "
             f"with `python -m align_kd zoo train {name}`."
         )
+    return torch.load(weights, map_location="cpu", weights_only=True), card
+
+
+def load_teacher(name: str, *, weights_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode on the CPU, card)`` of a shipped teacher; the weights' sha256 is checked."""
+    recipe = _check_name(name)
+    state, card = _read_checked(name, Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR)
     model = build_model(recipe.model, **_model_kwargs(recipe))
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     return model.eval(), card
 
 
@@ -179,6 +200,45 @@ def whiten_init(conv: nn.Conv2d, images: Tensor, eps: float = 5e-4) -> None:
         conv.bias.zero_()
 
 
+def _param_groups(model: nn.Module, recipe: Recipe, epochs: int, *, second_stage: bool = False) -> list[dict]:
+    """The recipe's optimiser groups: weights; 1-d parameters at ``bias_lr_scale``; a whitened stem's
+    bias in its own group that stops training after ``whiten_bias_epochs`` (fixed all through a second stage)."""
+    whiten_bias = [model.whiten.bias] if recipe.whiten_bias_epochs is not None else []
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() == 1 and not any(p is q for q in whiten_bias)]
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    groups = [{"params": matrices}, {"params": vectors, "lr_scale": recipe.bias_lr_scale,
+                                     "weight_decay": recipe.weight_decay / recipe.bias_lr_scale}]
+    if whiten_bias:
+        groups.append({"params": whiten_bias, "train_epochs": 0 if second_stage else min(recipe.whiten_bias_epochs, epochs)})
+    return groups
+
+
+def _first_stage(recipe: Recipe) -> dict:
+    """The fields that decide a recipe's first stage (its SWA stage and description left out)."""
+    return {k: v for k, v in asdict(recipe).items() if k not in ("swa_epochs", "swa_lr", "description")}
+
+
+def _load_first_stage(name: str, recipe: Recipe, from_teacher: str, weights_dir, seed: int, epochs: int,
+                      train_images: int) -> tuple[nn.Module, dict]:
+    """``from_teacher``'s model (built by ``recipe``) and card, checked to be ``recipe``'s first stage."""
+    if not recipe.swa_epochs:
+        raise ValueError(f"from_teacher={from_teacher!r} skips the first stage of a two-stage recipe, but {name!r} has "
+                         f"no second stage (swa_epochs=0). Train it from scratch (no from_teacher).")
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    state, card = _read_checked(from_teacher, folder if (folder / f"{from_teacher}.pt").is_file() else WEIGHTS_DIR)
+    defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
+    wanted = {**_first_stage(recipe), "epochs": epochs, "seed": seed, "train_images": train_images}
+    had = {k: card["recipe"].get(k, defaults.get(k)) for k in _first_stage(recipe)}
+    had.update(seed=card.get("seed"), train_images=card.get("train_images"))
+    differ = [f"{k}: {from_teacher} has {had[k]!r}, {name} needs {wanted[k]!r}" for k in wanted if had[k] != wanted[k]]
+    if differ:
+        raise ValueError(f"Teacher {from_teacher!r} is not the first stage of recipe {name!r} ({'; '.join(differ)}). "
+                         f"Start from a teacher trained by exactly that stage, or train {name!r} from scratch.")
+    model = build_model(recipe.model, **_model_kwargs(recipe))
+    model.load_state_dict(state)
+    return model, card
+
+
 def train_teacher(
     name: str,
     *,
@@ -193,16 +253,22 @@ def train_teacher(
     recipe: Recipe | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    from_teacher: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train zoo teacher ``name`` from scratch on CIFAR-10 and write its weights and card.
 
     ``train_limit`` / ``test_limit`` / ``epochs`` shorten the recipe (smoke runs; the card records
-    them). ``recipe`` trains that recipe instead of ``RECIPES[name]`` (recipe studies:
-    ``benchmarks/teacher_recipes.py``; it needs ``weights_dir``); ``name`` still names the files. Writes
-    ``<weights_dir>/<name>.pt`` and ``<name>.json`` atomically (default: the package's
-    folder) and returns ``(model in eval mode, card)``. ``checkpoint_dir`` / ``resume``: as
-    :func:`align_kd.models.train_supervised`'s (a checkpoint after every epoch; a resumed run ends
-    with bitwise the weights of an uninterrupted one, and ``train_seconds`` sums its sittings).
+    them; ``epochs`` is the first stage's). ``recipe`` trains that recipe instead of ``RECIPES[name]``
+    (recipe studies: ``benchmarks/teacher_recipes.py``; it needs ``weights_dir``); ``name`` still names
+    the files. Writes ``<weights_dir>/<name>.pt`` and ``<name>.json`` atomically (default: the
+    package's folder) and returns ``(model in eval mode, card)``. ``checkpoint_dir`` / ``resume``: as
+    :func:`align_kd.models.train_supervised`'s (a checkpoint after every epoch, the SWA stage's in
+    ``checkpoint_dir/swa``; a resumed run ends with bitwise the weights of an uninterrupted one, and
+    ``train_seconds`` sums its sittings). ``from_teacher``: a recipe with an SWA stage starts it from
+    that teacher (in ``weights_dir``, else the package's), which must have been trained by this
+    recipe's first stage at this seed (checked against its card: a ValueError otherwise); the card's
+    ``train_seconds`` adds its ``train_seconds``. The first stage is deterministic, so this ends where
+    training from scratch on the same machine ends.
     """
     if recipe is not None and weights_dir is None:
         raise ValueError(f"train_teacher({name!r}, recipe=...) got no weights_dir: a recipe study would overwrite "
@@ -212,36 +278,52 @@ def train_teacher(
     if recipe.whiten_bias_epochs is not None and not recipe.whiten:
         raise ValueError(f"Recipe {name!r} sets whiten_bias_epochs={recipe.whiten_bias_epochs} but whiten=False: "
                          f"only a whitened FastCNN stem has that bias. Set whiten=True or whiten_bias_epochs=None.")
+    if recipe.swa_epochs and not recipe.swa_lr > 0:
+        raise ValueError(f"Recipe {name!r} has swa_epochs={recipe.swa_epochs} but swa_lr={recipe.swa_lr!r}: the SWA "
+                         f"stage needs a learning rate > 0.")
     train_x, train_y = load_cifar10(data_root, split="train", limit=train_limit, cache_dir=cache_dir)
     test_x, test_y = load_cifar10(data_root, split="test", limit=test_limit, cache_dir=cache_dir)
+    first_card = None
+    if from_teacher is not None:  # checked before any training
+        model, first_card = _load_first_stage(name, recipe, from_teacher, weights_dir, seed, epochs, len(train_y))
     train = TensorLoader(train_x, train_y, batch_size=recipe.batch_size, shuffle=True, augment=True, seed=seed,
                          padding=recipe.translate, padding_mode=recipe.padding_mode, flip=recipe.flip,
                          drop_last=len(train_y) >= 2 * recipe.batch_size)
     test = TensorLoader(test_x, test_y, batch_size=1000, shuffle=False)
-    torch.manual_seed(seed)
-    model = build_model(recipe.model, **_model_kwargs(recipe))
-    start = time.perf_counter()
-    if recipe.whiten:
-        if not isinstance(model, FastCNN):
-            raise ValueError(f"Recipe {name!r}: whiten=True needs a FastCNN but the model is {type(model).__name__}.")
-        whiten_init(model.whiten, next(iter(TensorLoader(train_x[:5000], train_y[:5000], batch_size=5000)))[0])
-    whiten_bias = [model.whiten.bias] if recipe.whiten_bias_epochs is not None else []  # its own group, below
-    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() == 1 and not any(p is q for q in whiten_bias)]
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    groups = [{"params": matrices}, {"params": vectors, "lr_scale": recipe.bias_lr_scale,
-                                     "weight_decay": recipe.weight_decay / recipe.bias_lr_scale}]
-    if whiten_bias:
-        groups.append({"params": whiten_bias, "train_epochs": min(recipe.whiten_bias_epochs, epochs)})
-    setup_seconds = time.perf_counter() - start
-    history = train_supervised(
-        model, train, None, epochs=epochs, lr=recipe.lr, weight_decay=recipe.weight_decay, seed=seed,
-        param_groups=groups, lr_start=recipe.lr_start, lr_end=recipe.lr_end,
-        momentum=recipe.momentum, label_smoothing=recipe.label_smoothing,
-        warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs, schedule=recipe.schedule, channels_last=True, amp=recipe.amp,
-        lookahead=recipe.lookahead, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
-    )
-    # this sitting's set-up (whitening) plus the loop's wall time over every sitting
-    train_seconds = setup_seconds + history["wall_seconds"]
+    common = dict(weight_decay=recipe.weight_decay, seed=seed, momentum=recipe.momentum,
+                  label_smoothing=recipe.label_smoothing, channels_last=True, amp=recipe.amp, progress=progress,
+                  resume=resume)
+    if first_card is not None:
+        history, train_seconds = first_card["history"], first_card["train_seconds"]
+    else:
+        torch.manual_seed(seed)
+        model = build_model(recipe.model, **_model_kwargs(recipe))
+        start = time.perf_counter()
+        if recipe.whiten:
+            if not isinstance(model, FastCNN):
+                raise ValueError(f"Recipe {name!r}: whiten=True needs a FastCNN but the model is {type(model).__name__}.")
+            whiten_init(model.whiten, next(iter(TensorLoader(train_x[:5000], train_y[:5000], batch_size=5000)))[0])
+        groups = _param_groups(model, recipe, epochs)
+        setup_seconds = time.perf_counter() - start
+        history = train_supervised(
+            model, train, None, epochs=epochs, lr=recipe.lr, param_groups=groups, lr_start=recipe.lr_start,
+            lr_end=recipe.lr_end, warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs, schedule=recipe.schedule,
+            lookahead=recipe.lookahead, checkpoint_dir=checkpoint_dir, **common,
+        )
+        # this sitting's set-up (whitening) plus the loop's wall time over every sitting
+        train_seconds = setup_seconds + history["wall_seconds"]
+    swa = {}
+    if recipe.swa_epochs:
+        model.eval()
+        swa["test_acc_before_swa"] = evaluate(model, test)
+        swa["history_swa"] = train_supervised(
+            model, train, None, epochs=recipe.swa_epochs, lr=recipe.swa_lr, schedule="constant", average="swa",
+            epoch_offset=epochs, param_groups=_param_groups(model, recipe, epochs, second_stage=True),
+            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "swa", **common,
+        )
+        train_seconds += swa["history_swa"]["wall_seconds"]
+        if first_card is not None:
+            swa["from_teacher"] = {"name": from_teacher, "sha256": first_card["sha256"]}
     model.eval()
     test_acc, test_acc_flip = evaluate(model, test), evaluate(model, test, flip=True)
     test_acc_tta = evaluate(model, test, flip=True, translate=True)  # airbench's test-time augmentation
@@ -265,6 +347,7 @@ def train_teacher(
         "recipe": {**asdict(recipe), "epochs": epochs},
         "seed": seed,
         "history": history,
+        **swa,
         "versions": versions(),
     }
     atomic_write_text(folder / f"{name}.json", json.dumps(card, indent=1))
