@@ -422,9 +422,9 @@ def train_supervised(
     def lr_factor(step: int) -> float:  # the factor for the step about to be taken (0-based)
         if step < warmup_steps:
             return lr_start + (1 - lr_start) * (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         if schedule == "constant":
             return 1.0
+        progress_ = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         decay = 0.5 * (1 + math.cos(math.pi * progress_)) if schedule == "cosine" else 1 - progress_
         return lr_end + (1 - lr_end) * decay
 
@@ -484,7 +484,7 @@ def train_supervised(
             history["train_loss"].append(loss_sum / seen)
             history["train_acc"].append(correct / seen)
             history["test_acc"].append(test_acc)
-            history["lr"].append(lr * (lr_factor(step) if step < total_steps or schedule == "constant" else lr_end))
+            history["lr"].append(lr * lr_factor(step))  # after the last step: the schedule's end, lr_end * lr or lr
             if test_acc is not None:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", test_acc=f"{test_acc:.3f}")
             if checkpoint_dir is not None:

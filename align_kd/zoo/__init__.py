@@ -314,7 +314,6 @@ def train_teacher(
         train_seconds = setup_seconds + history["wall_seconds"]
     swa = {}
     if recipe.swa_epochs:
-        model.eval()
         swa["test_acc_before_swa"] = evaluate(model, test)
         swa["history_swa"] = train_supervised(
             model, train, None, epochs=recipe.swa_epochs, lr=recipe.swa_lr, schedule="constant", average="swa",
