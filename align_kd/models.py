@@ -28,6 +28,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
+from .losses import hinton_kd
 from .checkpoint import (
     FORMAT,
     CheckpointError,
@@ -47,6 +48,7 @@ __all__ = [
     "MODELS",
     "ResNetCIFAR",
     "SmallCNN",
+    "SoftmaxEnsemble",
     "build_model",
     "evaluate",
     "load_or_train_teacher",
@@ -245,6 +247,21 @@ class ConvGroup(nn.Module):
         return self.act2(self.bn2(self.conv2(x)))  # (B, C_out, H // 2, W // 2)
 
 
+class SoftmaxEnsemble(nn.Module):
+    """Several classifiers as one: ``log`` of their mean softmax, so ``softmax(output)`` is the members'
+    mean probability (the usual classifier ensemble). (B, 3, H, W) -> (B, num_classes) log-probabilities."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if len(members) == 0:
+            raise ValueError("Expected at least one member for a SoftmaxEnsemble but got none.")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        log_probs = torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.members])  # (M, B, K)
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))  # (B, K)
+
+
 class Scale(nn.Module):
     """Multiply by a fixed constant (the head's output scale)."""
 
@@ -335,6 +352,9 @@ def train_supervised(
     lookahead: bool = False,
     average: str | None = None,
     epoch_offset: int = 0,
+    teacher: nn.Module | None = None,
+    kd_weight: float = 0.5,
+    kd_temperature: float = 1.0,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> dict:
@@ -359,6 +379,11 @@ def train_supervised(
     (``update_bn``; the loader at epoch ``epoch_offset + epochs``). ``epoch_offset``: the loader's
     epochs are numbered from it (``set_epoch(epoch_offset + epoch)``), so a second stage that continues
     a finished run draws new shuffles and augmentations.
+    ``teacher``: distil from it while training (for example a :class:`SoftmaxEnsemble` of trained
+    nets): the loss becomes ``(1 - kd_weight) * cross-entropy + kd_weight * T^2 * KL(softmax(t / T) ||
+    softmax(s / T))`` at ``T = kd_temperature`` (:func:`align_kd.losses.hinton_kd`); the teacher runs
+    in eval mode (it is put there), without gradients, under the same autocast and memory format.
+    The weights sum to 1, so the step size on the loss is that of cross-entropy alone.
     ``checkpoint_dir``: after every epoch, write ``checkpoint-epochNNNN.pt`` there (the format of
     :mod:`align_kd.checkpoint`; the newest 2 kept) with the model, optimiser, Lookahead copy,
     history and RNG states; ``resume=True`` continues from the newest one and ends bitwise where an
@@ -398,6 +423,12 @@ def train_supervised(
         raise ValueError("lookahead=True and average='swa' are two weight averages of one run; pick one (a second "
                          "stage can average a Lookahead run's result: train_supervised(..., average='swa') on it).")
     _check_int("epoch_offset", epoch_offset, minimum=0)
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"Expected teacher to be an nn.Module (or None) but got {type(teacher).__name__}.")
+    if not (isinstance(kd_weight, (int, float)) and 0 < kd_weight <= 1):
+        raise ValueError(f"Expected kd_weight in (0, 1] (the KD term's share of the loss) but got {kd_weight!r}.")
+    if not (isinstance(kd_temperature, (int, float)) and kd_temperature > 0 and math.isfinite(kd_temperature)):
+        raise ValueError(f"Expected kd_temperature to be a positive finite number but got {kd_temperature!r}.")
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("Expected a train_loader with at least one batch but len(train_loader) == 0.")
@@ -407,6 +438,8 @@ def train_supervised(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format).eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True; there is nothing to train.")
@@ -442,7 +475,9 @@ def train_supervised(
                   "group_epochs": group_epochs, "group_sizes": [len(g["params"]) for g in groups],
                   "loader_seed": getattr(train_loader, "seed", None),
                   # only when set, so a checkpoint written before these options existed still resumes
-                  **({"average": average} if average else {}), **({"epoch_offset": epoch_offset} if epoch_offset else {})}
+                  **({"average": average} if average else {}), **({"epoch_offset": epoch_offset} if epoch_offset else {}),
+                  **({"teacher": type(teacher).__name__, "teacher_params": sum(p.numel() for p in teacher.parameters()),
+                      "kd_weight": kd_weight, "kd_temperature": kd_temperature} if teacher is not None else {})}
         resumed = _resume_supervised(checkpoint_dir, resume, config, model, optimizer, slow, averaged, train_loader)
         if resumed is not None:
             first_epoch, step, history, earlier_seconds = resumed
@@ -460,7 +495,12 @@ def train_supervised(
                     group["lr"] = lr * scale * lr_factor(step) if epoch < limit else 0.0
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = model(x).float()  # (B, num_classes)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x).float()  # (B, num_classes)
                 loss = criterion(logits, y)
+                if teacher is not None:
+                    loss = (1 - kd_weight) * loss + kd_weight * hinton_kd(logits, teacher_logits, kd_temperature)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"Training loss became {loss.item()} at epoch {epoch + 1}; lower lr (got {lr})."

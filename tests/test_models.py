@@ -12,6 +12,7 @@ from align_kd.models import (
     MODELS,
     ResNetCIFAR,
     SmallCNN,
+    SoftmaxEnsemble,
     build_model,
     evaluate,
     load_or_train_teacher,
@@ -328,7 +329,7 @@ def test_translate_evaluation_matches_the_six_view_closed_form():
             assert not torch.equal(manual, logit[0].argmax(1))  # the views do change predictions
 
 
-@pytest.mark.parametrize("average", [None, "swa"])
+@pytest.mark.parametrize("average", [None, "swa", "swa+kd"])
 def test_train_supervised_resumes_bitwise_after_an_interruption(tmp_path, average):
     """Ctrl-C in the middle of epoch 2 of 3, then a fresh model resumed from the checkpoint of epoch 1:
     it ends bitwise where the uninterrupted run ends (weights, BatchNorm statistics, Lookahead's slow
@@ -352,6 +353,11 @@ def test_train_supervised_resumes_bitwise_after_an_interruption(tmp_path, averag
         model = ResNetCIFAR(depth=8, width=4)
         loader = InterruptedLoader(images, labels, batch_size=25, shuffle=True, augment=True, seed=3)
         options = dict(lookahead=True) if average is None else dict(average="swa", schedule="constant", epoch_offset=4)
+        if average == "swa+kd":  # distilling from a fixed teacher (its own init seed)
+            torch.manual_seed(7)
+            options.update(teacher=ResNetCIFAR(depth=8, width=4), kd_weight=0.5, kd_temperature=2.0)
+            torch.manual_seed(init_seed)
+            model = ResNetCIFAR(depth=8, width=4)
         loader.stop_epoch = None if stop_epoch is None else stop_epoch + options.get("epoch_offset", 0)
         groups = [{"params": [p for p in model.parameters() if p.dim() > 1]},
                   {"params": [p for p in model.parameters() if p.dim() == 1], "lr_scale": 2.0, "train_epochs": 1}]
@@ -392,6 +398,9 @@ def test_train_supervised_checkpoint_misuse_is_refused_before_training(tmp_path)
         train_supervised(MLP(hidden=(8,)), train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder, resume=True)
     with pytest.raises(ValueError, match="the model does not match the checkpoint's weights"):
         train_supervised(SmallCNN(width=8), train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder, resume=True)
+    with pytest.raises(ValueError, match="teacher: checkpoint None, now 'MLP'"):
+        train_supervised(model, train, epochs=2, lr=0.1, progress=False, checkpoint_dir=folder, resume=True,
+                         teacher=MLP(hidden=(8,)))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing trained
     newest = folder / "checkpoint-epoch0002.pt"
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated: falls back to epoch 1, with a warning
@@ -459,4 +468,59 @@ def test_swa_options_are_checked_before_training():
         train_supervised(model, train, epochs=1, average="swa", lookahead=True, progress=False)
     with pytest.raises(ValueError, match="epoch_offset to be an int >= 0"):
         train_supervised(model, train, epochs=1, epoch_offset=-1, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_distilling_step_matches_the_closed_form_gradient():
+    """Oracle: one Nesterov SGD step (momentum m, no weight decay, constant lr) of a linear model moves
+    W by -lr (1 + m) g with g written out by hand: the gradients in the student's logits s of
+    cross-entropy, softmax(s) - onehot, and of T^2 KL(softmax(t / T) || softmax(s / T)),
+    T (softmax(s / T) - softmax(t / T)), mixed (1 - w) : w and averaged over the batch."""
+    images, labels = _coloured_dataset(n_per_class=2)
+    loader = TensorLoader(images, labels, batch_size=len(labels))
+    x, y = next(iter(loader))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10, bias=False))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10, bias=False))
+    with torch.no_grad():
+        teacher[1].weight.mul_(20)  # confident, varied targets
+    w0, t0 = model[1].weight.detach().double().clone(), teacher[1].weight.detach().clone()
+    lr, m, w, T = 0.1, 0.9, 0.3, 2.0
+    teacher.train()
+    train_supervised(model, loader, epochs=1, lr=lr, momentum=m, weight_decay=0.0, schedule="constant",
+                     teacher=teacher, kd_weight=w, kd_temperature=T, progress=False)
+    xs = x.flatten(1).double()  # (B, D)
+    s, t = xs @ w0.T, xs @ t0.double().T  # (B, K) logits
+    onehot = torch.nn.functional.one_hot(y, 10).double()
+    dlogits = (1 - w) * (s.softmax(1) - onehot) + w * T * ((s / T).softmax(1) - (t / T).softmax(1))  # (B, K)
+    g = dlogits.T @ xs / len(y)  # (K, D)
+    expected = w0 - lr * (1 + m) * g
+    assert torch.allclose(model[1].weight.double(), expected, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(expected, w0 - lr * (1 + m) * (s.softmax(1) - onehot).T @ xs / len(y), atol=1e-4)
+    assert torch.equal(teacher[1].weight, t0) and not teacher.training  # the teacher is read, in eval mode
+
+
+def test_softmax_ensemble_is_the_mean_probability():
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(12, 5)) for _ in range(3)]
+    x = torch.randn(4, 3, 2, 2)
+    probs = torch.stack([m(x).softmax(1) for m in members]).mean(0)  # (4, 5)
+    assert torch.allclose(SoftmaxEnsemble(members)(x).softmax(1), probs, atol=1e-6)
+    assert torch.allclose(SoftmaxEnsemble(members)(x).exp().sum(1), torch.ones(4), atol=1e-6)  # log-probabilities
+    assert torch.allclose(SoftmaxEnsemble(members[:1])(x), members[0](x).log_softmax(1), atol=1e-6)
+    with pytest.raises(ValueError, match="at least one member"):
+        SoftmaxEnsemble([])
+
+
+def test_distillation_options_are_checked_before_training():
+    train, _ = _loaders()
+    model = SmallCNN(width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad, match in ((dict(kd_weight=0.0), r"kd_weight in \(0, 1\].*0.0"), (dict(kd_weight=1.5), "1.5"),
+                       (dict(kd_temperature=0.0), "kd_temperature to be a positive"),
+                       (dict(kd_temperature=float("nan")), "nan")):
+        with pytest.raises(ValueError, match=match):
+            train_supervised(model, train, epochs=1, teacher=SmallCNN(width=4), progress=False, **bad)
+    with pytest.raises(TypeError, match="teacher to be an nn.Module.*dict"):
+        train_supervised(model, train, epochs=1, teacher={"weights": 1}, progress=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

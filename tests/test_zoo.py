@@ -6,6 +6,7 @@ refused; two smoke runs of the recipe with the same seed give bitwise the same w
 """
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, fields, replace
 
@@ -38,8 +39,9 @@ def test_every_recipe_ships_and_cards_are_complete():
         # `zoo train NAME` regenerates what the card records: every recipe field the card holds is the
         # recipe's, and a field the card predates is at its default (the behaviour before it existed)
         recipe, defaults = asdict(zoo.RECIPES[name]), {f.name: f.default for f in fields(zoo.Recipe)}
-        for key, value in recipe.items():
-            assert card["recipe"].get(key, defaults[key]) == value, (name, key, card["recipe"].get(key), value)
+        for key, value in json.loads(json.dumps(recipe)).items():  # as JSON holds it: tuples are lists
+            held = card["recipe"][key] if key in card["recipe"] else json.loads(json.dumps(defaults[key]))
+            assert held == value, (name, key, held, value)
 
 
 @pytest.mark.parametrize("name", sorted(zoo.RECIPES))
@@ -48,7 +50,12 @@ def test_shipped_teacher_accuracy_matches_its_card(name, cache):
     x, y = load_cifar10(ARCHIVE, split="test", cache_dir=cache)
     assert len(y) == 10_000
     test = TensorLoader(x, y, batch_size=1000)
-    acc = evaluate(model, test)
+    threads = torch.get_num_threads()  # the suite runs on one thread (test_models sets it); the cards were made on 2
+    torch.set_num_threads(max(threads, min(2, os.cpu_count() or 1)))
+    try:
+        acc = evaluate(model, test)
+    finally:
+        torch.set_num_threads(threads)
     # thread counts change float summation order; a handful of borderline images may flip
     assert abs(acc - card["test_acc"]) <= 5e-4, (acc, card["test_acc"])
 
@@ -144,6 +151,33 @@ def test_swa_stage_from_its_first_stage_teacher_ends_where_training_from_scratch
     with pytest.raises(FileNotFoundError, match="'missing' has no weights"):
         zoo.train_teacher("two", recipe=two, weights_dir=tmp_path / "staged", from_teacher="missing", **kw)
     assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == staged_files  # nothing written
+
+
+def test_swa_stage_distils_from_checked_shipped_teachers(tmp_path, cache):
+    """An SWA stage with swa_teachers trains on (1 - w) CE + w KD from their mean softmax and records
+    each teacher (name, the sha256 of the file that was read, its accuracy); misuse is refused before
+    any training."""
+    first = replace(zoo.RECIPES["resnet20"], model_kwargs={"depth": 8, "width": 4}, batch_size=128)
+    kw = dict(data_root=ARCHIVE, cache_dir=cache, train_limit=512, test_limit=200, epochs=1, progress=False)
+    plain = replace(first, swa_epochs=1, swa_lr=0.05)
+    distilled = replace(plain, swa_teachers=("fastcnn", "fastcnn-lookahead"), swa_kd_weight=0.5)
+    for wrong, error, match in ((replace(first, swa_teachers=("fastcnn",)), ValueError, "no SWA stage"),
+                                (replace(distilled, swa_teachers=("resnet1000",)), ValueError, "zoo teacher name"),
+                                (replace(distilled, swa_kd_weight=0.0), ValueError, r"swa_kd_weight in \(0, 1\]")):
+        with pytest.raises(error, match=match):
+            zoo.train_teacher("d", recipe=wrong, weights_dir=tmp_path / "wrong", **kw)
+    assert not (tmp_path / "wrong").exists()  # refused before anything was written
+    _, without = zoo.train_teacher("p", recipe=plain, weights_dir=tmp_path, **kw)
+    _, card = zoo.train_teacher("d", recipe=distilled, weights_dir=tmp_path, **kw)
+    assert card["test_acc_before_swa"] == without["test_acc_before_swa"]  # the same first stage
+    assert card["history"]["train_loss"] == without["history"]["train_loss"]
+    assert card["history_swa"]["train_loss"] != without["history_swa"]["train_loss"]  # the stage's loss changed
+    assert card["sha256"] != without["sha256"] and "distilled_from" not in without
+    assert [t["name"] for t in card["distilled_from"]] == ["fastcnn", "fastcnn-lookahead"]
+    for record in card["distilled_from"]:
+        shipped = json.loads((zoo.WEIGHTS_DIR / f"{record['name']}.json").read_text())
+        assert record == {k: shipped[k] for k in ("name", "sha256", "test_acc", "train_seconds")}
+    assert card["recipe"]["swa_teachers"] == ["fastcnn", "fastcnn-lookahead"] and card["recipe"]["swa_kd_temperature"] == 1.0
 
 
 def test_whitening_init_decorrelates_patches():

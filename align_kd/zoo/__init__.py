@@ -11,7 +11,8 @@
   normalisation for images scaled to [0, 1]: the library's loaders apply it), ``recipe`` (every
   training option), ``seed``, ``history`` and ``versions``; a recipe with an SWA stage adds
   ``test_acc_before_swa``, ``history_swa`` and, when that stage started from an existing teacher,
-  ``from_teacher`` (its name and sha256).
+  ``from_teacher`` (its name and sha256); an SWA stage that distils (``Recipe.swa_teachers``) adds
+  ``distilled_from`` (each teacher's name, sha256, test_acc and train_seconds).
 
 ``train_teacher(name)`` (``python -m align_kd zoo train NAME``) regenerates a teacher from scratch
 with :func:`align_kd.models.train_supervised`, the library's supervised loop. A recipe with an SWA
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from .._env import versions
 from .._io import atomic_save, atomic_write_text
 from ..data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, load_cifar10
-from ..models import FastCNN, build_model, evaluate, train_supervised
+from ..models import FastCNN, SoftmaxEnsemble, build_model, evaluate, train_supervised
 
 __all__ = ["RECIPES", "Recipe", "TeacherCheckError", "list_teachers", "load_teacher", "train_teacher", "whiten_init"]
 
@@ -74,6 +75,11 @@ class Recipe:
     # then BatchNorm statistics recomputed on the training images (train_supervised(average="swa"))
     swa_epochs: int = 0
     swa_lr: float = 0.0
+    # the SWA stage can distil from shipped teachers (their mean softmax, a SoftmaxEnsemble): its loss is then
+    # (1 - swa_kd_weight) * cross-entropy + swa_kd_weight * T^2 * KL at T = swa_kd_temperature (train_supervised(teacher=))
+    swa_teachers: tuple[str, ...] = ()
+    swa_kd_weight: float = 0.5
+    swa_kd_temperature: float = 1.0
     description: str = ""
 
 
@@ -213,9 +219,36 @@ def _param_groups(model: nn.Module, recipe: Recipe, epochs: int, *, second_stage
     return groups
 
 
+def _folder_of(name: str, weights_dir) -> Path:
+    """Where teacher ``name`` is read from: ``weights_dir`` when it holds it, else the package's folder."""
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    return folder if (folder / f"{name}.pt").is_file() else WEIGHTS_DIR
+
+
+def _load_swa_teachers(name: str, recipe: Recipe, weights_dir) -> tuple[SoftmaxEnsemble, list[dict]]:
+    """The SWA stage's teacher (the mean softmax of ``recipe.swa_teachers``, each sha256-checked) and
+    what the card records of each: name, sha256, test_acc, train_seconds."""
+    if not recipe.swa_epochs:
+        raise ValueError(f"Recipe {name!r} names swa_teachers={list(recipe.swa_teachers)} but has no SWA stage "
+                         f"(swa_epochs=0) to distil in. Set swa_epochs > 0 or swa_teachers=().")
+    if not 0 < recipe.swa_kd_weight <= 1 or not recipe.swa_kd_temperature > 0:
+        raise ValueError(f"Recipe {name!r} needs swa_kd_weight in (0, 1] and swa_kd_temperature > 0 but got "
+                         f"{recipe.swa_kd_weight!r} and {recipe.swa_kd_temperature!r}.")
+    members, records = [], []
+    for teacher in recipe.swa_teachers:
+        _check_name(teacher)
+        state, card = _read_checked(teacher, _folder_of(teacher, weights_dir))
+        model = build_model(RECIPES[teacher].model, **_model_kwargs(RECIPES[teacher]))
+        model.load_state_dict(state)
+        members.append(model)
+        records.append({k: card[k] for k in ("name", "sha256", "test_acc", "train_seconds")})
+    return SoftmaxEnsemble(members), records
+
+
 def _first_stage(recipe: Recipe) -> dict:
     """The fields that decide a recipe's first stage (its SWA stage and description left out)."""
-    return {k: v for k, v in asdict(recipe).items() if k not in ("swa_epochs", "swa_lr", "description")}
+    second = ("swa_epochs", "swa_lr", "swa_teachers", "swa_kd_weight", "swa_kd_temperature", "description")
+    return {k: v for k, v in asdict(recipe).items() if k not in second}
 
 
 def _load_first_stage(name: str, recipe: Recipe, from_teacher: str, weights_dir, seed: int, epochs: int,
@@ -224,8 +257,7 @@ def _load_first_stage(name: str, recipe: Recipe, from_teacher: str, weights_dir,
     if not recipe.swa_epochs:
         raise ValueError(f"from_teacher={from_teacher!r} skips the first stage of a two-stage recipe, but {name!r} has "
                          f"no second stage (swa_epochs=0). Train it from scratch (no from_teacher).")
-    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    state, card = _read_checked(from_teacher, folder if (folder / f"{from_teacher}.pt").is_file() else WEIGHTS_DIR)
+    state, card = _read_checked(from_teacher, _folder_of(from_teacher, weights_dir))
     defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
     wanted = {**_first_stage(recipe), "epochs": epochs, "seed": seed, "train_images": train_images}
     had = {k: card["recipe"].get(k, defaults.get(k)) for k in _first_stage(recipe)}
@@ -283,7 +315,9 @@ def train_teacher(
                          f"stage needs a learning rate > 0.")
     train_x, train_y = load_cifar10(data_root, split="train", limit=train_limit, cache_dir=cache_dir)
     test_x, test_y = load_cifar10(data_root, split="test", limit=test_limit, cache_dir=cache_dir)
-    first_card = None
+    first_card = swa_teacher = None
+    if recipe.swa_teachers:  # checked and loaded before any training
+        swa_teacher, swa_teacher_cards = _load_swa_teachers(name, recipe, weights_dir)
     if from_teacher is not None:  # checked before any training
         model, first_card = _load_first_stage(name, recipe, from_teacher, weights_dir, seed, epochs, len(train_y))
     train = TensorLoader(train_x, train_y, batch_size=recipe.batch_size, shuffle=True, augment=True, seed=seed,
@@ -318,8 +352,12 @@ def train_teacher(
         swa["history_swa"] = train_supervised(
             model, train, None, epochs=recipe.swa_epochs, lr=recipe.swa_lr, schedule="constant", average="swa",
             epoch_offset=epochs, param_groups=_param_groups(model, recipe, epochs, second_stage=True),
-            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "swa", **common,
+            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "swa",
+            **(dict(teacher=swa_teacher, kd_weight=recipe.swa_kd_weight, kd_temperature=recipe.swa_kd_temperature)
+               if swa_teacher is not None else {}), **common,
         )
+        if swa_teacher is not None:
+            swa["distilled_from"] = swa_teacher_cards
         train_seconds += swa["history_swa"]["wall_seconds"]
         if first_card is not None:
             swa["from_teacher"] = {"name": from_teacher, "sha256": first_card["sha256"]}
@@ -343,7 +381,7 @@ def train_teacher(
         "threads": torch.get_num_threads(),
         "mean": list(CIFAR10_MEAN),
         "std": list(CIFAR10_STD),
-        "recipe": {**asdict(recipe), "epochs": epochs},
+        "recipe": {**asdict(recipe), "epochs": epochs, "swa_teachers": list(recipe.swa_teachers)},  # as JSON holds it
         "seed": seed,
         "history": history,
         **swa,
