@@ -28,7 +28,6 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
 from ._io import atomic_save
-from .losses import hinton_kd
 from .checkpoint import (
     FORMAT,
     CheckpointError,
@@ -41,6 +40,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .evaluation import _resolve_device, evaluate
+from .losses import hinton_kd
 
 __all__ = [
     "FastCNN",
