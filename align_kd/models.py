@@ -328,6 +328,15 @@ def build_model(name: str, **kwargs) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
+def check_kd_options(kd_weight, kd_temperature, prefix: str = "") -> None:
+    """Raise unless ``kd_weight`` is in (0, 1] and ``kd_temperature`` is positive and finite (the
+    distillation options of :func:`train_supervised`; ``prefix`` names them as the caller does)."""
+    if not (isinstance(kd_weight, (int, float)) and 0 < kd_weight <= 1):
+        raise ValueError(f"Expected {prefix}kd_weight in (0, 1] (the KD term's share of the loss) but got {kd_weight!r}.")
+    if not (isinstance(kd_temperature, (int, float)) and kd_temperature > 0 and math.isfinite(kd_temperature)):
+        raise ValueError(f"Expected {prefix}kd_temperature to be a positive finite number but got {kd_temperature!r}.")
+
+
 def train_supervised(
     model: nn.Module,
     train_loader,
@@ -425,10 +434,7 @@ def train_supervised(
     _check_int("epoch_offset", epoch_offset, minimum=0)
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"Expected teacher to be an nn.Module (or None) but got {type(teacher).__name__}.")
-    if not (isinstance(kd_weight, (int, float)) and 0 < kd_weight <= 1):
-        raise ValueError(f"Expected kd_weight in (0, 1] (the KD term's share of the loss) but got {kd_weight!r}.")
-    if not (isinstance(kd_temperature, (int, float)) and kd_temperature > 0 and math.isfinite(kd_temperature)):
-        raise ValueError(f"Expected kd_temperature to be a positive finite number but got {kd_temperature!r}.")
+    check_kd_options(kd_weight, kd_temperature)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("Expected a train_loader with at least one batch but len(train_loader) == 0.")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .._env import versions
 from .._io import atomic_save, atomic_write_text
 from ..data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, load_cifar10
-from ..models import FastCNN, SoftmaxEnsemble, build_model, evaluate, train_supervised
+from ..models import FastCNN, SoftmaxEnsemble, build_model, check_kd_options, evaluate, train_supervised
 
 __all__ = ["RECIPES", "Recipe", "TeacherCheckError", "list_teachers", "load_teacher", "train_teacher", "whiten_init"]
 
@@ -231,18 +231,10 @@ def _load_swa_teachers(name: str, recipe: Recipe, weights_dir) -> tuple[SoftmaxE
     if not recipe.swa_epochs:
         raise ValueError(f"Recipe {name!r} names swa_teachers={list(recipe.swa_teachers)} but has no SWA stage "
                          f"(swa_epochs=0) to distil in. Set swa_epochs > 0 or swa_teachers=().")
-    if not 0 < recipe.swa_kd_weight <= 1 or not recipe.swa_kd_temperature > 0:
-        raise ValueError(f"Recipe {name!r} needs swa_kd_weight in (0, 1] and swa_kd_temperature > 0 but got "
-                         f"{recipe.swa_kd_weight!r} and {recipe.swa_kd_temperature!r}.")
-    members, records = [], []
-    for teacher in recipe.swa_teachers:
-        _check_name(teacher)
-        state, card = _read_checked(teacher, _folder_of(teacher, weights_dir))
-        model = build_model(RECIPES[teacher].model, **_model_kwargs(RECIPES[teacher]))
-        model.load_state_dict(state)
-        members.append(model)
-        records.append({k: card[k] for k in ("name", "sha256", "test_acc", "train_seconds")})
-    return SoftmaxEnsemble(members), records
+    check_kd_options(recipe.swa_kd_weight, recipe.swa_kd_temperature, prefix="swa_")
+    loaded = [load_teacher(teacher, weights_dir=_folder_of(teacher, weights_dir)) for teacher in recipe.swa_teachers]
+    records = [{k: card[k] for k in ("name", "sha256", "test_acc", "train_seconds")} for _, card in loaded]
+    return SoftmaxEnsemble([model for model, _ in loaded]), records
 
 
 def _first_stage(recipe: Recipe) -> dict:
