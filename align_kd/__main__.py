@@ -20,7 +20,7 @@ def _strategy_help() -> str:
             "(the column-softmax plan with a dustbin whose mass it chooses), sinkhorn-heldout-late (its plan held for the "
             "first half of training), sinkhorn-heldout-slow, -every40, -split20 (a 10x smaller plan step, an update every 40 "
             "steps, a 20% split), sinkhorn-heldout-frozen (the held-out split with the plan never updated: the "
-            "control), pairwise-dkd (the depth pairing with DKD as its logit term), sinkhorn-heldout-retrain (sinkhorn-heldout's "
+            "control), pairwise-dkd, sinkhorn-dkd (the depth pairing and the learned plan with DKD as their logit term), sinkhorn-heldout-retrain (sinkhorn-heldout's "
             "final plan of the same seed, fixed, on all the training data), softmax-retrain (softmax's final plan of the "
             "same seed, fixed from step 0: learning the plan against the plan it finds)")
 

@@ -75,6 +75,8 @@ PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", _HELDOUT),
                  # the feature term on top of the strongest logit baseline instead of Hinton's term: does it
                  # carry anything DKD does not? (on real-cnn-noaug dkd and pairwise score the same, 0.775)
                  "pairwise-dkd": ("pairwise", _paper_logit_term("dkd")),
+                 # and the learned plan (MI rule) on DKD: does choosing the pairs add to DKD what the depth pairing does?
+                 "sinkhorn-dkd": ("sinkhorn", _paper_logit_term("dkd")),
                  # InfoNCE is in nats per sample (up to log B = 5.5 per pair): at feature weight 1 its five
                  # columns swamp cross-entropy (setting (i), seed 0: 0.44 test accuracy after 3 epochs against
                  # 0.63 for the VID pairwise row), so it takes CRD's total weight 0.8 spread over ~4 columns

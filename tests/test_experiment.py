@@ -410,3 +410,22 @@ def test_plan_pattern_table_names_each_columns_dominant_teacher_across_seeds():
 
     tie = stability([np.array([[0.2], [0.8]]), np.array([[0.8], [0.2]])])["modal_dominant"]  # one run each
     assert tie == {"S0": ("T0", 0.5)}
+
+
+@pytest.mark.parametrize("setting", sorted(experiment.REAL_SETTINGS))
+def test_every_row_is_a_valid_fit_config(setting):
+    """A typo in a row's options (a misspelt field, a value out of range) is caught here, not hours into
+    a benchmark: every row of every `real` setting builds fit()'s config, and the row variants keep
+    the plan and the options they name."""
+    from align_kd.config import FitConfig
+
+    for strategy in experiment.ALL_STRATEGIES:
+        plan, opts = experiment._fit_options(experiment.REAL_SETTINGS[setting], strategy, 0, False)
+        cfg = FitConfig(strategy=plan, **opts)
+        if strategy in experiment.PLAN_VARIANTS:
+            base, extra = experiment.PLAN_VARIANTS[strategy]
+            assert cfg.strategy == base and all(getattr(cfg, k) == v for k, v in extra.items())
+    # the learned plan on DKD carries DKD at its paper's settings, as the dkd row does
+    dkd = experiment._fit_options(experiment.REAL_SETTINGS[setting], "dkd", 0, False)[1]
+    _, sinkhorn_dkd = experiment._fit_options(experiment.REAL_SETTINGS[setting], "sinkhorn-dkd", 0, False)
+    assert {k: sinkhorn_dkd[k] for k in dkd} == dkd
