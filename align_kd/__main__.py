@@ -8,19 +8,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-def _strategy_help() -> str:
-    from .experiment import ALL_STRATEGIES
 
-    from .experiment import PLAN_FROM_ROW, PLAN_VARIANTS
+def _strategy_help() -> str:
+    from .experiment import ALL_STRATEGIES, PLAN_FROM_ROW, PLAN_VARIANTS
 
     plans = [s for s in ALL_STRATEGIES if s not in ("alone", "hinton", "dkd", "ls", *PLAN_VARIANTS, *PLAN_FROM_ROW)]
     return ("one of: alone (labels only), hinton, dkd, ls (logit baselines at their papers' settings), "
             + ", ".join(plans) + " (the registered plans), sinkhorn-heldout (sinkhorn with plan_objective='heldout'), "
             "sinkhorn-heldout-dustbin (the same with dustbin=True, the dustbin's mass fixed), softmax-heldout-dustbin "
             "(the column-softmax plan with a dustbin whose mass it chooses), sinkhorn-heldout-late (its plan held for the "
-            "first half of training), sinkhorn-heldout-slow, -every40, -split20 (a 10x smaller plan step, an update every 40 "
-            "steps, a 20% split), sinkhorn-heldout-frozen (the held-out split with the plan never updated: the "
-            "control), pairwise-dkd, sinkhorn-dkd (the depth pairing and the learned plan with DKD as their logit term), sinkhorn-heldout-retrain (sinkhorn-heldout's "
+            "first half of training), sinkhorn-heldout-slow, sinkhorn-heldout-every40, sinkhorn-heldout-split20 (a 10x smaller "
+            "plan step, an update every 40 steps, a 20% split), softmax-heldout (the column-softmax plan with "
+            "plan_objective='heldout'), sinkhorn-heldout-frozen (the held-out split with the plan never updated: the "
+            "control), pairwise-dkd, sinkhorn-dkd (the depth pairing and the learned plan with DKD as their logit term), "
+            "pairwise-infonce, sinkhorn-infonce, sinkhorn-infonce-memory (MI by the contrastive InfoNCE bound instead of "
+            "VID; the last with 4096 remembered negatives), sinkhorn-heldout-retrain (sinkhorn-heldout's "
             "final plan of the same seed, fixed, on all the training data), softmax-retrain (softmax's final plan of the "
             "same seed, fixed from step 0: learning the plan against the plan it finds)")
 
