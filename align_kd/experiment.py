@@ -197,8 +197,8 @@ REAL_SETTINGS["real-resnet-noaug"] = replace(
 # the pairing (the ResNet-20's 11 taps into the ViT's 6). It differs from (iii) only in the teacher, whose
 # accuracy is (iii)'s (0.8673 against 0.8677), so the two tables tell the teacher's architecture apart
 REAL_SETTINGS["real-resnet-vit"] = replace(
-    REAL_SETTINGS["real-vit"], name="real-resnet-vit", teacher="resnet", teacher_kwargs={"depth": 20, "width": 16},
-    teacher_zoo="resnet20",
+    REAL_SETTINGS["real-vit"], name="real-resnet-vit",
+    **{k: getattr(REAL_SETTINGS["real-resnet"], k) for k in ("teacher", "teacher_kwargs", "teacher_zoo")},
     description="(ii) x (iii): the shipped ResNet-20 into the small ViT student (11 teacher taps into 6)")
 SETTINGS.update(REAL_SETTINGS)
 SETTINGS["demo"] = Setting(

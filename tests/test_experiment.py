@@ -365,6 +365,17 @@ def test_run_keys_of_recorded_runs_survive_new_setting_fields():
     resnet_noaug = experiment.REAL_SETTINGS["real-resnet-noaug"]  # (ii) without augmentation: only that differs
     assert replace(resnet_noaug, name="real-resnet", augment=True, description="") == replace(
         experiment.REAL_SETTINGS["real-resnet"], description="")
+    # (ii)'s teacher into (iii)'s student: only the teacher differs from (iii), and its committed records
+    # still carry the keys this setting gives them
+    vit, resnet_vit = experiment.REAL_SETTINGS["real-vit"], experiment.REAL_SETTINGS["real-resnet-vit"]
+    teacher_of = lambda s: {k: getattr(s, k) for k in ("teacher", "teacher_kwargs", "teacher_zoo")}  # noqa: E731
+    assert teacher_of(resnet_vit) == teacher_of(experiment.REAL_SETTINGS["real-resnet"]) != teacher_of(vit)
+    assert replace(resnet_vit, name="real-vit", description="", **teacher_of(vit)) == replace(vit, description="")
+    vit_records = list((results.parent / "real-resnet-vit").glob("*-s*/record.json"))
+    assert len(vit_records) >= 8
+    for file in vit_records:
+        strategy, seed = file.parent.name.rsplit("-s", 1)
+        assert experiment.run_key(resnet_vit, strategy, int(seed)) == json.loads(file.read_text())["run_key"], file
 
 
 def test_plan_pattern_table_names_unmatched_columns():
