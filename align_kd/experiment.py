@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -31,7 +32,7 @@ from .plans import PLANS
 from .training import TrainingDiverged, fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
-           "format_status", "format_table", "paired_interval", "plan_patterns", "plot_curves", "report", "row_settings", "run_key",
+           "format_overview", "format_status", "format_table", "overview", "paired_interval", "plan_patterns", "plot_curves", "plot_overview", "report", "row_settings", "run_key",
            "run_setting", "run_states", "summarise", "versions", "write_outputs"]
 
 #: "alone" is the student trained on labels only (beta = 1, no KD), same loop and budget; "dkd" and
@@ -823,6 +824,90 @@ def format_status(setting: Setting, states: list[dict]) -> str:
     return "\n".join(lines) + f"\n\n{tail}.\n"
 
 
+def overview(summaries: dict[str, list[dict]]) -> dict:
+    """One view over settings: per row and setting (``summaries``: setting name -> :func:`summarise`'s
+    rows) the mean test accuracy, its seeds, and the paired difference to ``hinton`` (95% interval);
+    ``best`` marks each setting's highest mean among the rows with the most seeds (as the best fixed
+    plan is chosen: a row on one lucky seed is not the setting's best)."""
+    cells = {}  # row -> setting -> cell
+    for name, rows in summaries.items():
+        most = max((r["runs"] for r in rows), default=0)
+        best = max((r for r in rows if r["runs"] == most), key=lambda r: r["test_acc"], default=None)
+        for r in rows:
+            cells.setdefault(r["strategy"], {})[name] = {
+                "test_acc": r["test_acc"], "runs": r["runs"], "vs_hinton": r["vs_hinton"], "best": r is best}
+    order = [s for s in ALL_STRATEGIES if s in cells]
+    return {"settings": list(summaries), "rows": {s: cells[s] for s in order}}
+
+
+def _excludes_zero(p: dict | None) -> bool:
+    return p is not None and p["lo"] is not None and (p["lo"] > 0 or p["hi"] < 0)
+
+
+def format_overview(view: dict, seeds: int = 3) -> str:
+    """Markdown for :func:`overview`: rows the benchmark's rows, columns the settings."""
+    lines = ["### At a glance: every setting, every row", "",
+             "Mean test accuracy (last epoch) and the paired difference to `hinton` in points, `*` where its 95% "
+             f"interval over seeds excludes 0; `(n)`: the row has only n seeds there (the protocol runs {seeds}); "
+             "bold: the setting's best row among those with the most seeds. Each setting's own table below "
+             "gives the intervals and the difference to the best fixed plan.", "",
+             "| row | " + " | ".join(view["settings"]) + " |", "|---|" + "---|" * len(view["settings"])]
+    for strategy, by_setting in view["rows"].items():
+        cells = []
+        for name in view["settings"]:
+            c = by_setting.get(name)
+            if c is None:
+                cells.append("")
+                continue
+            acc = f"**{c['test_acc']:.4f}**" if c["best"] else f"{c['test_acc']:.4f}"
+            diff = "" if c["vs_hinton"] is None else f" {100 * c['vs_hinton']['mean']:+.2f}{'*' if _excludes_zero(c['vs_hinton']) else ''}"
+            cells.append(acc + diff + (f" ({c['runs']})" if c["runs"] < seeds else ""))
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_overview(view: dict, path) -> Path:
+    """Heat map of :func:`overview`: each row's paired difference to ``hinton`` (points) per setting,
+    bold numbers where the 95% interval excludes 0, a frame around each setting's best row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    rows, cols = list(view["rows"]), view["settings"]
+    diff = np.full((len(rows), len(cols)), np.nan)  # (rows, settings), points
+    for i, strategy in enumerate(rows):
+        for j, name in enumerate(cols):
+            c = view["rows"][strategy].get(name)
+            if c is not None:
+                diff[i, j] = 0.0 if strategy == "hinton" else (100 * c["vs_hinton"]["mean"] if c["vs_hinton"] else np.nan)
+    # colours saturate at +-5 points, so one diverged-looking row (ls on the MLP: -18) does not wash out the rest
+    span = min(max(float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0, 0.5), 5.0)
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 3, 0.32 * len(rows) + 1.6), dpi=150)
+    ax.imshow(np.ma.masked_invalid(diff), cmap="RdBu", norm=TwoSlopeNorm(0.0, -span, span), aspect="auto")
+    for i, strategy in enumerate(rows):
+        for j, name in enumerate(cols):
+            c = view["rows"][strategy].get(name)
+            if c is None or not np.isfinite(diff[i, j]):
+                continue
+            ax.text(j, i, f"{diff[i, j]:+.1f}" + ("" if c["runs"] >= 3 else f" ({c['runs']})"), ha="center", va="center",
+                    fontsize=7, fontweight="bold" if _excludes_zero(c["vs_hinton"]) else "normal",
+                    color="white" if abs(diff[i, j]) > 0.6 * span else "black")
+            if c["best"]:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, color="black"))
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title("test accuracy against hinton (points; colours saturate at 5; bold: 95% interval excludes 0;\n"
+                 "frame: the setting's best row; (n): seeds where fewer than 3)", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 README_START, README_END = "<!-- real-tables:start (generated by `python -m align_kd bench --report`) -->", "<!-- real-tables:end -->"
 
 
@@ -841,7 +926,7 @@ def report(settings: list[Setting], out_dir, readme=None) -> str:
     if readme is not None:
         asked = {s.name: s for s in settings}
         settings = [asked.pop(s.name, s) for s in report_settings(out_dir)] + list(asked.values())
-    parts = []
+    parts, summaries = [], {}  # summaries: setting name -> summarise() rows
     for setting in settings:
         records = collect_records(out_dir, setting)
         gave_up = collect_records(out_dir, setting, DIVERGED_FILE)
@@ -854,9 +939,16 @@ def report(settings: list[Setting], out_dir, readme=None) -> str:
         strategies = [s for s in ALL_STRATEGIES if any(r["strategy"] == s for r in records)]
         tinfo = {"test_acc": records[0]["teacher_acc"], "key": "", "path": setting.teacher_zoo or setting.teacher, "cached": True}
         summary = write_outputs(setting, records, tinfo, out_dir, seeds=seeds, strategies=strategies)
+        summaries[setting.name] = summary["rows"]
         wall = sum(r["wall_s"] for r in records)
         parts.append(summary["table"] + row_settings(setting) + diverged
                      + f"\n{len(records)} runs, {wall / 3600:.2f} h of this machine in all (seeds {seeds}).\n")
+    if len(summaries) > 1:  # the settings side by side, above their tables (and as overview.{png,json})
+        view = overview(summaries)
+        picture = plot_overview(view, Path(out_dir) / "overview.png")
+        atomic_write_text(Path(out_dir) / "overview.json", json.dumps({**view, "versions": versions()}, indent=1))
+        link = os.path.relpath(picture, Path(readme).parent) if readme is not None else picture
+        parts.insert(0, format_overview(view) + f"\n![every setting against hinton]({link})\n")
     text = "\n".join(parts)
     if readme is not None:
         readme = Path(readme)

@@ -109,6 +109,34 @@ def test_heldout_rows_are_paired_with_their_control():
     assert "control" not in plain
 
 
+def test_overview_puts_the_settings_side_by_side(tmp_path):
+    """Planted records in two settings: each cell is the row's mean and its paired difference to hinton
+    (computed here by hand), starred only where the interval excludes 0; the bold cell is the best row
+    among those with the most seeds, never a one-seed row with a higher mean."""
+    a = [_record("hinton", s, x) for s, x in enumerate([0.70, 0.72, 0.71])]
+    a += [_record("pairwise", s, x) for s, x in enumerate([0.73, 0.75, 0.74])]  # +3.00 on every seed
+    a += [_record("sinkhorn", s, x) for s, x in enumerate([0.72, 0.71, 0.73])]  # +1, -1, +2: straddles 0
+    a += [_record("softmax", 0, 0.90)]  # higher, but one seed
+    b = [_record("hinton", s, 0.60) for s in range(3)] + [_record("alone", s, x) for s, x in enumerate([0.58, 0.585, 0.575])]
+    view = experiment.overview({"set-a": summarise(a), "set-b": summarise(b)})
+    assert view["settings"] == ["set-a", "set-b"]
+    assert list(view["rows"]) == ["alone", "hinton", "pairwise", "softmax", "sinkhorn"]  # the benchmark's row order
+    cell = view["rows"]["sinkhorn"]["set-a"]
+    assert cell["test_acc"] == pytest.approx(0.72) and cell["runs"] == 3
+    assert cell["vs_hinton"]["mean"] == pytest.approx((0.02 - 0.01 + 0.02) / 3)
+    assert view["rows"]["pairwise"]["set-a"]["best"] and not view["rows"]["softmax"]["set-a"]["best"]
+    assert view["rows"]["hinton"]["set-b"]["best"] and "set-b" not in view["rows"]["pairwise"]
+    text = experiment.format_overview(view)
+    assert "| row | set-a | set-b |" in text
+    assert "| pairwise | **0.7400** +3.00* |  |" in text  # identical differences: a zero-width interval, excluding 0
+    assert "| sinkhorn | 0.7200 +1.00 |  |" in text  # no star: the interval straddles 0
+    assert "| softmax | 0.9000 +20.00 (1) |  |" in text  # one seed: no interval, its count shown, not bold
+    assert "| alone |  | 0.5800 -2.00* |" in text and "| hinton | 0.7100 | **0.6000** |" in text
+    picture = experiment.plot_overview(view, tmp_path / "overview.png")
+    import matplotlib.image
+    assert matplotlib.image.imread(picture).shape[2] in (3, 4)
+
+
 def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))  # this test's own data and teacher cache
     setting = replace(quick(SETTINGS["real-cnn"]), train_limit=256, test_limit=128)
