@@ -32,8 +32,12 @@ from .plans import PLANS
 from .training import TrainingDiverged, fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
-           "format_overview", "format_status", "format_table", "overview", "paired_interval", "plan_patterns", "plot_curves", "plot_overview", "report", "row_settings", "run_key",
-           "run_setting", "run_states", "summarise", "versions", "write_outputs"]
+           "format_overview", "format_status", "format_table", "overview", "paired_interval", "plan_patterns", "plot_curves",
+           "plot_overview", "report", "row_settings", "run_key", "run_setting", "run_states", "summarise", "versions",
+           "write_outputs"]
+
+#: seeds the `real` protocol runs per row (issue 12: at least 3); the report marks rows with fewer
+PROTOCOL_SEEDS = 3
 
 #: "alone" is the student trained on labels only (beta = 1, no KD), same loop and budget; "dkd" and
 #: "ls" are the logit baselines (decoupled KD, logit-standardised KD) at their papers' settings;
@@ -844,7 +848,7 @@ def _excludes_zero(p: dict | None) -> bool:
     return p is not None and p["lo"] is not None and (p["lo"] > 0 or p["hi"] < 0)
 
 
-def format_overview(view: dict, seeds: int = 3) -> str:
+def format_overview(view: dict, seeds: int = PROTOCOL_SEEDS) -> str:
     """Markdown for :func:`overview`: rows the benchmark's rows, columns the settings."""
     lines = ["### At a glance: every setting, every row", "",
              "Mean test accuracy (last epoch) and the paired difference to `hinton` in points, `*` where its 95% "
@@ -866,7 +870,7 @@ def format_overview(view: dict, seeds: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_overview(view: dict, path) -> Path:
+def plot_overview(view: dict, path, seeds: int = PROTOCOL_SEEDS) -> Path:
     """Heat map of :func:`overview`: each row's paired difference to ``hinton`` (points) per setting,
     bold numbers where the 95% interval excludes 0, a frame around each setting's best row."""
     import matplotlib
@@ -892,7 +896,7 @@ def plot_overview(view: dict, path) -> Path:
             c = view["rows"][strategy].get(name)
             if c is None or not np.isfinite(diff[i, j]):
                 continue
-            ax.text(j, i, f"{diff[i, j]:+.1f}" + ("" if c["runs"] >= 3 else f" ({c['runs']})"), ha="center", va="center",
+            ax.text(j, i, f"{diff[i, j]:+.1f}" + ("" if c["runs"] >= seeds else f" ({c['runs']})"), ha="center", va="center",
                     fontsize=7, fontweight="bold" if _excludes_zero(c["vs_hinton"]) else "normal",
                     color="white" if abs(diff[i, j]) > 0.6 * span else "black")
             if c["best"]:
@@ -900,7 +904,7 @@ def plot_overview(view: dict, path) -> Path:
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_title("test accuracy against hinton (points; colours saturate at 5; bold: 95% interval excludes 0;\n"
-                 "frame: the setting's best row; (n): seeds where fewer than 3)", fontsize=8)
+                 f"frame: the setting's best row; (n): seeds where fewer than {seeds})", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -137,6 +137,31 @@ def test_overview_puts_the_settings_side_by_side(tmp_path):
     assert matplotlib.image.imread(picture).shape[2] in (3, 4)
 
 
+def test_report_of_two_settings_opens_with_the_overview_of_their_committed_records(tmp_path):
+    """The committed records of two settings (copied, so the repository's results are not rewritten):
+    the report's first table gives each row the mean of its records' accuracies and the paired
+    difference to hinton, both read here straight from the record files, and draws overview.png."""
+    results = Path(experiment.__file__).resolve().parents[1] / "benchmarks" / "results"
+    runs = [(name, f"{row}-s{seed}") for name in ("real-vit", "real-resnet-vit") for row in ("hinton", "pairwise")
+            for seed in (0, 1)]
+    for name, run in runs:
+        for file in ("record.json", "result.json"):
+            (tmp_path / name / run).mkdir(parents=True, exist_ok=True)
+            shutil.copy(results / name / run / file, tmp_path / name / run / file)
+    acc = {(name, run): json.loads((tmp_path / name / run / "record.json").read_text())["test_acc"] for name, run in runs}
+    text = report([SETTINGS["real-vit"], SETTINGS["real-resnet-vit"]], tmp_path)
+    assert text.startswith("### At a glance") and text.index("### At a glance") < text.index("### real-vit:")
+    cells = []
+    for name in ("real-vit", "real-resnet-vit"):
+        mean = (acc[name, "pairwise-s0"] + acc[name, "pairwise-s1"]) / 2
+        diff = 100 * ((acc[name, "pairwise-s0"] - acc[name, "hinton-s0"]) + (acc[name, "pairwise-s1"] - acc[name, "hinton-s1"])) / 2
+        cells.append(f"**{mean:.4f}** {diff:+.2f}")
+    assert any(line.startswith("| pairwise | " + cells[0]) and cells[1] in line for line in text.splitlines())
+    view = json.loads((tmp_path / "overview.json").read_text())
+    assert view["settings"] == ["real-vit", "real-resnet-vit"] and (tmp_path / "overview.png").stat().st_size > 0
+    assert report([SETTINGS["real-vit"]], tmp_path).startswith("### real-vit:")  # one setting: its table alone
+
+
 def test_rerun_skips_finished_runs_and_tables_come_from_the_records(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_KD_CACHE", str(tmp_path / "cache"))  # this test's own data and teacher cache
     setting = replace(quick(SETTINGS["real-cnn"]), train_limit=256, test_limit=128)
