@@ -145,8 +145,8 @@ def test_report_of_two_settings_opens_with_the_overview_of_their_committed_recor
     runs = [(name, f"{row}-s{seed}") for name in ("real-vit", "real-resnet-vit") for row in ("hinton", "pairwise")
             for seed in (0, 1)]
     for name, run in runs:
+        (tmp_path / name / run).mkdir(parents=True)
         for file in ("record.json", "result.json"):
-            (tmp_path / name / run).mkdir(parents=True, exist_ok=True)
             shutil.copy(results / name / run / file, tmp_path / name / run / file)
     acc = {(name, run): json.loads((tmp_path / name / run / "record.json").read_text())["test_acc"] for name, run in runs}
     text = report([SETTINGS["real-vit"], SETTINGS["real-resnet-vit"]], tmp_path)
