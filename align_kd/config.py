@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .losses import KD_LOSSES
 from .mi import BANK_LAYOUTS, MI_ESTIMATORS
 from .plans import PLANS
+from .plans.projection import ROW_MARGINAL_MODES
 
 __all__ = ["DISTILLER_OPTIONS", "FitConfig", "LOOP_OPTIONS", "PLAN_OBJECTIVES"]
 
@@ -40,6 +41,9 @@ class FitConfig:
     feature_weight: float = 1.0  # weight of -sum(lam * mi) inside the (1 - beta) part
     tau: float = 0.1  # plan temperature (softmax / sinkhorn / exact)
     row_marginal: list[float] | None = None  # teacher-row masses summing to S; None: uniform S / T
+    # "equal": teacher rows sum to row_marginal; "at_most" ("sinkhorn" only): rows sum to at most it, capacities
+    # summing to >= S (None: max(1, S / T) each, so a column may be one-hot and a teacher layer unused)
+    row_marginal_mode: str = "equal"
     plan_init: str = "depth"  # "depth" (soft diagonal by relative depth) or "zeros"
     plan_lr: float | None = None  # learning rate of the plan logits (None: same as lr)
     plan_schedule: str = "cosine"  # the plan logits' rate: "cosine" (the student's schedule) or "constant" (after the warm-up)
@@ -127,6 +131,13 @@ class FitConfig:
         check(self.plan_objective == "mi" or self.strategy in ("softmax", "sinkhorn"),
               f"plan_objective={self.plan_objective!r} updates a learned plan's logits; it needs strategy 'softmax' or "
               f"'sinkhorn', not {self.strategy!r}.")
+        check(self.row_marginal_mode in ROW_MARGINAL_MODES,
+              f"Expected argument `row_marginal_mode` to be one of {list(ROW_MARGINAL_MODES)} but got "
+              f"{self.row_marginal_mode!r}.")
+        check(self.row_marginal_mode == "equal" or (self.strategy == "sinkhorn" and not self.dustbin),
+              f"row_marginal_mode={self.row_marginal_mode!r} bounds the rows of the learned Sinkhorn plan; it needs "
+              f"strategy 'sinkhorn' without a dustbin (a plan under capacities can already leave teacher layers "
+              f"unused), not strategy {self.strategy!r} with dustbin={self.dustbin!r}.")
         check(not self.dustbin or self.strategy in ("softmax", "sinkhorn"),
               f"dustbin=True adds a learned 'no teacher' row; it needs strategy 'softmax' or 'sinkhorn', not {self.strategy!r}.")
         check(isinstance(self.dustbin_mass, (int, float)) and math.isfinite(self.dustbin_mass) and self.dustbin_mass > 0,
@@ -194,7 +205,7 @@ class FitConfig:
 #: the fields of FitConfig a Distiller takes (the objective, the plan, the MI bank, the model path)
 DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
-    "tau", "row_marginal", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
+    "tau", "row_marginal", "row_marginal_mode", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
     "plan_objective", "heldout_every", "heldout_warmup", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "heldout_grad_point",
     "heldout_jvp", "heldout_fd_step", "dustbin", "dustbin_mass",

@@ -259,9 +259,14 @@ class Distiller(nn.Module):
                   flush=True)
 
         row_marginal = None if cfg.row_marginal is None else torch.tensor(cfg.row_marginal, dtype=torch.float32)
-        if row_marginal is not None and (row_marginal.shape != (T,) or abs(float(row_marginal.sum()) - S) > 1e-4 * S or (row_marginal <= 0).any()):
+        at_most = cfg.row_marginal_mode == "at_most"
+        if row_marginal is not None and (
+                row_marginal.shape != (T,) or (row_marginal <= 0).any()
+                or (float(row_marginal.sum()) < S * (1 - 1e-4) if at_most else abs(float(row_marginal.sum()) - S) > 1e-4 * S)):
             raise ValueError(
-                f"Expected `row_marginal` to have T={T} positive entries summing to S={S} but got {cfg.row_marginal}."
+                f"Expected `row_marginal` to have T={T} positive entries summing to "
+                f"{'at least ' if at_most else ''}S={S} (row_marginal_mode={cfg.row_marginal_mode!r}) but got "
+                f"{cfg.row_marginal}."
             )
         self.plan: Plan = make_plan(fixed if fixed is not None else cfg.strategy, T, S, tau=cfg.tau,
                                     row_marginal=row_marginal, init=cfg.plan_init,

@@ -10,6 +10,14 @@ polytope, ``H(P) = -sum P (log P - 1)``. With no row marginal this is a column s
 the column update, so columns are exact) and, when they stall (small tau), damped Newton steps on
 the concave semi-dual in the T row potentials. Gradients are exact at convergence by implicit
 differentiation of the fixed point (float64 solve with a tiny ridge), or unrolled on request.
+
+``row_marginal_mode="at_most"`` reads ``r`` as capacities (``sum(r) >= S``): rows sum to at most
+``r``, an unbalanced plan in which a teacher layer may serve fewer student layers than its share
+(or none) and a column may be one-hot, as in the fixed pairing. Its dual is the same semi-dual
+with the row potentials held ``<= 0`` (a potential below 0 marks a row at its capacity), solved
+by the Sinkhorn sweeps with the row update clipped at 0 (block coordinate ascent on the
+constrained dual), then projected Newton steps; the implicit gradient leaves the rows below
+capacity free.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from torch import Tensor
 __all__ = ["SinkhornResult", "sinkhorn", "sinkhorn_solve"]
 
 GRAD_MODES = ("implicit", "unrolled")
+#: how a row marginal r binds: rows sum to exactly r (sum(r) == S), or to at most r (sum(r) >= S)
+ROW_MARGINAL_MODES = ("equal", "at_most")
 
 
 @dataclass
@@ -33,7 +43,9 @@ class SinkhornResult:
     row_potential: (..., T) log-domain row potential ``a`` with ``P = colsoftmax(logits/tau + a)``;
         pass it back as ``init`` to warm-start the next solve.
     iterations: Sinkhorn sweeps plus Newton steps used.
-    marginal_error: max over the batch of ``|row sums - r|`` (0.0 without a row marginal).
+    marginal_error: max over the batch of ``|row sums - r|`` (0.0 without a row marginal); with
+        ``row_marginal_mode="at_most"`` the violation of the optimality conditions: a row above its
+        capacity, or a row whose potential is below 0 (at capacity) but whose sum is not.
     converged: whether ``marginal_error <= tol``.
     """
 
@@ -44,7 +56,7 @@ class SinkhornResult:
     converged: bool
 
 
-def _check_inputs(logits: Tensor, row_marginal: Tensor | None, tau: float) -> None:
+def _check_inputs(logits: Tensor, row_marginal: Tensor | None, tau: float, row_marginal_mode: str = "equal") -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"Expected `logits` to be a torch.Tensor of shape (..., T, S) but got {type(logits).__name__}.")
     if logits.dim() < 2:
@@ -87,8 +99,19 @@ def _check_inputs(logits: Tensor, row_marginal: Tensor | None, tau: float) -> No
                 f"Expected a strictly positive, finite `row_marginal` but got {row_marginal.tolist()}; "
                 "drop teacher layers you want unused instead of giving them zero mass."
             )
+        if row_marginal_mode not in ROW_MARGINAL_MODES:
+            raise ValueError(
+                f"Expected `row_marginal_mode` to be one of {list(ROW_MARGINAL_MODES)} but got {row_marginal_mode!r}."
+            )
         total = row_marginal.double().sum(-1)
-        if (total - S).abs().max() > 1e-6 * S:
+        if row_marginal_mode == "at_most":
+            if (total < S * (1 - 1e-6)).any():
+                raise ValueError(
+                    f"With row_marginal_mode='at_most' the teacher-row capacities must sum to at least S={S} (every "
+                    f"column sums to 1, so the rows carry S in all) but they sum to {total.tolist()}; raise them, "
+                    f"e.g. torch.ones(T) when T >= S."
+                )
+        elif (total - S).abs().max() > 1e-6 * S:
             raise ValueError(
                 f"`row_marginal` must sum to S={S} (the number of student layers, since every column sums to 1) "
                 f"but sums to {total.tolist()}; e.g. use torch.full((T,), S / T)."
@@ -111,23 +134,36 @@ class _DualState:
     err: Tensor  # (...,) max_i |row sum_i - r_i|
 
 
-def _dual_state(K: Tensor, a: Tensor, r: Tensor) -> _DualState:
+def _dual_state(K: Tensor, a: Tensor, r: Tensor, at_most: bool = False) -> _DualState:
     Z = K + a.unsqueeze(-1)  # (..., T, S)
     top = Z.amax(-2, keepdim=True)  # (..., 1, S); written out rather than log_softmax + logsumexp:
     E = (Z - top).exp()  # a third of the kernel calls, which is what a 5 x 5 solve costs
     col = E.sum(-2, keepdim=True)  # (..., 1, S), >= 1
     P = E / col
     phi = (r * a).sum(-1) - (top + col.log()).sum((-2, -1))
-    return _DualState(P, phi, (P.sum(-1) - r).abs().amax(-1))
+    gap = P.sum(-1) - r  # (..., T)
+    if at_most:  # KKT residual of the dual with a <= 0: no row above capacity, and rows at a < 0 at it
+        gap = torch.where(a < 0, gap.abs(), gap.clamp_min(0))
+    return _DualState(P, phi, gap.abs().amax(-1))
 
 
-def _newton_step(K: Tensor, a: Tensor, r: Tensor, state: _DualState) -> tuple[Tensor, _DualState, bool]:
+def _row_update(K: Tensor, b: Tensor, log_r: Tensor, at_most: bool) -> Tensor:
+    """The row potentials (..., T) that maximise the dual at column potentials b (..., S): rows
+    summing to r, or (``at_most``) the same potentials clipped at 0, the maximiser over a <= 0."""
+    a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)
+    return a.clamp_max(0.0) if at_most else a
+
+
+def _newton_step(K: Tensor, a: Tensor, r: Tensor, state: _DualState, at_most: bool = False
+                 ) -> tuple[Tensor, _DualState, bool]:
     """One damped Newton step on the concave semi-dual phi (see :class:`_DualState`) from ``a``.
 
     Returns the new potential, its state, and whether any batch element moved (False: stalled).
     A step is accepted when it increases phi (Armijo) or shrinks the row-marginal error without
     lowering phi beyond round-off; from a warm start the full step passes at once, so a step costs
-    one solve and one state evaluation.
+    one solve and one state evaluation. ``at_most``: a projected Newton step (Bertsekas) on the dual
+    with a <= 0: rows at a = 0 whose gradient points out of the box stay there, Newton runs on the
+    others, and every trial point is clipped back to a <= 0.
     """
     P = state.P
     R = P.sum(-1)  # (..., T)
@@ -140,35 +176,54 @@ def _newton_step(K: Tensor, a: Tensor, r: Tensor, state: _DualState) -> tuple[Te
     # which happens at small tau: 1000+ steps to reach tol=1e-12 on 32 x 32 at tau=0.03.
     ridge = (1e-3 * state.err).clamp(1e-15, 1e-8) * R.amax(-1).clamp_min(1.0)  # (...,)
     H.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
-    step, info = torch.linalg.solve_ex(H + 1.0 / T, grad.unsqueeze(-1))
+    if at_most:
+        moving = (a < 0) | (grad <= 0)  # (..., T); the others sit at a = 0 below capacity
+        H = torch.where(moving.unsqueeze(-1) & moving.unsqueeze(-2), H, torch.zeros_like(H))
+        H = H + torch.diag_embed((~moving).to(H.dtype))  # a zero step on the rows that stay
+        H = H + moving.all(-1).to(H.dtype)[..., None, None] / T  # all moving: pin the direction 1
+        rhs = torch.where(moving, grad, torch.zeros_like(grad))
+    else:
+        H, rhs = H + 1.0 / T, grad
+    step, info = torch.linalg.solve_ex(H, rhs.unsqueeze(-1))
     # (..., T); gradient step if singular. Both sum to 0 like grad (H 1 = 0 and the 1/T term pins
     # the shift along 1, to which phi is invariant), so no re-centring is needed
-    step = torch.where((info == 0)[..., None], step.squeeze(-1), grad)
+    step = torch.where((info == 0)[..., None], step.squeeze(-1), rhs)
     slope = (grad * step).sum(-1)
     t = torch.ones_like(state.phi)
+
+    def trial_point(t):
+        moved = a + t.unsqueeze(-1) * step
+        return moved.clamp_max(0.0) if at_most else moved
+
     for _ in range(40):  # backtracking per batch element
-        trial = _dual_state(K, a + t.unsqueeze(-1) * step, r)
+        a_t = trial_point(t)
+        trial = _dual_state(K, a_t, r, at_most)
         # near the solution phi moves at round-off level, so a smaller row error also counts,
         # but only if phi did not fall beyond round-off: far from it the error can shrink while
         # the potentials run off (seen at tau=0.0625 after epsilon scaling: row sums [3, 0, 0, 0])
         slack = 1e-12 * (1.0 + state.phi.abs())
-        ok = (trial.phi >= state.phi + 1e-4 * t * slope) | ((trial.err < state.err) & (trial.phi >= state.phi - slack))
+        # the Armijo slope along the step taken (projected: along the clipped step)
+        rise = (grad * (a_t - a)).sum(-1) if at_most else t * slope
+        ok = (trial.phi >= state.phi + 1e-4 * rise) | ((trial.err < state.err) & (trial.phi >= state.phi - slack))
         if ok.all():
-            return a + t.unsqueeze(-1) * step, trial, True
+            return a_t, trial, True
         t = torch.where(ok, t, t / 2)
     t = torch.where(ok, t, torch.zeros_like(t))  # elements with no acceptable step stay put
-    a = a + t.unsqueeze(-1) * step
-    return a, _dual_state(K, a, r), bool(ok.any())
+    a = trial_point(t)
+    return a, _dual_state(K, a, r, at_most), bool(ok.any())
 
 
 def _solve_stage(
-    K: Tensor, r: Tensor, a: Tensor, tol: float, budget: int, check_every: int, newton_after: int
+    K: Tensor, r: Tensor, a: Tensor, tol: float, budget: int, check_every: int, newton_after: int,
+    at_most: bool = False,
 ) -> tuple[Tensor, Tensor, int, float]:
-    """Row potential a with rows of colsoftmax(K + a) summing to r, the plan there, iterations and
-    max row error (float64, no grad)."""
+    """Row potential a with rows of colsoftmax(K + a) summing to r (``at_most``: at most r, a <= 0),
+    the plan there, iterations and max row error (float64, no grad)."""
     log_r = r.log()
+    if at_most:
+        a = a.clamp_max(0.0)
     it, sweeps = 0, 0
-    state = _dual_state(K, a, r)
+    state = _dual_state(K, a, r, at_most)
     err = float(state.err.max())
     while err > tol and it < budget:
         if sweeps < newton_after:
@@ -176,11 +231,11 @@ def _solve_stage(
             # needs only a couple of sweeps
             for _ in range(min(check_every, 1 << sweeps.bit_length(), budget - it)):
                 b = -torch.logsumexp(K + a.unsqueeze(-1), dim=-2)  # (..., S) column update
-                a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)  # (..., T) row update
+                a = _row_update(K, b, log_r, at_most)  # (..., T) row update
                 it, sweeps = it + 1, sweeps + 1
-            state = _dual_state(K, a, r)
+            state = _dual_state(K, a, r, at_most)
         elif a.dim() == 1:  # one plan (SinkhornPlan's per-step solve): no batch to gather and scatter
-            a, state, moved = _newton_step(K, a, r, state)
+            a, state, moved = _newton_step(K, a, r, state, at_most)
             it += 1
             if not moved:
                 break
@@ -193,7 +248,7 @@ def _solve_stage(
             sub = _DualState(state.P.reshape(-1, T, S)[active], state.phi.reshape(-1)[active],
                              state.err.reshape(-1)[active])
             a_act, sub, moved = _newton_step(K.reshape(-1, T, S)[active], a.reshape(-1, T)[active],
-                                             r.reshape(-1, T)[active], sub)
+                                             r.reshape(-1, T)[active], sub, at_most)
             a = a.reshape(-1, T).index_copy(0, active, a_act).reshape(shape)
             state = _DualState(state.P.reshape(-1, T, S).index_copy(0, active, sub.P).reshape(state.P.shape),
                                state.phi.reshape(-1).index_copy(0, active, sub.phi).reshape(state.phi.shape),
@@ -206,7 +261,8 @@ def _solve_stage(
 
 
 def _solve_potential(
-    L: Tensor, r: Tensor, tau: float, a: Tensor | None, tol: float, max_iter: int, check_every: int, newton_after: int
+    L: Tensor, r: Tensor, tau: float, a: Tensor | None, tol: float, max_iter: int, check_every: int, newton_after: int,
+    at_most: bool = False,
 ) -> tuple[Tensor, Tensor, int, float]:
     """Solve for the row potential of logits L (float64) at temperature tau; returns it as
     :func:`_solve_stage` does.
@@ -215,12 +271,12 @@ def _solve_potential(
     scaling), rescaling the potential between stages, so that Newton always starts close.
     """
     if a is not None:
-        return _solve_stage(L / tau, r, a, tol, max_iter, check_every, newton_after)
+        return _solve_stage(L / tau, r, a, tol, max_iter, check_every, newton_after, at_most)
     span = float((L.amax(-2) - L.amin(-2)).max())  # largest within-column logit gap
     start = span / 8
     if tau >= start:
         a = torch.zeros(L.shape[:-1], dtype=L.dtype, device=L.device)
-        return _solve_stage(L / tau, r, a, tol, max_iter, check_every, newton_after)
+        return _solve_stage(L / tau, r, a, tol, max_iter, check_every, newton_after, at_most)
     temps = []
     t = start
     while t > tau:
@@ -233,18 +289,20 @@ def _solve_potential(
         a = a * (prev / t)  # same potential in logit units
         last = k == len(temps) - 1
         a, P, it, err = _solve_stage(L / t, r, a, tol if last else max(tol, 1e-6), max_iter - used, check_every,
-                                     newton_after if k == 0 else 0)
+                                     newton_after if k == 0 else 0, at_most)
         used, prev = used + it, t
     return a, P, used, err
 
 
 class _ImplicitSinkhorn(torch.autograd.Function):
     """The solved plan P = colsoftmax(logits / tau + a*(logits)) (float64, computed by the solver),
-    returned in the logits' dtype, with the exact implicit gradient with respect to the logits."""
+    returned in the logits' dtype, with the exact implicit gradient with respect to the logits.
+    ``free``: None (every row held at its marginal), or (..., T) True where a row is below its
+    capacity (``row_marginal_mode="at_most"``, potential 0): such a row's sum is not held."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, P: Tensor, tau: float) -> Tensor:
-        ctx.save_for_backward(P)
+    def forward(ctx, logits: Tensor, P: Tensor, tau: float, free: Tensor | None = None) -> Tensor:
+        ctx.save_for_backward(P, free)
         ctx.tau = tau
         return P.to(logits.dtype)
 
@@ -253,17 +311,27 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         # dL/dK = P * (G - alpha_i - beta_j) with alpha, beta such that the result has zero row and
         # column sums (the tangent space of the polytope). Eliminating beta:
         #   (diag(r) - P P^T) alpha = rowsum(P*G) - P (colsum(P*G))
-        (P,) = ctx.saved_tensors  # float64
+        # Rows below capacity are not held: alpha_i = 0 there, and the system keeps only the held rows
+        # (strictly diagonally dominant then, so no pin is needed unless every row is held)
+        P, free = ctx.saved_tensors  # float64
         G64 = G.double()
         PG = P * G64  # (..., T, S)
         g_col = PG.sum(-2)  # (..., S)
         rhs = PG.sum(-1) - (P * g_col.unsqueeze(-2)).sum(-1)  # (..., T)
         T = P.shape[-2]
-        A = torch.diag_embed(P.sum(-1) + 1e-12) - P @ P.transpose(-1, -2) + 1.0 / T  # pin the null direction 1
+        A = torch.diag_embed(P.sum(-1) + 1e-12) - P @ P.transpose(-1, -2)  # (..., T, T)
+        if free is None:
+            A = A + 1.0 / T  # pin the null direction 1
+        else:
+            held = ~free
+            A = torch.where(held.unsqueeze(-1) & held.unsqueeze(-2), A, torch.zeros_like(A))
+            A = A + torch.diag_embed(free.to(A.dtype))  # alpha_i = 0 on free rows
+            A = A + held.all(-1).to(A.dtype)[..., None, None] / T  # every row held: pin the null direction 1
+            rhs = torch.where(held, rhs, torch.zeros_like(rhs))
         alpha = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)  # (..., T)
         beta = g_col - (P * alpha.unsqueeze(-1)).sum(-2)  # (..., S)
         dK = P * (G64 - alpha.unsqueeze(-1) - beta.unsqueeze(-2))
-        return (dK / ctx.tau).to(G.dtype), None, None
+        return (dK / ctx.tau).to(G.dtype), None, None, None
 
 
 def sinkhorn_solve(
@@ -278,6 +346,7 @@ def sinkhorn_solve(
     init: Tensor | None = None,
     grad: str = "implicit",
     warn: bool = True,
+    row_marginal_mode: str = "equal",
 ) -> SinkhornResult:
     """Project ``logits`` onto the plan polytope; see :func:`sinkhorn` for the maths.
 
@@ -294,13 +363,16 @@ def sinkhorn_solve(
         grad: "implicit" (exact at convergence, O(T^3) backward) or "unrolled" (autograd through
             the Sinkhorn sweeps; no Newton steps).
         warn: emit a warning naming ``max_iter``/``tau`` when unconverged.
+        row_marginal_mode: "equal" (rows sum to ``row_marginal``) or "at_most" (rows sum to at most
+            it, ``sum(row_marginal) >= S``: capacities).
     """
-    _check_inputs(logits, row_marginal, tau)
+    _check_inputs(logits, row_marginal, tau, row_marginal_mode)
     if grad not in GRAD_MODES:
         raise ValueError(f"Expected argument `grad` to be one of {list(GRAD_MODES)} but got {grad!r}.")
     if init is not None and init.shape != logits.shape[:-1]:
         raise ValueError(f"Expected `init` of shape {tuple(logits.shape[:-1])} but got {tuple(init.shape)}.")
-    res = _project(logits, row_marginal, tau, tol, max_iter, check_every, newton_after, init, grad)
+    res = _project(logits, row_marginal, tau, tol, max_iter, check_every, newton_after, init, grad,
+                   row_marginal_mode)
     if warn and not res.converged:
         warnings.warn(
             f"sinkhorn did not converge: row-marginal error {res.marginal_error:.2e} > tol={tol:.0e} after "
@@ -313,7 +385,7 @@ def sinkhorn_solve(
 
 def _project(
     logits: Tensor, row_marginal: Tensor | None, tau: float, tol: float, max_iter: int, check_every: int,
-    newton_after: int, init: Tensor | None, grad: str,
+    newton_after: int, init: Tensor | None, grad: str, row_marginal_mode: str = "equal",
 ) -> SinkhornResult:
     """:func:`sinkhorn_solve` on inputs already checked (the per-step path of :class:`SinkhornPlan`)."""
     # a plan does not change when a column's logits are shifted by a constant: subtract each column's
@@ -327,36 +399,41 @@ def _project(
         return SinkhornResult(torch.softmax(K, dim=-2), None, 0, 0.0, True)
     r = row_marginal.to(device=logits.device, dtype=torch.float64).expand(logits.shape[:-1])  # (..., T)
     a0 = None if init is None else init.detach().to(torch.float64)
+    at_most = row_marginal_mode == "at_most"
 
     if grad == "unrolled" and logits.requires_grad:
         K = (logits - shift.to(logits.dtype)) / tau  # (..., T, S), <= 0
         a = torch.zeros(K.shape[:-1], dtype=K.dtype, device=K.device) if a0 is None else a0.to(K.dtype)
         log_r = r.to(K.dtype).log()
         it, err = 0, math.inf
+        if at_most:
+            a = a.clamp_max(0.0)
         while it < max_iter:
             b = -torch.logsumexp(K + a.unsqueeze(-1), dim=-2)
-            a = log_r - torch.logsumexp(K + b.unsqueeze(-2), dim=-1)
+            a = _row_update(K, b, log_r, at_most)
             it += 1
             if it % check_every == 0 or it == max_iter:
                 with torch.no_grad():
-                    err = float(_dual_state(K, a, r.to(K.dtype)).err.max())
+                    err = float(_dual_state(K, a, r.to(K.dtype), at_most).err.max())
                 if err <= tol:
                     break
         plan = _col_softmax_log(K, a).exp()
         a_out = a.detach()
     else:
         with torch.no_grad():
-            a_out, P, it, err = _solve_potential(L - shift, r, tau, a0, tol, max_iter, check_every, newton_after)
+            a_out, P, it, err = _solve_potential(L - shift, r, tau, a0, tol, max_iter, check_every, newton_after,
+                                                 at_most)
         # the plan is evaluated in float64 and cast once: at small tau, K = logits / tau is large and
         # a float32 softmax leaves column/row errors ~1e-5; this keeps them at float32 rounding
-        plan = _ImplicitSinkhorn.apply(logits, P, tau)
+        plan = _ImplicitSinkhorn.apply(logits, P, tau, (a_out == 0) if at_most else None)
     return SinkhornResult(plan, a_out.to(logits.dtype), it, err, err <= tol)
 
 
 def sinkhorn(logits: Tensor, row_marginal: Tensor | None = None, *, tau: float = 1.0, **kwargs) -> Tensor:
     """Entropic transport plan ``P = diag(u) exp(logits / tau) diag(v)``.
 
-    Every column of ``P`` sums to 1; with ``row_marginal`` r (``sum(r) == S``) rows sum to r.
+    Every column of ``P`` sums to 1; with ``row_marginal`` r (``sum(r) == S``) rows sum to r; with
+    ``row_marginal_mode="at_most"`` (``sum(r) >= S``) rows sum to at most r.
     ``P`` maximises ``<logits, P> + tau * H(P)`` over that polytope; with no row marginal it is the
     column softmax of ``logits / tau``. Batched over leading dimensions, differentiable, computed
     in the log domain (finite down to tau = 1e-3).
@@ -366,7 +443,7 @@ def sinkhorn(logits: Tensor, row_marginal: Tensor | None = None, *, tau: float =
         row_marginal: (T,) or (..., T), or None.
         tau: temperature > 0.
         **kwargs: ``tol``, ``max_iter``, ``check_every``, ``newton_after``, ``init``, ``grad``,
-            ``warn`` as in :func:`sinkhorn_solve`.
+            ``warn``, ``row_marginal_mode`` as in :func:`sinkhorn_solve`.
 
     Returns:
         (..., T, S) plan with the dtype of ``logits``.

@@ -283,17 +283,19 @@ class SoftmaxPlan(LearnedPlan):
 
 @register_plan("sinkhorn")
 class SinkhornPlan(LearnedPlan):
-    """Learned logits Z (T, S), lambda = sinkhorn(Z, r, tau), warm-started from the last potentials."""
+    """Learned logits Z (T, S), lambda = sinkhorn(Z, r, tau), warm-started from the last potentials.
+    ``row_marginal_mode="at_most"``: rows sum to at most r (capacities, by default max(1, S / T) each),
+    so a column may be one-hot and a teacher layer unused, as in the fixed pairing."""
 
     fixed_dustbin_mass = True
 
     def __init__(self, T: int, S: int, *, tau: float, init: Tensor, row_marginal: Tensor, tol: float = 1e-5,
-                 newton_after: int = 0, **objective):
+                 newton_after: int = 0, row_marginal_mode: str = "equal", **objective):
         super().__init__(T, S, tau=tau, init=init, **objective)
         # newton_after: Sinkhorn sweeps before Newton steps. 0: the logits moved by one optimizer
         # step, so from the warm start one Newton step usually reaches tol (benchmarks/overhead.py)
-        self.tol, self.newton_after = tol, newton_after
-        _check_inputs(self.logits, row_marginal, tau)  # once: forward() skips the checks on every step
+        self.tol, self.newton_after, self.row_marginal_mode = tol, newton_after, row_marginal_mode
+        _check_inputs(self.logits, row_marginal, tau, row_marginal_mode)  # once: forward() skips the checks on every step
         self.register_buffer("row_marginal", row_marginal.float().clone())
         self.register_buffer("potential", torch.zeros(T))  # warm start, saved with checkpoints
         self.last_iterations = 0
@@ -301,13 +303,15 @@ class SinkhornPlan(LearnedPlan):
     @classmethod
     def build(cls, T, S, *, tau, row_marginal, prior, options, **_):
         rows, prior, row_marginal, dustbin = cls._build_args(T, S, prior, row_marginal, options)
-        plan = cls(rows, S, tau=tau, init=prior, row_marginal=row_marginal, **cls._objective_options(options))
+        plan = cls(rows, S, tau=tau, init=prior, row_marginal=row_marginal,
+                   row_marginal_mode=options.get("row_marginal_mode", "equal"), **cls._objective_options(options))
         plan.dustbin = dustbin
         return plan
 
     def forward(self) -> Tensor:
         res = _project(self.logits, self.row_marginal, self.tau, self.tol, max_iter=2000, check_every=10,
-                       newton_after=self.newton_after, init=self.potential, grad="implicit")
+                       newton_after=self.newton_after, init=self.potential, grad="implicit",
+                       row_marginal_mode=self.row_marginal_mode)
         if not math.isfinite(res.marginal_error):
             raise FloatingPointError(
                 "The plan logits became NaN or inf, so the Sinkhorn plan cannot be computed. "
@@ -383,6 +387,7 @@ def make_plan(strategy, T: int, S: int, *, tau: float, row_marginal: Tensor | No
     if init not in ("depth", "zeros"):
         raise ValueError(f"Expected argument `plan_init` to be one of ['depth', 'zeros'] but got {init!r}.")
     prior = depth_prior(T, S) if init == "depth" else torch.zeros(T, S)
-    if row_marginal is None:
-        row_marginal = torch.full((T,), S / T)
+    if row_marginal is None:  # each teacher layer's share; under capacities at least one student layer's worth
+        at_most = (options or {}).get("row_marginal_mode", "equal") == "at_most"
+        row_marginal = torch.full((T,), max(1.0, S / T) if at_most else S / T)
     return PLANS[strategy].build(T, S, tau=tau, row_marginal=row_marginal, prior=prior, options=options or {})
