@@ -44,6 +44,7 @@ from .evaluation import preserve_buffers, preserve_mode
 from .losses import kd_term
 from .mi import MIBank
 from .plans import DUSTBIN, PLANS, Plan, make_plan
+from .plans.projection import check_row_masses
 from .taps import FeatureTap, check_tap_count, describe_taps, discover_layers
 
 __all__ = ["Distiller", "DistillerOutput"]
@@ -259,15 +260,11 @@ class Distiller(nn.Module):
                   flush=True)
 
         row_marginal = None if cfg.row_marginal is None else torch.tensor(cfg.row_marginal, dtype=torch.float32)
-        at_most = cfg.row_marginal_mode == "at_most"
-        if row_marginal is not None and (
-                row_marginal.shape != (T,) or (row_marginal <= 0).any()
-                or (float(row_marginal.sum()) < S * (1 - 1e-4) if at_most else abs(float(row_marginal.sum()) - S) > 1e-4 * S)):
-            raise ValueError(
-                f"Expected `row_marginal` to have T={T} positive entries summing to "
-                f"{'at least ' if at_most else ''}S={S} (row_marginal_mode={cfg.row_marginal_mode!r}) but got "
-                f"{cfg.row_marginal}."
-            )
+        if row_marginal is not None:
+            if row_marginal.shape != (T,):
+                raise ValueError(f"Expected `row_marginal` to have T={T} entries (one per teacher layer) but got "
+                                 f"{cfg.row_marginal}.")
+            check_row_masses(row_marginal, S, cfg.row_marginal_mode)
         self.plan: Plan = make_plan(fixed if fixed is not None else cfg.strategy, T, S, tau=cfg.tau,
                                     row_marginal=row_marginal, init=cfg.plan_init,
                                     options={k: getattr(cfg, k) for k in DISTILLER_OPTIONS}).to(self.device)

@@ -185,7 +185,7 @@ def test_fit_under_unit_capacities_keeps_every_row_within_one_student_layer():
     T, S = d.plan().shape
     assert (T, S) == (5, 3)
     torch.testing.assert_close(d.plan.row_marginal, torch.ones(T))  # the default capacity, max(1, S / T)
-    with pytest.raises(ValueError, match=f"summing to at least S={S}"):
+    with pytest.raises(ValueError, match=f"must sum to at least S={S}"):
         Distiller(teacher, SmallCNN(width=4), batch, strategy="sinkhorn", row_marginal_mode="at_most",
                   row_marginal=[0.5] * T, **taps)
     torch.manual_seed(0)

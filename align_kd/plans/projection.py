@@ -94,28 +94,35 @@ def _check_inputs(logits: Tensor, row_marginal: Tensor | None, tau: float, row_m
                 f"Expected `row_marginal` of shape (T,) = ({T},) or {tuple(logits.shape[:-1])} (one per batch element) "
                 f"but got shape {tuple(row_marginal.shape)}, which does not broadcast against logits {tuple(logits.shape)}."
             ) from None
-        if not torch.isfinite(row_marginal).all() or (row_marginal <= 0).any():
+        check_row_masses(row_marginal, S, row_marginal_mode)
+
+
+def check_row_masses(row_marginal: Tensor, S: int, row_marginal_mode: str = "equal") -> None:
+    """The rule on a teacher-row marginal's values (..., T) for S student layers, whatever its caller
+    (the projection, or the Distiller before any work): finite and strictly positive, summing to S
+    (``"equal"``) or to at least S (``"at_most"``: capacities)."""
+    if not torch.isfinite(row_marginal).all() or (row_marginal <= 0).any():
+        raise ValueError(
+            f"Expected a strictly positive, finite `row_marginal` but got {row_marginal.tolist()}; "
+            "drop teacher layers you want unused instead of giving them zero mass."
+        )
+    if row_marginal_mode not in ROW_MARGINAL_MODES:
+        raise ValueError(
+            f"Expected `row_marginal_mode` to be one of {list(ROW_MARGINAL_MODES)} but got {row_marginal_mode!r}."
+        )
+    total = row_marginal.double().sum(-1)
+    if row_marginal_mode == "at_most":
+        if (total < S * (1 - 1e-6)).any():
             raise ValueError(
-                f"Expected a strictly positive, finite `row_marginal` but got {row_marginal.tolist()}; "
-                "drop teacher layers you want unused instead of giving them zero mass."
+                f"With row_marginal_mode='at_most' the teacher-row capacities must sum to at least S={S} (every "
+                f"column sums to 1, so the rows carry S in all) but they sum to {total.tolist()}; raise them, "
+                f"e.g. torch.ones(T) when T >= S."
             )
-        if row_marginal_mode not in ROW_MARGINAL_MODES:
-            raise ValueError(
-                f"Expected `row_marginal_mode` to be one of {list(ROW_MARGINAL_MODES)} but got {row_marginal_mode!r}."
-            )
-        total = row_marginal.double().sum(-1)
-        if row_marginal_mode == "at_most":
-            if (total < S * (1 - 1e-6)).any():
-                raise ValueError(
-                    f"With row_marginal_mode='at_most' the teacher-row capacities must sum to at least S={S} (every "
-                    f"column sums to 1, so the rows carry S in all) but they sum to {total.tolist()}; raise them, "
-                    f"e.g. torch.ones(T) when T >= S."
-                )
-        elif (total - S).abs().max() > 1e-6 * S:
-            raise ValueError(
-                f"`row_marginal` must sum to S={S} (the number of student layers, since every column sums to 1) "
-                f"but sums to {total.tolist()}; e.g. use torch.full((T,), S / T)."
-            )
+    elif (total - S).abs().max() > 1e-6 * S:
+        raise ValueError(
+            f"`row_marginal` must sum to S={S} (the number of student layers, since every column sums to 1) "
+            f"but sums to {total.tolist()}; e.g. use torch.full((T,), S / T)."
+        )
 
 
 def _col_softmax_log(K: Tensor, a: Tensor) -> Tensor:
@@ -131,7 +138,7 @@ class _DualState:
 
     P: Tensor  # (..., T, S) column-stochastic plan colsoftmax(K + a)
     phi: Tensor  # (...,) concave semi-dual <r, a> - sum_j LSE_i(K_ij + a_i)
-    err: Tensor  # (...,) max_i |row sum_i - r_i|
+    err: Tensor  # (...,) max_i |row sum_i - r_i| (at_most: the KKT residual, see :func:`_dual_state`)
 
 
 def _dual_state(K: Tensor, a: Tensor, r: Tensor, at_most: bool = False) -> _DualState:
@@ -202,7 +209,8 @@ def _newton_step(K: Tensor, a: Tensor, r: Tensor, state: _DualState, at_most: bo
         # but only if phi did not fall beyond round-off: far from it the error can shrink while
         # the potentials run off (seen at tau=0.0625 after epsilon scaling: row sums [3, 0, 0, 0])
         slack = 1e-12 * (1.0 + state.phi.abs())
-        # the Armijo slope along the step taken (projected: along the clipped step)
+        # the Armijo slope along the step taken: the clipped step under capacities; t * slope (the same
+        # quantity) for equality marginals, written as before so that their trajectories stay bitwise
         rise = (grad * (a_t - a)).sum(-1) if at_most else t * slope
         ok = (trial.phi >= state.phi + 1e-4 * rise) | ((trial.err < state.err) & (trial.phi >= state.phi - slack))
         if ok.all():
