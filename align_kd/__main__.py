@@ -24,7 +24,8 @@ def _strategy_help() -> str:
             "control), pairwise-dkd, sinkhorn-dkd (the depth pairing and the learned plan with DKD as their logit term), "
             "pairwise-infonce, sinkhorn-infonce, sinkhorn-infonce-memory (MI by the contrastive InfoNCE bound instead of "
             "VID; the last with 4096 remembered negatives), sinkhorn-heldout-retrain (sinkhorn-heldout's "
-            "final plan of the same seed, fixed, on all the training data), softmax-retrain (softmax's final plan of the "
+            "final plan of the same seed, fixed, on all the training data), sinkhorn-heldout-mean-retrain (per student layer "
+            "the teacher layer with the lowest hypergradient averaged over that run's updates, fixed, on all the data), softmax-retrain (softmax's final plan of the "
             "same seed, fixed from step 0: learning the plan against the plan it finds)")
 
 

@@ -101,7 +101,12 @@ HELDOUT_CONTROL = "sinkhorn-heldout-frozen"
 #: the final plan a row learned on the same seed, held fixed from step 0 on all the data: search then
 #: retrain (DistPro's protocol) for the held-out row; for `softmax` (the MI rule's plan that hardens in
 #: epoch 1 and wins setting (iii)) the control that tells learning the plan from the plan it finds
-PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout", "softmax-retrain": "softmax"}
+PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout", "softmax-retrain": "softmax",
+                 "sinkhorn-heldout-mean-retrain": "sinkhorn-heldout"}
+#: retrain rows whose plan is not the source's final plan but the one its whole run's held-out signal
+#: picks (:func:`plan_from_mean_hypergradient`): the one-step signal reverses within a run, so the
+#: final plan follows its last part while the mean weighs every part (a longer horizon at no extra cost)
+PLAN_FROM_MEAN_SIGNAL = ("sinkhorn-heldout-mean-retrain",)
 ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS,
                   *PLAN_FROM_ROW)
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
@@ -239,21 +244,44 @@ def _current_record(out: Path, setting: Setting, strategy: str, seed: int, name:
     done = finished_record(Path(out) / f"{strategy}-s{seed}", run_key(setting, strategy, seed), name)
     if done is None or not _same_options(done.get("fit_options", {}), _fit_options(setting, strategy, seed, False)[1]):
         return None
-    if strategy in PLAN_FROM_ROW:  # trained with the plan its source row had then: current only if it still has it
-        source = _current_record(out, setting, PLAN_FROM_ROW[strategy], seed)
-        if source is None or source["plan"] != done.get("plan"):
+    if strategy in PLAN_FROM_ROW:  # trained with the plan its source row gave then: current only if it still gives it
+        try:
+            plan = _plan_from_row(out, setting, strategy, seed)
+        except (ValueError, OSError):  # the source run is gone or out of date
+            return None
+        if plan.tolist() != done.get("plan"):
             return None
     return done
 
 
+def plan_from_mean_hypergradient(hypergrads) -> Tensor:
+    """The plan a run's held-out signal picks as a whole: per student layer (column), weight 1 on the
+    teacher layer (row) whose hypergradient, averaged over the run's updates, is lowest (raising that
+    pair's weight lowered held-out cross-entropy most, or raised it least, over the run).
+
+    ``hypergrads``: (U, T, S), one (T, S) hypergradient per plan update (``result.json``'s ``solves``).
+    The minimiser of the mean signal over column simplices, so one-hot; ties go to the shallower row."""
+    h = torch.as_tensor(hypergrads, dtype=torch.float64)
+    if h.dim() != 3 or h.shape[0] == 0 or not torch.isfinite(h).all():
+        raise ValueError(f"Expected a non-empty (updates, T, S) array of finite hypergradients, got shape "
+                         f"{tuple(h.shape)}{'' if h.numel() == 0 or torch.isfinite(h).all() else ' with non-finite values'}. "
+                         "Pass the 'hypergrad' of every 'heldout' entry of a plan_objective='heldout' run's solves.")
+    mean = h.mean(0)  # (T, S): rows teacher layers, columns student layers
+    return torch.nn.functional.one_hot(mean.argmin(0), mean.shape[0]).T.to(torch.float32)  # (T, S)
+
+
 def _plan_from_row(out: Path, setting: Setting, strategy: str, seed: int) -> Tensor:
-    """The final (T, S) plan of the row ``strategy`` takes its plan from, on the same seed."""
+    """The (T, S) plan row ``strategy`` retrains with: the final plan of its source row on the same
+    seed, or for :data:`PLAN_FROM_MEAN_SIGNAL` the plan that run's mean held-out signal picks."""
     source = PLAN_FROM_ROW[strategy]
     done = _current_record(out, setting, source, seed)
     if done is None:
         raise ValueError(f"Row {strategy!r} retrains with the plan that row {source!r} learned on seed {seed}, but that "
                          f"run has not finished in {out}. Run --strategies {source} {strategy} (in that order).")
-    return torch.tensor(done["plan"])
+    if strategy not in PLAN_FROM_MEAN_SIGNAL:
+        return torch.tensor(done["plan"])
+    result = json.loads((Path(out) / f"{source}-s{seed}" / "result.json").read_text())
+    return plan_from_mean_hypergradient([u["hypergrad"] for u in result["solves"] if u.get("kind") == "heldout"])
 
 
 def _teacher(setting: Setting, train, test, *, progress: bool) -> tuple[torch.nn.Module, dict]:
@@ -378,7 +406,7 @@ def run_setting(
             done = finished_record(run_dir, key)
             stale = _stale_reason(done, opts, tinfo) if done is not None else None
             if done is not None and not stale and strategy in PLAN_FROM_ROW and _current_record(out, setting, strategy, seed) is None:
-                stale = f"was trained with a plan that row {PLAN_FROM_ROW[strategy]!r} no longer has"
+                stale = f"was trained with a plan that row {PLAN_FROM_ROW[strategy]!r} no longer gives"
             if stale:
                 log(f"  {strategy:<9} seed {seed}: {run_dir} {stale}; running it again")
                 done = None
@@ -749,7 +777,10 @@ def row_settings(setting: Setting) -> str:
             what += ", with a 'no teacher' row whose mass the plan chooses (no row marginal: 0 to every student layer)"
         if strategy in PLAN_FROM_ROW:
             source = PLAN_FROM_ROW[strategy]
-            what += (f": the final plan `{source}` learned on the same seed, held fixed from step 0, trained on all "
+            picked = (f"per student layer, the teacher layer with the lowest held-out hypergradient averaged over every "
+                      f"update of `{source}` on the same seed (one-hot)" if strategy in PLAN_FROM_MEAN_SIGNAL
+                      else f"the final plan `{source}` learned on the same seed")
+            what += (f": {picked}, held fixed from step 0, trained on all "
                      f"{setting.train_limit or 50000} training images"
                      + (" (search, then retrain)" if _against_control(source) else " (learning the plan against the plan it finds)"))
         lines.append(f"- `{strategy}`: {what}")

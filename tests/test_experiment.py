@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -297,6 +298,36 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
     assert "| sinkhorn-heldout-retrain |" not in report([setting], out)
     (again,), _ = run_setting(setting, ["sinkhorn-heldout-retrain"], [0], out, data_root=data, progress=False)
     assert again["plan"] == changed["plan"] and "| sinkhorn-heldout-retrain |" in report([setting], out)
+    # the mean-signal retrain row: the plan the search run's hypergradients pick on average, from its result.json
+    (mean_row,), _ = run_setting(setting, ["sinkhorn-heldout-mean-retrain"], [0], out, data_root=data, progress=False)
+    signal = [u["hypergrad"] for u in held["solves"] if u.get("kind") == "heldout"]
+    expected = np.asarray(signal).mean(0).argmin(0)  # (S,): per student layer, the teacher layer of lowest mean
+    assert mean_row["fit_strategy"] == "fixed" and np.array_equal(np.asarray(mean_row["plan"]).argmax(0), expected)
+    assert np.asarray(mean_row["plan"]).sum(0).tolist() == [1.0] * len(expected)  # one-hot columns
+    # a source result.json with another signal makes the record out of date, as a changed source plan does
+    t = np.asarray(signal).shape[1]
+    other = -np.eye(t)[:, (expected + 1) % t]  # (T, S): lowest one row below the picked one in every column
+    planted = {**held, "solves": [{**u, "hypergrad": other.tolist()} if u.get("kind") == "heldout" else u
+                                  for u in held["solves"]]}
+    assert "| sinkhorn-heldout-mean-retrain |" in report([setting], out)
+    (out / "real-cnn" / "sinkhorn-heldout-s0" / "result.json").write_text(json.dumps(planted))
+    assert "| sinkhorn-heldout-mean-retrain |" not in report([setting], out)
+
+
+def test_plan_from_mean_hypergradient_follows_the_whole_run_not_its_last_update():
+    """Planted answer: three updates whose last one points elsewhere; per column the row of lowest mean wins
+    (ties to the shallower row), the plan is one-hot per column, and bad input says what was expected."""
+    h = np.zeros((3, 3, 2))
+    h[:, 0, 0] = [3.0, 3.0, -5.0]  # mean +1/3: the last update's lowest in column 0
+    h[:, 2, 0] = [-0.5, -0.5, 0.0]  # mean -1/3: the column's lowest mean
+    h[:, 1, 1] = [-1.0, -1.0, -1.0]  # column 1: row 1
+    plan = experiment.plan_from_mean_hypergradient(h)
+    assert plan.tolist() == [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    assert h[-1].argmin(0).tolist() != plan.argmax(0).tolist()  # the last update alone would pick another plan
+    assert experiment.plan_from_mean_hypergradient(np.zeros((2, 3, 2))).argmax(0).tolist() == [0, 0]  # ties: shallower
+    for bad in (np.zeros((0, 3, 2)), np.zeros((3, 2)), np.full((1, 2, 2), np.nan)):
+        with pytest.raises(ValueError, match="Expected a non-empty \\(updates, T, S\\) array of finite hypergradients"):
+            experiment.plan_from_mean_hypergradient(bad)
 
 
 def test_a_run_cut_off_mid_way_continues_from_its_last_epoch(tmp_path, monkeypatch):
