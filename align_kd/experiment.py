@@ -262,9 +262,10 @@ def plan_from_mean_hypergradient(hypergrads) -> Tensor:
     ``hypergrads``: (U, T, S), one (T, S) hypergradient per plan update (``result.json``'s ``solves``).
     The minimiser of the mean signal over column simplices, so one-hot; ties go to the shallower row."""
     h = torch.as_tensor(hypergrads, dtype=torch.float64)
-    if h.dim() != 3 or h.shape[0] == 0 or not torch.isfinite(h).all():
+    finite = bool(torch.isfinite(h).all())
+    if h.dim() != 3 or h.shape[0] == 0 or not finite:
         raise ValueError(f"Expected a non-empty (updates, T, S) array of finite hypergradients, got shape "
-                         f"{tuple(h.shape)}{'' if h.numel() == 0 or torch.isfinite(h).all() else ' with non-finite values'}. "
+                         f"{tuple(h.shape)}{'' if finite else ' with non-finite values'}. "
                          "Pass the 'hypergrad' of every 'heldout' entry of a plan_objective='heldout' run's solves.")
     mean = h.mean(0)  # (T, S): rows teacher layers, columns student layers
     return torch.nn.functional.one_hot(mean.argmin(0), mean.shape[0]).T.to(torch.float32)  # (T, S)
@@ -403,9 +404,11 @@ def run_setting(
             run_dir = out / f"{strategy}-s{seed}"
             key = run_key(setting, strategy, seed)
             name, opts = _fit_options(setting, strategy, seed, progress)
+            # a retrain row's plan, read once from its source run (a clear error if that run is missing)
+            plan = _plan_from_row(out, setting, strategy, seed) if strategy in PLAN_FROM_ROW else name
             done = finished_record(run_dir, key)
             stale = _stale_reason(done, opts, tinfo) if done is not None else None
-            if done is not None and not stale and strategy in PLAN_FROM_ROW and _current_record(out, setting, strategy, seed) is None:
+            if done is not None and not stale and isinstance(plan, Tensor) and plan.tolist() != done.get("plan"):
                 stale = f"was trained with a plan that row {PLAN_FROM_ROW[strategy]!r} no longer gives"
             if stale:
                 log(f"  {strategy:<9} seed {seed}: {run_dir} {stale}; running it again")
@@ -422,7 +425,6 @@ def run_setting(
             # paired seeds: the same student initialisation and data order for every row of a seed
             torch.manual_seed(seed)
             student = build_model(setting.student, **setting.student_kwargs)
-            plan = _plan_from_row(out, setting, strategy, seed) if strategy in PLAN_FROM_ROW else name
             # a run cut off in an earlier sitting continues from its last finished epoch (bitwise the same run)
             stamp = {"run_key": key, "fit_strategy": name, "fit_options": {k: v for k, v in opts.items() if k != "progress"},
                      "teacher_key": tinfo["key"], "plan": plan.tolist() if isinstance(plan, Tensor) else plan}
