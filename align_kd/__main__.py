@@ -22,7 +22,7 @@ def _strategy_help() -> str:
             "plan_objective='heldout'), sinkhorn-capped (sinkhorn with row_marginal_mode='at_most': teacher rows "
             "capped at max(1, S/T), so columns may be one-hot), sinkhorn-heldout-frozen (the held-out split with the plan never updated: the "
             "control), pairwise-dkd, sinkhorn-dkd (the depth pairing and the learned plan with DKD as their logit term), "
-            "pairwise-infonce, sinkhorn-infonce, sinkhorn-infonce-memory (MI by the contrastive InfoNCE bound instead of "
+            "pairwise-infonce, sinkhorn-infonce, softmax-infonce, sinkhorn-infonce-memory (MI by the contrastive InfoNCE bound instead of "
             "VID; the last with 4096 remembered negatives), sinkhorn-heldout-retrain (sinkhorn-heldout's "
             "final plan of the same seed, fixed, on all the training data), sinkhorn-heldout-mean-retrain (per student layer "
             "the teacher layer with the lowest hypergradient averaged over that run's updates, fixed, on all the data), softmax-retrain (softmax's final plan of the "

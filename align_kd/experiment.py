@@ -91,6 +91,11 @@ PLAN_VARIANTS = {"sinkhorn-heldout": ("sinkhorn", _HELDOUT),
                  # 0.63 for the VID pairwise row), so it takes CRD's total weight 0.8 spread over ~4 columns
                  "pairwise-infonce": ("pairwise", {"mi_estimator": "infonce", "feature_weight": 0.2}),
                  "sinkhorn-infonce": ("sinkhorn", {"mi_estimator": "infonce", "feature_weight": 0.2}),
+                 # the MI rule without a row marginal on InfoNCE's estimates: VID's per-pair bounds differ by an
+                 # order of magnitude with the teacher layer's scale (on real-resnet-vit VID `softmax` sends every
+                 # column to the shallowest ResNet layers and loses 4-5 points to the depth pairing), InfoNCE's
+                 # are in nats capped at log B for every pair
+                 "softmax-infonce": ("softmax", {"mi_estimator": "infonce", "feature_weight": 0.2}),
                  # in-batch InfoNCE saturates at log 256 (most pairs within 0.5 nats of it): 4096 remembered
                  # teacher samples per tap lift the ceiling to log 4352 = 8.4
                  "sinkhorn-infonce-memory": ("sinkhorn", {"mi_estimator": "infonce", "feature_weight": 0.2,
@@ -269,6 +274,33 @@ def plan_from_mean_hypergradient(hypergrads) -> Tensor:
                          "Pass the 'hypergrad' of every 'heldout' entry of a plan_objective='heldout' run's solves.")
     mean = h.mean(0)  # (T, S): rows teacher layers, columns student layers
     return torch.nn.functional.one_hot(mean.argmin(0), mean.shape[0]).T.to(torch.float32)  # (T, S)
+
+
+def mi_depth_order(mi) -> dict:
+    """How a (T, S) matrix of MI estimates (rows teacher taps from shallow to deep, columns student
+    layers) orders the teacher's depth. The taps of a feed-forward teacher form a Markov chain
+    x -> t_1 -> ... -> t_T, so by the data-processing inequality the true I(t_k; s) cannot grow with k:
+    the MI rule, exactly estimated, would send every column to the first tap.
+
+    ``ordered``: share of adjacent taps (k, k + 1), over all columns, whose estimates obey that
+    (I(t_{k+1}; s) <= I(t_k; s)); ``rho``: Spearman correlation of depth and estimate per column,
+    averaged over the columns that are not constant (-1: falls strictly with depth); ``argmax_depth``:
+    the relative depth (0 first tap, 1 last) of each column's largest estimate, averaged over columns,
+    and ``head_argmax_depth`` the same for the last column (the student's head) alone."""
+    from scipy import stats
+
+    m = torch.as_tensor(mi, dtype=torch.float64)
+    finite = bool(torch.isfinite(m).all())
+    if m.dim() != 2 or m.shape[0] < 2 or not finite:
+        raise ValueError(f"Expected a finite (T, S) matrix of MI estimates with at least 2 teacher rows, got shape "
+                         f"{tuple(m.shape)}{'' if finite else ' with non-finite values'}. Pass result.json's 'mi' "
+                         "without the dustbin row.")
+    depth = torch.linspace(0, 1, m.shape[0], dtype=torch.float64)  # (T,)
+    rhos = [stats.spearmanr(depth, col).statistic for col in m.T.numpy() if col.max() > col.min()]
+    argmax = depth[m.argmax(0)]  # (S,)
+    return {"ordered": float((m.diff(dim=0) <= 0).double().mean()),
+            "rho": float(sum(rhos) / len(rhos)) if rhos else math.nan,
+            "argmax_depth": float(argmax.mean()), "head_argmax_depth": float(argmax[-1])}
 
 
 def _plan_from_row(out: Path, setting: Setting, strategy: str, seed: int) -> Tensor:

@@ -330,6 +330,31 @@ def test_plan_from_mean_hypergradient_follows_the_whole_run_not_its_last_update(
             experiment.plan_from_mean_hypergradient(bad)
 
 
+def test_mi_depth_order_on_a_gaussian_markov_chain_and_closed_forms():
+    """Oracle 1: a planted Markov chain x -> t_1 -> t_2 -> t_3 (t_{k+1} = t_k + noise) and student layers
+    s_j = x + noise, all jointly Gaussian, whose MI has the closed form I = -log(1 - rho^2) / 2: the
+    data-processing inequality holds, so every adjacent pair is ordered, every column falls strictly with
+    depth and peaks at the first tap. Oracle 2: Spearman's closed form 1 - 6 sum d^2 / (n (n^2 - 1)) on a
+    hand-ranked column, the reversed chain, constant columns, and bad input."""
+    tap_noise = np.cumsum([0.2, 0.5, 1.0])  # (T,) variance of t_k - x along the chain
+    student_noise = np.array([0.1, 0.7, 2.0, 5.0])  # (S,)
+    rho2 = 1.0 / np.outer(1.0 + tap_noise, 1.0 + student_noise)  # (T, S) squared correlation of t_k and s_j
+    mi = -0.5 * np.log1p(-rho2)
+    assert experiment.mi_depth_order(mi) == {"ordered": 1.0, "rho": -1.0, "argmax_depth": 0.0, "head_argmax_depth": 0.0}
+    assert experiment.mi_depth_order(mi[::-1].copy()) == {"ordered": 0.0, "rho": 1.0, "argmax_depth": 1.0,
+                                                          "head_argmax_depth": 1.0}
+
+    column = np.array([[3.0], [1.0], [2.0]])  # ranks 3, 1, 2 against depth ranks 1, 2, 3: d = 2, -1, -1
+    got = experiment.mi_depth_order(column)
+    assert got["rho"] == pytest.approx(1 - 6 * 6 / (3 * 8))  # -0.5
+    assert got["ordered"] == 0.5 and got["argmax_depth"] == 0.0  # 3 >= 1 holds, 1 >= 2 does not
+    flat = experiment.mi_depth_order(np.array([[1.0, 2.0], [1.0, 1.0], [1.0, 0.0]]))  # column 0 constant: no rank
+    assert flat["rho"] == pytest.approx(-1.0) and flat["ordered"] == 1.0 and flat["head_argmax_depth"] == 0.0
+    for bad in (np.zeros((1, 3)), np.zeros(4), np.array([[1.0], [np.inf]])):
+        with pytest.raises(ValueError, match="Expected a finite \\(T, S\\) matrix of MI estimates"):
+            experiment.mi_depth_order(bad)
+
+
 def test_a_run_cut_off_mid_way_continues_from_its_last_epoch(tmp_path, monkeypatch):
     """Oracle: the same run uninterrupted. A run stopped in its second epoch leaves no record but its
     first epoch's checkpoint; the same command continues from there and records the identical run
