@@ -11,8 +11,9 @@ capacity, InfoNCE's cap at log B) and a row marginal keep the rule from that cor
 
 This script reads the final (T, S) MI estimates that every finished run with a feature term saved
 (``result.json``'s ``mi``; every pair's estimator is trained on its own bound whatever the plan, so
-the whole matrix is an estimate; no training here) and asks, per setting and estimator
-(:func:`align_kd.experiment.mi_depth_order`):
+the whole matrix is an estimate, though the student's gradient is weighted by the plan, so a run's
+own pairs are estimated after the student learned them; no training here) and asks, per setting
+and estimator (:func:`align_kd.experiment.mi_depth_order`):
 
 - ``ordered``: the share of adjacent tap pairs (k, k + 1) over all columns whose estimates obey the
   inequality (the deeper one no larger);
