@@ -296,7 +296,7 @@ def mi_depth_order(mi) -> dict:
                          f"{tuple(m.shape)}{'' if finite else ' with non-finite values'}. Pass result.json's 'mi' "
                          "without the dustbin row.")
     depth = torch.linspace(0, 1, m.shape[0], dtype=torch.float64)  # (T,)
-    rhos = [stats.spearmanr(depth, col).statistic for col in m.T.numpy() if col.max() > col.min()]
+    rhos = [stats.spearmanr(depth.numpy(), col).statistic for col in m.T.numpy() if col.max() > col.min()]
     argmax = depth[m.argmax(0)]  # (S,)
     return {"ordered": float((m.diff(dim=0) <= 0).double().mean()),
             "rho": float(sum(rhos) / len(rhos)) if rhos else math.nan,
