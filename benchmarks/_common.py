@@ -24,6 +24,17 @@ def mean_std(xs) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def finished_results(results, setting, rows=None):
+    """(record, result.json) of every finished run of ``setting`` under ``results`` that the report
+    counts (made with today's options, as ``bench --report`` reads them); ``rows``: only those rows."""
+    from align_kd.experiment import collect_records
+
+    for rec in collect_records(results, setting):
+        if rows is None or rec["strategy"] in rows:
+            run = Path(results) / setting.name / f"{rec['strategy']}-s{rec['seed']}"
+            yield rec, json.loads((run / "result.json").read_text())
+
+
 def write_json(payload, out) -> Path:
     """Write ``payload`` as indented JSON to ``out`` (parents created) and say where."""
     out = Path(out)

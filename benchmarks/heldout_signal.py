@@ -23,24 +23,21 @@ seeds in rows, quarters in columns).
     python benchmarks/heldout_signal.py [--setting real-cnn-noaug] [--rows sinkhorn-heldout ...] [--parts 4]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from _common import write_json
+from _common import finished_results, write_json
 from scipy import stats
 
-from align_kd.experiment import PLAN_VARIANTS, REAL_SETTINGS, collect_records, versions
+from align_kd.experiment import PLAN_VARIANTS, REAL_SETTINGS, versions
 
 ROOT = Path(__file__).resolve().parent
 
 
 def load_runs(results: Path, setting, row: str) -> dict[int, dict]:
-    """{seed: result.json} of one row's finished runs that the report counts (made with the row's
-    options of today, as ``bench --report`` reads them)."""
-    return {r["seed"]: json.loads((results / setting.name / f"{row}-s{r['seed']}" / "result.json").read_text())
-            for r in collect_records(results, setting) if r["strategy"] == row}
+    """{seed: result.json} of one row's finished runs that the report counts."""
+    return {rec["seed"]: result for rec, result in finished_results(results, setting, rows=(row,))}
 
 
 def centred_share(m: np.ndarray, rows: bool) -> float:

@@ -28,13 +28,13 @@ teacher depth, per setting and estimator).
     python benchmarks/mi_depth_order.py [--settings real-cnn real-vit ...]
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from _common import write_json
+from _common import finished_results, write_json
 
-from align_kd.experiment import REAL_SETTINGS, collect_records, mi_depth_order, versions
+from align_kd.experiment import REAL_SETTINGS, mi_depth_order, versions
+from align_kd.plans import DUSTBIN
 
 ROOT = Path(__file__).resolve().parent
 
@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parent
 def finished_matrices(results: Path, setting) -> list[dict]:
     """(row, seed, estimator, mi) of every current finished run of ``setting`` that saved MI estimates."""
     runs = []
-    for rec in collect_records(results, setting):
-        result = json.loads((results / setting.name / f"{rec['strategy']}-s{rec['seed']}" / "result.json").read_text())
+    for rec, result in finished_results(results, setting):
         if result.get("mi") is not None:
-            rows = len(result["teacher_layers"]) - bool(rec.get("dustbin"))  # the dustbin row (no teacher, MI 0) is no tap
+            taps = [k for k, name in enumerate(result["teacher_layers"]) if name != DUSTBIN]  # "no teacher" is no tap
             runs.append({"row": rec["strategy"], "seed": rec["seed"], "estimator": rec.get("mi_estimator", "vid"),
-                         "mi": np.asarray(result["mi"], dtype=float)[:rows], "teacher_layers": result["teacher_layers"][:rows],
+                         "mi": np.asarray(result["mi"], dtype=float)[taps],
+                         "teacher_layers": [result["teacher_layers"][k] for k in taps],
                          "student_layers": result["student_layers"]})
     return runs
 
