@@ -33,7 +33,7 @@ from .training import TrainingDiverged, fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
            "format_overview", "format_status", "format_table", "overview", "paired_interval", "plan_patterns", "plot_curves",
-           "plot_overview", "report", "row_settings", "run_key", "run_setting", "run_states", "summarise", "versions",
+           "plot_overview", "report", "row_settings", "run_folder", "run_key", "run_setting", "run_states", "summarise", "versions",
            "write_outputs"]
 
 #: seeds the `real` protocol runs per row (issue 12: at least 3); the report marks rows with fewer
@@ -243,10 +243,15 @@ def _fit_options(setting: Setting, strategy: str, seed: int, progress: bool) -> 
     return strategy, opts
 
 
+def run_folder(folder, strategy: str, seed: int) -> Path:
+    """The folder of row ``strategy``'s run with ``seed`` in a setting's results ``folder``."""
+    return Path(folder) / f"{strategy}-s{seed}"
+
+
 def _current_record(out: Path, setting: Setting, strategy: str, seed: int, name: str = "record.json") -> dict | None:
     """The finished record of row ``strategy``, seed ``seed``, if it was made with the row's options of today
     (``name``: :data:`DIVERGED_FILE` for the record of a run that diverged)."""
-    done = finished_record(Path(out) / f"{strategy}-s{seed}", run_key(setting, strategy, seed), name)
+    done = finished_record(run_folder(out, strategy, seed), run_key(setting, strategy, seed), name)
     if done is None or not _same_options(done.get("fit_options", {}), _fit_options(setting, strategy, seed, False)[1]):
         return None
     if strategy in PLAN_FROM_ROW:  # trained with the plan its source row gave then: current only if it still gives it
@@ -313,7 +318,7 @@ def _plan_from_row(out: Path, setting: Setting, strategy: str, seed: int) -> Ten
                          f"run has not finished in {out}. Run --strategies {source} {strategy} (in that order).")
     if strategy not in PLAN_FROM_MEAN_SIGNAL:
         return torch.tensor(done["plan"])
-    result = json.loads((Path(out) / f"{source}-s{seed}" / "result.json").read_text())
+    result = json.loads((run_folder(out, source, seed) / "result.json").read_text())
     return plan_from_mean_hypergradient([u["hypergrad"] for u in result["solves"] if u.get("kind") == "heldout"])
 
 
@@ -433,7 +438,7 @@ def run_setting(
     records = []
     for seed in seeds:  # seed by seed, so that an interrupted benchmark leaves complete, paired seeds
         for strategy in strategies:
-            run_dir = out / f"{strategy}-s{seed}"
+            run_dir = run_folder(out, strategy, seed)
             key = run_key(setting, strategy, seed)
             name, opts = _fit_options(setting, strategy, seed, progress)
             # a retrain row's plan, read once from its source run (a clear error if that run is missing)
@@ -847,11 +852,11 @@ def run_states(out_dir, setting: Setting, strategies=None, seeds=(0, 1, 2)) -> l
     and every other row with a folder."""
     folder = Path(out_dir) / setting.name
     if strategies is None:
-        strategies = [s for s in ALL_STRATEGIES if s in TABLE_ROWS or any((folder / f"{s}-s{n}").is_dir() for n in seeds)]
+        strategies = [s for s in ALL_STRATEGIES if s in TABLE_ROWS or any(run_folder(folder, s, n).is_dir() for n in seeds)]
     states = []
     for strategy in strategies:
         for seed in seeds:
-            run_dir = folder / f"{strategy}-s{seed}"
+            run_dir = run_folder(folder, strategy, seed)
             state = {"strategy": strategy, "seed": seed, "state": "to run", "epochs": setting.epochs}
             done = _current_record(folder, setting, strategy, seed)
             saved = list_checkpoints(run_dir / CHECKPOINT_DIR)

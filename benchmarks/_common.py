@@ -27,11 +27,11 @@ def mean_std(xs) -> tuple[float, float]:
 def finished_results(results, setting, rows=None):
     """(record, result.json) of every finished run of ``setting`` under ``results`` that the report
     counts (made with today's options, as ``bench --report`` reads them); ``rows``: only those rows."""
-    from align_kd.experiment import collect_records
+    from align_kd.experiment import collect_records, run_folder
 
     for rec in collect_records(results, setting):
         if rows is None or rec["strategy"] in rows:
-            run = Path(results) / setting.name / f"{rec['strategy']}-s{rec['seed']}"
+            run = run_folder(Path(results) / setting.name, rec["strategy"], rec["seed"])
             yield rec, json.loads((run / "result.json").read_text())
 
 
