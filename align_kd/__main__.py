@@ -23,7 +23,8 @@ def _strategy_help() -> str:
             "capped at max(1, S/T), so columns may be one-hot), sinkhorn-heldout-frozen (the held-out split with the plan never updated: the "
             "control), pairwise-dkd, sinkhorn-dkd (the depth pairing and the learned plan with DKD as their logit term), "
             "pairwise-infonce, sinkhorn-infonce, softmax-infonce, sinkhorn-infonce-memory (MI by the contrastive InfoNCE bound instead of "
-            "VID; the last with 4096 remembered negatives), sinkhorn-heldout-retrain (sinkhorn-heldout's "
+            "VID; the last with 4096 remembered negatives), softmax-vid-floor (softmax with the VID variance floor vid_eps=1e-2 "
+            "instead of 1e-4), sinkhorn-heldout-retrain (sinkhorn-heldout's "
             "final plan of the same seed, fixed, on all the training data), sinkhorn-heldout-mean-retrain (per student layer "
             "the teacher layer with the lowest hypergradient averaged over that run's updates, fixed, on all the data), softmax-retrain (softmax's final plan of the "
             "same seed, fixed from step 0: learning the plan against the plan it finds)")

@@ -227,10 +227,13 @@ def restore_rng(state: dict, loader=None) -> None:
 # configuration checks
 
 
-def config_diff(stored: dict, current: dict, ignore=RUNTIME_FIELDS) -> list[str]:
-    """Names of the fields whose values differ between two config dicts (``ignore`` left out)."""
+def config_diff(stored: dict, current: dict, ignore=RUNTIME_FIELDS, defaults: dict | None = None) -> list[str]:
+    """Names of the fields whose values differ between two config dicts (``ignore`` left out). A field
+    ``stored`` lacks counts as ``defaults[field]`` (a checkpoint written before the option existed ran
+    as its default does), else as None."""
+    defaults = defaults or {}
     keys = sorted((set(stored) | set(current)) - set(ignore))
-    return [k for k in keys if stored.get(k) != current.get(k)]
+    return [k for k in keys if stored.get(k, defaults.get(k)) != current.get(k)]
 
 
 def _teacher_digest(teacher) -> str:
@@ -344,12 +347,15 @@ class Checkpointer:
         self._load(distiller, optimizer, scheduler, state, loader, payload)
 
     def _load(self, distiller, optimizer, scheduler, state, loader, p: dict) -> None:
-        diff = config_diff(p["config"], self.config)
+        from .config import FitConfig
+
+        defaults = {name: f.default for name, f in FitConfig.__dataclass_fields__.items()}
+        diff = config_diff(p["config"], self.config, defaults=defaults)
         for key in ("teacher_layers", "student_layers", "teacher_shapes", "student_shapes"):
             if p[key] != getattr(distiller, key):
                 diff.append(key)
         if diff:
-            details = "; ".join(f"{k}: checkpoint {p['config'].get(k, p.get(k))!r}, now "
+            details = "; ".join(f"{k}: checkpoint {p['config'].get(k, defaults.get(k, p.get(k)))!r}, now "
                                 f"{self.config.get(k, getattr(distiller, k, None))!r}" for k in diff)
             raise ValueError(
                 f"Cannot resume from {self.directory}: the checkpoint was written with different options: {details}. "

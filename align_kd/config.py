@@ -76,6 +76,9 @@ class FitConfig:
     bank_layout: str = "shared"  # MI bank regressors: "shared" (cheap) or "full" (reference VID)
     infonce_memory: int = 0  # mi_estimator="infonce": teacher samples per tap kept as extra negatives (0: in-batch only)
     mi_estimator: str = "vid"  # the bound on I(t_i; s_j): "vid" (Gaussian, nats per element) or "infonce" (contrastive, in-batch negatives, nats per sample)
+    # mi_estimator="vid": the per-channel variance floor, var = softplus(alpha) + vid_eps, on standardised teacher
+    # features (unit variance), so a pair's bound is at most 0.5 - 0.5 log(vid_eps) nats per element
+    vid_eps: float = 1e-4
     pool: int | None = 2  # cap on the resolution at which pairs are compared (shared bank)
     width: int | None = None  # hidden width of the MI regressors (None: from the student's channels, 16-64)
     skip_pairs_below: float | None = None  # skip pairs with lambda below this (last estimate reused); None: all pairs
@@ -173,6 +176,12 @@ class FitConfig:
         check(self.mi_estimator == "vid" or self.bank_layout == "shared",
               f"bank_layout={self.bank_layout!r} is a layout of the VID regressors; mi_estimator={self.mi_estimator!r} "
               f"has its own heads. Use bank_layout='shared' (the default) with it.")
+        check(isinstance(self.vid_eps, (int, float)) and not isinstance(self.vid_eps, bool) and 0 < self.vid_eps < 1,
+              f"Expected `vid_eps` in (0, 1) (the VID variance floor on unit-variance teacher features; default 1e-4) "
+              f"but got {self.vid_eps!r}.")
+        check(self.vid_eps == FitConfig.vid_eps or self.mi_estimator == "vid",
+              f"vid_eps={self.vid_eps} is the floor of the VID bound's variances; mi_estimator={self.mi_estimator!r} has "
+              f"none. Leave `vid_eps` at its default with it, or use mi_estimator='vid'.")
         check(isinstance(self.infonce_memory, int) and not isinstance(self.infonce_memory, bool) and self.infonce_memory >= 0,
               f"Expected `infonce_memory` to be an int >= 0 (teacher samples kept as negatives) but got {self.infonce_memory!r}.")
         check(not self.infonce_memory or self.mi_estimator == "infonce",
@@ -205,7 +214,7 @@ class FitConfig:
 #: the fields of FitConfig a Distiller takes (the objective, the plan, the MI bank, the model path)
 DISTILLER_OPTIONS = (
     "beta", "kd_weight", "kd_temperature", "kd_loss", "dkd_alpha", "dkd_beta", "ce_weight", "feature_weight",
-    "tau", "row_marginal", "row_marginal_mode", "plan_init", "bank_layout", "mi_estimator", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
+    "tau", "row_marginal", "row_marginal_mode", "plan_init", "bank_layout", "mi_estimator", "vid_eps", "infonce_memory", "pool", "width", "skip_pairs_below", "full_pass_every",
     "exact_every", "exact_warmup", "exact_method", "exact_tau", "amp", "channels_last", "compile", "allow_few_taps",
     "plan_objective", "heldout_every", "heldout_warmup", "heldout_lr", "heldout_optimizer", "heldout_grad_mode", "heldout_grad_point",
     "heldout_jvp", "heldout_fd_step", "dustbin", "dustbin_mass",

@@ -274,7 +274,7 @@ class Distiller(nn.Module):
         self.uses_teacher = self.uses_kd or self.uses_features  # else (labels only) skip its forward
         self.bank = (
             MIBank(self.teacher_shapes, self.student_shapes, layout=cfg.bank_layout, estimator=cfg.mi_estimator,
-                   memory=cfg.infonce_memory,
+                   memory=cfg.infonce_memory, eps=cfg.vid_eps,
                    pool=cfg.pool if cfg.bank_layout == "shared" else None, width=cfg.width).to(self.device)
             if self.uses_features else None
         )

@@ -216,10 +216,19 @@ class TrainingDiverged(RuntimeError):
         self.first_step, self.step, self.reason = first_step, step, reason
 
 
-def _too_many_bad_steps(cfg: FitConfig, n: int, what: str, step: int) -> TrainingDiverged:
+def _too_many_bad_steps(cfg: FitConfig, n: int, what: str, step: int, last: dict | None = None) -> TrainingDiverged:
+    """The error fit() stops with; ``last`` is the last finite step's logged row (its loss terms), if any."""
     first = step - n + 1
+    terms = ""
+    if last is not None:
+        terms = (f" The last finite step, {first - 1}, had ce {last['ce']:.4g}, kd {last['kd']:.4g} and feature "
+                 f"(sum(lam * mi), nats) {last['feature']:.4g}.")
+        if cfg.mi_estimator == "vid" and last["feature"] < -max(1.0, last["ce"]):
+            # a VID bound far below 0: a residual large against a variance learned near its floor (1 / var up to 1 / eps)
+            terms += (f" A feature bound that far below 0 is a VID variance near its floor (vid_eps={cfg.vid_eps}) "
+                      "meeting a large residual: raise `vid_eps` (e.g. 1e-2) or set `grad_clip`.")
     return TrainingDiverged(
-        f"{n} training steps in a row were skipped ({what}; steps {first}-{step}). Likely causes: a learning rate "
+        f"{n} training steps in a row were skipped ({what}; steps {first}-{step}).{terms} Likely causes: a learning rate "
         f"too high (lr={cfg.lr}), a plan temperature too low (tau={cfg.tau}), or NaN/inf in the "
         "input data. Lower `lr`, raise `tau` or check the data.", first_step=first, step=step, reason=what)
 
@@ -233,6 +242,7 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state.epoch * steps_per_epoch, disable=not show,
                desc=f"fit[{cfg.strategy}]", unit="step", leave=False)
     keys = ("loss", "ce", "kd", "acc", "feature", "pairs_evaluated")
+    last_row = None  # the last finite step's logged row: what a TrainingDiverged reports
     for epoch in range(state.epoch, cfg.epochs):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
@@ -253,12 +263,13 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
                 skipped += 1
                 warnings.warn(f"Skipped training step {state.step - 1}: {out}.", RuntimeWarning, stacklevel=2)
                 if state.bad_in_a_row >= cfg.max_bad_steps:
-                    raise _too_many_bad_steps(cfg, state.bad_in_a_row, out, state.step - 1)
+                    raise _too_many_bad_steps(cfg, state.bad_in_a_row, out, state.step - 1, last_row)
                 continue
             state.bad_in_a_row = 0
             row = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()},
                    "acc": (out.logits.argmax(1) == y.to(out.logits.device)).float().mean().item(),
                    "pairs_evaluated": out.pairs_evaluated}
+            last_row = row
             n += 1
             for k in keys:
                 sums[k] += row[k]

@@ -23,6 +23,7 @@ from align_kd.checkpoint import (
     config_diff,
     list_checkpoints,
     read_checkpoint,
+    write_checkpoint,
 )
 
 # the tiny problem, as source so that the subprocess builds exactly the same one
@@ -301,6 +302,21 @@ def test_resume_with_different_options_names_them(tmp_path):
         run(checkpoint_dir=tmp_path, epochs=1, resume=True, progress=True, keep_checkpoints=3)
 
 
+def test_a_checkpoint_older_than_an_option_resumes_bitwise_as_its_default(reference, tmp_path):
+    # a checkpoint written before `vid_eps` existed ran with what is now its default: resuming it with
+    # the default continues the same run; asking for another floor is refused, naming the option
+    run(checkpoint_dir=tmp_path, keep_checkpoints=3)
+    for epoch in (1, 2, 3):
+        ck = read_checkpoint(checkpoint_path(tmp_path, epoch))
+        del ck["config"]["vid_eps"]
+        write_checkpoint(ck, checkpoint_path(tmp_path, epoch))
+    (tmp_path / "checkpoint-epoch0003.pt").unlink()  # epoch 3 trains again from epoch 2's checkpoint
+    with pytest.raises(ValueError, match=r"different options: vid_eps: checkpoint 0\.0001, now 0\.01"):
+        run(checkpoint_dir=tmp_path, resume=True, vid_eps=1e-2)
+    res, st = run(checkpoint_dir=tmp_path, resume=True)
+    assert_same(summary(res, st), reference[("sinkhorn", tensor_loaders)])
+
+
 def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     run(checkpoint_dir=tmp_path, epochs=1)
     with pytest.raises(ValueError, match="already holds 1 checkpoint.*resume=True"):
@@ -321,3 +337,7 @@ def test_checkpoint_options_are_validated(opts, match):
 def test_config_diff():
     assert config_diff({"lr": 0.1, "seed": 0, "progress": True}, {"lr": 0.2, "seed": 0, "progress": False}) == ["lr"]
     assert config_diff({"a": 1}, {"b": 1}) == ["a", "b"]
+    # a field the checkpoint predates counts as its default, and only as that
+    assert config_diff({"lr": 0.1}, {"lr": 0.1, "vid_eps": 1e-4}, defaults={"vid_eps": 1e-4}) == []
+    assert config_diff({"lr": 0.1}, {"lr": 0.1, "vid_eps": 1e-2}, defaults={"vid_eps": 1e-4}) == ["vid_eps"]
+    assert config_diff({"lr": 0.1}, {"lr": 0.1, "vid_eps": 1e-4}) == ["vid_eps"]

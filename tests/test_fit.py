@@ -326,7 +326,9 @@ def test_overflowing_batch_is_skipped_without_poisoning_later_steps():
     assert student[2].running_var.max() < 1e3  # not dragged by the 3e38 batch
 
 
-def test_too_many_bad_batches_stop_with_the_likely_causes():
+def test_too_many_bad_batches_stop_with_the_likely_causes(tmp_path):
+    import csv
+
     from align_kd import TrainingDiverged
 
     batches = _batches(5)
@@ -336,14 +338,34 @@ def test_too_many_bad_batches_stop_with_the_likely_causes():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(TrainingDiverged) as err:
-            fit(make_teacher(), student, Batches(batches), strategy="uniform", max_bad_steps=3, **FAST)
+            fit(make_teacher(), student, Batches(batches), strategy="uniform", max_bad_steps=3, log_dir=str(tmp_path),
+                **FAST)
     assert isinstance(err.value, RuntimeError)  # callers that caught RuntimeError still do
     assert (err.value.first_step, err.value.step) == (1, 3)  # the NaN batches, 0-based
     assert err.value.reason == "the input batch contains NaN or inf"
     msg = str(err.value)
     assert "3 training steps in a row" in msg and "steps 1-3" in msg
     assert "lr" in msg and "tau" in msg and "NaN" in msg
+    # the last finite step's terms, as steps.csv logged them (its only row: step 0)
+    (logged,) = list(csv.DictReader(open(tmp_path / "steps.csv")))
+    terms = {k: float(logged[k]) for k in ("ce", "kd", "feature")}
+    assert (f"The last finite step, 0, had ce {terms['ce']:.4g}, kd {terms['kd']:.4g} and feature "
+            f"(sum(lam * mi), nats) {terms['feature']:.4g}.") in msg
+    assert "vid_eps" not in msg  # a small bound: no hint about the variance floor
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("estimator,feature,hint", [("vid", -39.2, True), ("vid", -1.5, False), ("infonce", -39.2, False)])
+def test_divergence_names_the_vid_floor_only_for_a_bound_far_below_zero(estimator, feature, hint):
+    # the terms of real-resnet-vit's `softmax` seed 2 one step before it diverged (steps.csv, step 325)
+    from align_kd.config import FitConfig
+    from align_kd.training import _too_many_bad_steps
+
+    err = _too_many_bad_steps(FitConfig(mi_estimator=estimator), 10, "the loss is nan", 335,
+                              {"ce": 2.10, "kd": 1.52, "feature": feature})
+    assert (err.first_step, err.step) == (326, 335)
+    assert "The last finite step, 325, had ce 2.1, kd 1.52" in str(err)
+    assert ("raise `vid_eps` (e.g. 1e-2) or set `grad_clip`" in str(err)) == hint
 
 
 def test_bad_batches_not_in_a_row_do_not_stop():

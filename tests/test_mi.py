@@ -226,6 +226,48 @@ def _train_gaussian(rho, *, scale=1.0, shift=0.0, steps=600, batch=512, C=8, see
         return bank([t], [s]).item()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_variance_floor_enters_the_bound_as_its_closed_form(layout):
+    # With every variance at its floor (alpha -> -inf), the bound per element is
+    #   mi = 0.5 - 0.5 log eps - 0.5 R / eps,   R the mean squared residual of the regressor.
+    # The floor changes nothing else (alpha's init is not random), so two banks with the same seed and
+    # floors 1e-2 and 1e-1 must give the same R from the formula; and no bound exceeds its cap
+    # 0.5 - 0.5 log eps whatever the inputs.
+    t, s = _feats([(6, 4, 4)], B=64, seed=3)[0], _feats([(5, 4, 4)], B=64, seed=4)[0]
+    residuals = []
+    for eps in (1e-2, 1e-1):
+        torch.manual_seed(0)
+        bank = MIBank([(6, 4, 4)], [(5, 4, 4)], layout=layout, eps=eps, width=8)
+        with torch.no_grad():
+            for a in bank.alpha:
+                a.fill_(-60.0)
+        assert all(torch.equal(v, torch.full_like(v, eps)) for v in bank.variances())
+        with torch.no_grad():
+            mi = bank([t], [s]).item()
+        cap = 0.5 - 0.5 * math.log(eps)
+        assert mi <= cap
+        residuals.append((cap - mi) * 2 * eps)
+    assert residuals[0] > 0
+    assert residuals[0] == pytest.approx(residuals[1], rel=1e-4)
+
+
+def test_vid_eps_reaches_the_bank_and_is_checked():
+    from torch import nn
+
+    from align_kd import Distiller, FitConfig
+
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(2, 3, 8, 8)
+    assert Distiller(teacher, student, x, strategy="uniform").bank.eps == FitConfig.vid_eps == 1e-4
+    assert Distiller(teacher, student, x, strategy="uniform", vid_eps=1e-2).bank.eps == 1e-2
+    for bad in (0, -1e-3, 1.0, float("nan"), True, "1e-2"):
+        with pytest.raises(ValueError, match="Expected `vid_eps` in \\(0, 1\\)"):
+            FitConfig(vid_eps=bad)
+    with pytest.raises(ValueError, match="vid_eps=0.01 is the floor of the VID bound's variances; mi_estimator='infonce'"):
+        FitConfig(mi_estimator="infonce", vid_eps=1e-2)
+
+
 @pytest.mark.parametrize("rho,below", [(0.5, 0.03), (0.9, 0.06)])
 def test_gaussian_pair_reaches_closed_form(rho, below):
     truth = -0.5 * math.log(1 - rho**2)  # nats per element: 0.144 (rho .5), 0.830 (rho .9)
