@@ -31,6 +31,7 @@ from _common import finished_results, write_json
 from scipy import stats
 
 from align_kd.experiment import PLAN_VARIANTS, REAL_SETTINGS, versions
+from align_kd.plans.registry import DUSTBIN
 
 ROOT = Path(__file__).resolve().parent
 
@@ -56,7 +57,8 @@ def signal_by_part(result: dict, parts: int) -> list[dict]:
     if len(ups) < 2 * parts:
         raise ValueError(f"expected at least {2 * parts} held-out updates to split into {parts} parts, got {len(ups)}")
     H = np.array([u["hypergrad"] for u in ups])  # (updates, T, S)
-    T = len(result["teacher_layers"])
+    teachers = [name for name in result["teacher_layers"] if name != DUSTBIN]  # a dustbin run lists it last
+    T = len(teachers)
     H = H[:, :T]  # a dustbin row carries no feature term (H = 0): leave it out
     out = []
     for k, idx in enumerate(np.array_split(np.arange(len(ups)), parts)):
@@ -68,7 +70,7 @@ def signal_by_part(result: dict, parts: int) -> list[dict]:
                     "share_hurts": float((t > 2).mean()), "share_helps": float((t < -2).mean()),
                     "actionable_softmax": centred_share(mean, rows=False),
                     "actionable_sinkhorn": centred_share(mean, rows=True),
-                    "lowest_row_per_column": [result["teacher_layers"][i] for i in mean.argmin(0)]})
+                    "lowest_row_per_column": [teachers[i] for i in mean.argmin(0)]})
     return out
 
 
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     for row in args.rows:
         for seed, result in sorted(load_runs(results, setting, row).items()):
             table[f"{row} s{seed}"] = signal_by_part(result, args.parts)
-            names = names or (result["teacher_layers"], result["student_layers"])
+            names = names or ([t for t in result["teacher_layers"] if t != DUSTBIN], result["student_layers"])
     if not table:
         print(f"no finished run of {args.rows} with today's row options in {results / setting.name}", file=sys.stderr)
         return 1

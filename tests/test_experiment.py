@@ -549,3 +549,31 @@ def test_every_row_is_a_valid_fit_config(setting):
     dkd = experiment._fit_options(experiment.REAL_SETTINGS[setting], "dkd", 0, False)[1]
     _, sinkhorn_dkd = experiment._fit_options(experiment.REAL_SETTINGS[setting], "sinkhorn-dkd", 0, False)
     assert {k: sinkhorn_dkd[k] for k in dkd} == dkd
+
+
+def test_heldout_signal_leaves_the_dustbin_row_out():
+    """benchmarks/heldout_signal.py on a planted dustbin run: every teacher pair hurts (H > 0, t >> 2)
+    and the dustbin row is 0 by construction, so the shares count the T x S teacher pairs only and
+    each column's least harmful teacher layer is the one planted lowest, never '(no teacher)'."""
+    import importlib
+    import sys
+
+    from align_kd.plans.registry import DUSTBIN
+
+    sys.path.insert(0, str(Path(experiment.__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        signal = importlib.import_module("heldout_signal")
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    ups = []
+    for k in range(8):
+        h = np.zeros((3, 2))  # rows: block1, block2, the dustbin; columns: two student layers
+        h[0] = 2.0 + 0.1 * rng.standard_normal(2)  # block1 hurts more
+        h[1] = 1.0 + 0.1 * rng.standard_normal(2)
+        ups.append({"kind": "heldout", "step": 10 * (k + 1), "hypergrad": h.tolist()})
+    result = {"teacher_layers": ["block1", "block2", DUSTBIN], "student_layers": ["s1", "s2"], "solves": ups}
+    (part,) = signal.signal_by_part(result, parts=1)
+    assert np.array(part["t"]).shape == (2, 2)
+    assert part["share_hurts"] == 1.0 and part["share_helps"] == 0.0
+    assert part["lowest_row_per_column"] == ["block2", "block2"]
