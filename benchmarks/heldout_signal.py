@@ -51,15 +51,20 @@ def centred_share(m: np.ndarray, rows: bool) -> float:
     return float(np.linalg.norm(d) / total) if total > 0 else 0.0
 
 
+def teacher_rows(result: dict) -> list[str]:
+    """The run's teacher layers, the rows of H that carry a feature term (a dustbin run lists its
+    "no teacher" row last; its H is 0 by construction)."""
+    return [name for name in result["teacher_layers"] if name != DUSTBIN]
+
+
 def signal_by_part(result: dict, parts: int) -> list[dict]:
     """Per part of training (by update order): t statistics, signed shares, actionable shares, choices."""
     ups = [u for u in result["solves"] if u.get("kind") == "heldout"]
     if len(ups) < 2 * parts:
         raise ValueError(f"expected at least {2 * parts} held-out updates to split into {parts} parts, got {len(ups)}")
-    H = np.array([u["hypergrad"] for u in ups])  # (updates, T, S)
-    teachers = [name for name in result["teacher_layers"] if name != DUSTBIN]  # a dustbin run lists it last
-    T = len(teachers)
-    H = H[:, :T]  # a dustbin row carries no feature term (H = 0): leave it out
+    H = np.array([u["hypergrad"] for u in ups])  # (updates, T, S); (updates, T + 1, S) with a dustbin
+    teachers = teacher_rows(result)
+    H = H[:, :len(teachers)]  # (updates, T, S): the dustbin row left out
     out = []
     for k, idx in enumerate(np.array_split(np.arange(len(ups)), parts)):
         h = H[idx]
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
     for row in args.rows:
         for seed, result in sorted(load_runs(results, setting, row).items()):
             table[f"{row} s{seed}"] = signal_by_part(result, args.parts)
-            names = names or ([t for t in result["teacher_layers"] if t != DUSTBIN], result["student_layers"])
+            names = names or (teacher_rows(result), result["student_layers"])
     if not table:
         print(f"no finished run of {args.rows} with today's row options in {results / setting.name}", file=sys.stderr)
         return 1
