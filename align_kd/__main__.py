@@ -26,7 +26,9 @@ def _strategy_help() -> str:
             "VID; the last with 4096 remembered negatives), softmax-vid-floor (softmax with the VID variance floor vid_eps=1e-2 "
             "instead of 1e-4), sinkhorn-heldout-retrain (sinkhorn-heldout's "
             "final plan of the same seed, fixed, on all the training data), sinkhorn-heldout-mean-retrain (per student layer "
-            "the teacher layer with the lowest hypergradient averaged over that run's updates, fixed, on all the data), softmax-retrain (softmax's final plan of the "
+            "the teacher layer with the lowest hypergradient averaged over that run's updates, fixed, on all the data), "
+            "sinkhorn-heldout-signal-retrain (sinkhorn-heldout's plan update replayed on the mean hypergradient of each quarter "
+            "of that run, fixed, on all the data), softmax-retrain (softmax's final plan of the "
             "same seed, fixed from step 0: learning the plan against the plan it finds)")
 
 

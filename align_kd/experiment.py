@@ -23,12 +23,12 @@ from torch import Tensor
 from ._env import versions
 from ._io import atomic_write_text
 from .checkpoint import list_checkpoints
-from .config import FitConfig
+from .config import DISTILLER_OPTIONS, FitConfig
 from .data import cifar10_loaders, heldout_count
 from .losses import KD_PAPER_SETTINGS
 from .distributed import setup as setup_distributed
 from .models import build_model, load_or_train_teacher
-from .plans import PLANS
+from .plans import DUSTBIN, PLANS, make_plan
 from .training import TrainingDiverged, fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
@@ -111,11 +111,16 @@ HELDOUT_CONTROL = "sinkhorn-heldout-frozen"
 #: retrain (DistPro's protocol) for the held-out row; for `softmax` (the MI rule's plan that hardens in
 #: epoch 1 and wins setting (iii)) the control that tells learning the plan from the plan it finds
 PLAN_FROM_ROW = {"sinkhorn-heldout-retrain": "sinkhorn-heldout", "softmax-retrain": "softmax",
-                 "sinkhorn-heldout-mean-retrain": "sinkhorn-heldout"}
-#: retrain rows whose plan is not the source's final plan but the one its whole run's held-out signal
-#: picks (:func:`plan_from_mean_hypergradient`): the one-step signal reverses within a run, so the
-#: final plan follows its last part while the mean weighs every part (a longer horizon at no extra cost)
-PLAN_FROM_MEAN_SIGNAL = ("sinkhorn-heldout-mean-retrain",)
+                 "sinkhorn-heldout-mean-retrain": "sinkhorn-heldout", "sinkhorn-heldout-signal-retrain": "sinkhorn-heldout"}
+#: retrain rows whose plan is not the source's final plan but one its held-out signal picks:
+#: "mean", the plan the whole run's mean signal picks (:func:`plan_from_mean_hypergradient`; the
+#: one-step signal reverses within a run, so the final plan follows its last part while the mean weighs
+#: every part); "signal", the source's own plan update replayed on its signal without the batch noise
+#: (:func:`plan_from_signal_replay`; most of one update is noise, and the noise alone moves a plan
+#: 0.2-0.6 of a column's mass: benchmarks/heldout_signal.py)
+PLAN_FROM_SIGNAL = {"sinkhorn-heldout-mean-retrain": "mean", "sinkhorn-heldout-signal-retrain": "signal"}
+#: the parts of a run whose mean hypergradient stands for the signal in :func:`plan_from_signal_replay`
+SIGNAL_PARTS = 4
 ALL_STRATEGIES = ("alone", "hinton", *LOGIT_BASELINES, *(name for name in PLANS if name != "hinton"), *PLAN_VARIANTS,
                   *PLAN_FROM_ROW)
 #: plans that are learned (by gradient or from data of their own) vs. fixed ones with a feature term
@@ -285,6 +290,70 @@ def plan_from_mean_hypergradient(hypergrads) -> Tensor:
     return torch.nn.functional.one_hot(mean.argmin(0), mean.shape[0]).T.to(torch.float32)  # (T, S)
 
 
+def heldout_hypergradients(result: dict) -> list:
+    """The (T, S) hypergradient of every plan update of a plan_objective="heldout" run (its
+    ``result.json``'s ``solves``), without a dustbin's row (0 by construction)."""
+    return [u["hypergrad"][:len(teacher_rows(result))] for u in result["solves"] if u.get("kind") == "heldout"]
+
+
+def teacher_rows(result: dict) -> list[str]:
+    """A run's teacher layers, the plan rows that carry a feature term (a dustbin run lists its
+    "no teacher" row last)."""
+    return [name for name in result["teacher_layers"] if name != DUSTBIN]
+
+
+class _RecordedHypergradients:
+    """What :meth:`align_kd.plans.registry.LearnedPlan.update` asks the Distiller for, read from a
+    record instead: the (T, S) hypergradients in order (the plan appends a dustbin's zero row itself)."""
+
+    def __init__(self, hypergrads):
+        self.hypergrads, self.next = torch.as_tensor(hypergrads, dtype=torch.float32), 0
+
+    def heldout_hypergradient(self, train, heldout) -> Tensor:
+        self.next += 1
+        return self.hypergrads[self.next - 1]
+
+
+def replay_heldout_plan(result: dict, hypergrads) -> tuple[Tensor, Tensor]:
+    """(initial plan, final plan) of a plan_objective="heldout" run's plan, rebuilt from its
+    ``result.json`` config, after the plan's own update (projection, optimiser, step size) on each
+    (T, S) entry of ``hypergrads`` in turn. On the run's recorded hypergradients it ends at the
+    run's final plan (plan updates depend on nothing else)."""
+    config = result["config"]
+    margin = config.get("row_marginal")
+    plan = make_plan(config["strategy"], len(teacher_rows(result)), len(result["student_layers"]), tau=config["tau"],
+                     row_marginal=None if margin is None else torch.tensor(margin, dtype=torch.float32),
+                     init=config["plan_init"], options={k: config[k] for k in DISTILLER_OPTIONS if k in config})
+    if plan.data != "heldout":
+        raise ValueError(f"Expected the result of a plan_objective='heldout' run, got strategy {config['strategy']!r} "
+                         f"with plan_objective={config.get('plan_objective')!r}.")
+    recorded = _RecordedHypergradients(hypergrads)
+    with torch.no_grad():
+        init = plan().clone()
+        for _ in range(len(recorded.hypergrads)):
+            plan.update(recorded, train=(), heldout=())
+        return init, plan()
+
+
+def part_means(hypergrads, parts: int):
+    """(U, T, S) hypergradients with each replaced by the mean of its part (``parts`` consecutive
+    runs of updates, as ``numpy.array_split`` cuts them): the signal without its batch-to-batch noise."""
+    import numpy as np
+
+    h = np.asarray(hypergrads, dtype=np.float64)
+    out = np.empty_like(h)
+    for idx in np.array_split(np.arange(len(h)), parts):
+        if len(idx):  # (a run with fewer updates than parts has empty ones)
+            out[idx] = h[idx].mean(0)
+    return out
+
+
+def plan_from_signal_replay(result: dict, parts: int = SIGNAL_PARTS) -> Tensor:
+    """The (T, S) plan a held-out run would have ended at had every update seen its part's mean
+    signal instead of its own noisy batch pair (:func:`replay_heldout_plan` on :func:`part_means`)."""
+    return replay_heldout_plan(result, part_means(heldout_hypergradients(result), parts))[1]
+
+
 def mi_depth_order(mi) -> dict:
     """How a (T, S) matrix of MI estimates (rows teacher taps from shallow to deep, columns student
     layers) orders the teacher's depth. The taps of a feed-forward teacher form a Markov chain
@@ -314,16 +383,18 @@ def mi_depth_order(mi) -> dict:
 
 def _plan_from_row(out: Path, setting: Setting, strategy: str, seed: int) -> Tensor:
     """The (T, S) plan row ``strategy`` retrains with: the final plan of its source row on the same
-    seed, or for :data:`PLAN_FROM_MEAN_SIGNAL` the plan that run's mean held-out signal picks."""
+    seed, or for :data:`PLAN_FROM_SIGNAL` the plan that run's held-out signal picks."""
     source = PLAN_FROM_ROW[strategy]
     done = _current_record(out, setting, source, seed)
     if done is None:
         raise ValueError(f"Row {strategy!r} retrains with the plan that row {source!r} learned on seed {seed}, but that "
                          f"run has not finished in {out}. Run --strategies {source} {strategy} (in that order).")
-    if strategy not in PLAN_FROM_MEAN_SIGNAL:
+    if strategy not in PLAN_FROM_SIGNAL:
         return torch.tensor(done["plan"])
     result = json.loads((run_folder(out, source, seed) / "result.json").read_text())
-    return plan_from_mean_hypergradient([u["hypergrad"] for u in result["solves"] if u.get("kind") == "heldout"])
+    if PLAN_FROM_SIGNAL[strategy] == "mean":
+        return plan_from_mean_hypergradient(heldout_hypergradients(result))
+    return plan_from_signal_replay(result)
 
 
 def _teacher(setting: Setting, train, test, *, progress: bool) -> tuple[torch.nn.Module, dict]:
@@ -822,9 +893,11 @@ def row_settings(setting: Setting) -> str:
             what += ", with a 'no teacher' row whose mass the plan chooses (no row marginal: 0 to every student layer)"
         if strategy in PLAN_FROM_ROW:
             source = PLAN_FROM_ROW[strategy]
-            picked = (f"per student layer, the teacher layer with the lowest held-out hypergradient averaged over every "
-                      f"update of `{source}` on the same seed (one-hot)" if strategy in PLAN_FROM_MEAN_SIGNAL
-                      else f"the final plan `{source}` learned on the same seed")
+            picked = {"mean": f"per student layer, the teacher layer with the lowest held-out hypergradient averaged over "
+                              f"every update of `{source}` on the same seed (one-hot)",
+                      "signal": f"the plan `{source}`'s own update reaches on the same seed when each update sees the mean "
+                                f"hypergradient of its part ({SIGNAL_PARTS} parts of the run) instead of its own noisy one",
+                      None: f"the final plan `{source}` learned on the same seed"}[PLAN_FROM_SIGNAL.get(strategy)]
             what += (f": {picked}, held fixed from step 0, trained on all "
                      f"{setting.train_limit or 50000} training images"
                      + (" (search, then retrain)" if _against_control(source) else " (learning the plan against the plan it finds)"))

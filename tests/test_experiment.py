@@ -312,6 +312,12 @@ def test_search_then_retrain_uses_the_plan_the_heldout_row_learned(tmp_path, mon
     assert "| sinkhorn-heldout-mean-retrain |" in report([setting], out)
     (out / "real-cnn" / "sinkhorn-heldout-s0" / "result.json").write_text(json.dumps(planted))
     assert "| sinkhorn-heldout-mean-retrain |" not in report([setting], out)
+    # the signal-retrain row: the search run's own plan update replayed on the mean hypergradient of each quarter
+    (signal_row,), _ = run_setting(setting, ["sinkhorn-heldout-signal-retrain"], [0], out, data_root=data, progress=False)
+    replayed = experiment.plan_from_signal_replay(planted)
+    assert signal_row["fit_strategy"] == "fixed" and signal_row["plan"] == replayed.tolist()
+    assert not torch.allclose(replayed, torch.tensor(held["plan"]), atol=0.05)  # not the search run's final plan
+    assert "| sinkhorn-heldout-signal-retrain |" in report([setting], out)
 
 
 def test_plan_from_mean_hypergradient_follows_the_whole_run_not_its_last_update():

@@ -3,10 +3,14 @@
 Oracles: the (T, S) hypergradient against brute force in float64 (perturb each lambda_ij, take one
 real SGD step of the student, score the held-out CE, central differences); the plan update against
 an independent autograd pass through the Sinkhorn projection and Adam's first-step closed form;
-invariances (no running statistic, weight, gradient or RNG state changed by an update); the split
+invariances (no running statistic, weight, gradient or RNG state changed by an update; a run whose updates
+cannot move the plan trains bit for bit like the frozen one); the split
 keeps held-out images out of training; an interrupted fit resumes bitwise.
 """
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -359,6 +363,76 @@ def test_warmup_holds_the_plan_at_its_init_until_its_last_step(cifar):
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="Expected `heldout_warmup` to be an int >= 0"):
             FitConfig(strategy="sinkhorn", plan_objective="heldout", heldout_warmup=bad)
+
+
+def test_updates_that_cannot_move_the_plan_train_like_the_frozen_plan(cifar):
+    """Everything an update does besides moving the plan (the held-out batch, the extra forwards and
+    backwards, the MI gradients before the step) leaves training untouched: with a step size too small
+    to change any logit, the run is bit for bit the run whose plan is never updated (BatchNorm student,
+    fp32 and bf16 autocast with channels_last). So a held-out row's distance to its frozen control is
+    the plan's moves, nothing else."""
+    x, y = cifar
+    data = lambda: TensorLoader(F.avg_pool2d(x.float(), 4).to(torch.uint8), y, batch_size=32, seed=1)  # noqa: E731
+    for extra in ({}, {"amp": True, "channels_last": True}):
+        opts = dict(strategy="sinkhorn", plan_objective="heldout", heldout_every=2, epochs=2, width=4, device="cpu",
+                    progress=False, **extra)
+        frozen = fit(teacher8(), student8_bn(), (data(), None), heldout_warmup=16, **opts)  # 16 steps: never updated
+        still = fit(teacher8(), student8_bn(), (data(), None), heldout_lr=1e-30, **opts)
+        assert [r["step"] for r in still.solves if r["kind"] == "heldout"] == list(range(2, 17, 2))
+        assert not frozen.solves and still.history[-1]["plan"] == frozen.history[-1]["plan"]
+        assert [h["loss"] for h in still.history] == [h["loss"] for h in frozen.history]
+        a, b = frozen.student.state_dict(), still.student.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)  # weights and BatchNorm statistics
+
+
+def heldout_signal():
+    """benchmarks/heldout_signal.py as a module."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module("heldout_signal")
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize("strategy,dustbin", [("sinkhorn", True), ("softmax", False)])
+def test_replaying_a_runs_hypergradients_gives_its_plan(cifar, strategy, dustbin):
+    """align_kd.experiment.replay_heldout_plan on a run's recorded hypergradients ends at the plan fit()
+    learned live, and benchmarks/heldout_signal.py splits them into signal (each part's mean) and
+    noise (the rest): a planted sequence constant within each part has no noise to move the plan and a
+    signal that is the run; the signal-retrain row's plan is that replay on the part means."""
+    from align_kd import experiment
+
+    signal = heldout_signal()
+    x, y = cifar
+    data = TensorLoader(F.avg_pool2d(x.float(), 4).to(torch.uint8), y, batch_size=32, seed=1)
+    res = fit(teacher8(), student8(), (data, None), strategy=strategy, plan_objective="heldout", heldout_every=2,
+              dustbin=dustbin, epochs=2, width=4, device="cpu", progress=False).to_dict()
+    T = len(experiment.teacher_rows(res))
+    assert len(res["teacher_layers"]) == T + dustbin and len(res["plan"]) == T + dustbin  # the dustbin row last
+    hypergrads = experiment.heldout_hypergradients(res)
+    assert np.array(hypergrads).shape == (8, T, len(res["student_layers"]))
+    init, final = experiment.replay_heldout_plan(res, hypergrads)
+    assert signal.total_variation(final, res["plan"]) < 1e-6 and signal.total_variation(final, init) > 0.01
+    out = signal.replay_decomposition(res, parts=2)
+    assert out["replay_error"] < 1e-6 and out["moved"]["as_run"] == pytest.approx(signal.total_variation(final, init))
+    torch.testing.assert_close(experiment.plan_from_signal_replay(res, parts=2), torch.tensor(out["signal_plan"]))
+    # planted: the first four updates all equal one (T, 2) signal, the last four another (eighths: exact means)
+    rng = np.random.default_rng(0)
+    planted = np.repeat(rng.integers(-8, 9, (2, 1, T, 2)) / 8, 4, axis=1).reshape(8, T, 2)
+    assert np.array_equal(experiment.part_means(planted, 2), planted)
+    res2 = {**res, "student_layers": res["student_layers"][:2],
+            "solves": [{"kind": "heldout", "step": 2 * (k + 1), "hypergrad": h.tolist()} for k, h in enumerate(planted)]}
+    res2["plan"] = experiment.replay_heldout_plan(res2, planted)[1].tolist()
+    out = signal.replay_decomposition(res2, parts=2)
+    # (not exactly 0: the Sinkhorn plan warm-starts its iterations, converged to tol 1e-5, from the last call's)
+    assert out["moved"]["noise"] < 1e-6 and out["as_run_to_signal"] < 1e-6 and out["moved"]["signal"] > 0.01
+    with pytest.raises(ValueError, match="was not made by today's plan update"):
+        signal.replay_decomposition({**res2, "plan": experiment.replay_heldout_plan(res2, -planted)[1].tolist()}, parts=2)
+    with pytest.raises(ValueError, match="Expected the result of a plan_objective='heldout' run"):
+        experiment.replay_heldout_plan({**res, "config": {**res["config"], "plan_objective": "mi"}}, hypergrads)
 
 
 def test_epochs_without_an_update_still_log(cifar, tmp_path):
