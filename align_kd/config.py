@@ -90,7 +90,7 @@ class FitConfig:
     held_batches: int = 2  # "exact": training batches kept aside to estimate the MI matrix
     grad_clip: float | None = None  # max gradient norm (None: no clipping)
     max_bad_steps: int = 10  # consecutive non-finite losses or inputs before stopping
-    amp: bool = False  # bfloat16 autocast (likelihood stays float32)
+    amp: bool = False  # bfloat16 autocast where the device has native bf16 (else a warning and float32); likelihood stays float32
     channels_last: bool = False  # models, the "full" bank's convolutions and 4-D batches in channels_last memory format
     compile: bool = False  # torch.compile the teacher and student forwards (with their taps) and the MI bank
     seed: int = 0

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import _env
 from .config import DISTILLER_OPTIONS, LOOP_OPTIONS, FitConfig
 from .distributed import data_parallel, mean_over_ranks
 from .evaluation import preserve_buffers, preserve_mode
@@ -216,6 +217,7 @@ class Distiller(nn.Module):
             raise TypeError(f"Expected `example_input` to be a non-empty batch tensor (B, ...) but got {got}.")
         x = example_input[:2]
         self.device = x.device
+        _env.amp_in_effect(cfg.amp, self.device)  # warns where amp=True would be emulated (autocast() then stays off)
         for role, model in (("teacher", teacher), ("student", student)):
             where = _model_device(model)
             if where is not None and where != x.device:
@@ -228,7 +230,9 @@ class Distiller(nn.Module):
                 f"The student ({type(student).__name__}) has no parameter with requires_grad=True, so it would train "
                 "nothing. Unfreeze it (student.requires_grad_(True)) or the parts you mean to train."
             )
-        if cfg.channels_last:
+        # channels_last as asked, except where oneDNN's kernels get the models' gradients wrong (then a warning)
+        self.channels_last = _env.channels_last_in_effect(cfg.channels_last, self.device, teacher, student)
+        if self.channels_last:
             to_channels_last(teacher)
             to_channels_last(student)
         teacher.eval()
@@ -278,7 +282,7 @@ class Distiller(nn.Module):
                    pool=cfg.pool if cfg.bank_layout == "shared" else None, width=cfg.width).to(self.device)
             if self.uses_features else None
         )
-        if cfg.channels_last and cfg.bank_layout == "full" and self.bank is not None:
+        if self.channels_last and cfg.bank_layout == "full" and self.bank is not None:
             to_channels_last(self.bank.regressors)  # 1x1 convolutions; the shared layout has none (pair_maps are matrices)
         # training forwards so far: the full-pass schedule of skip_pairs_below (saved with the state)
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long, device=self.device))
@@ -315,13 +319,15 @@ class Distiller(nn.Module):
             tap.__exit__(None, None, None)
 
     def autocast(self):
-        """bfloat16 autocast on the Distiller's device under ``amp=True``, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
+        """bfloat16 autocast on the Distiller's device under ``amp=True`` where the device computes bf16
+        natively (:func:`align_kd._env.bf16_is_native`), else a no-op context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.amp and _env.bf16_is_native(self.device))
 
     def batch(self, x: Tensor) -> Tensor:
         """An input batch on the device; (B, C, H, W) batches in channels_last under channels_last=True."""
         x = x.to(self.device, non_blocking=True)
-        return channels_last_batch(x) if self.cfg.channels_last else x
+        return channels_last_batch(x) if self.channels_last else x
 
     @property
     def plan_rows(self) -> list[str]:
@@ -331,7 +337,7 @@ class Distiller(nn.Module):
     @property
     def eval_model(self) -> nn.Module:
         """The student as evaluation should call it (batches converted under channels_last=True)."""
-        return ChannelsLastInput(self.student) if self.cfg.channels_last else self.student
+        return ChannelsLastInput(self.student) if self.channels_last else self.student
 
     # -- optimisation ---------------------------------------------------------------------------
 

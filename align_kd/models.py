@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
+from ._env import amp_in_effect, channels_last_in_effect
 from ._io import atomic_save
 from .checkpoint import (
     FORMAT,
@@ -378,7 +379,8 @@ def train_supervised(
     ``label_smoothing``. ``flip_eval`` scores the test set with test-time flips (see :func:`evaluate`).
     ``channels_last`` puts the model and each batch in channels_last memory format (faster
     convolutions on CPU and GPU; the same results up to float round-off). ``amp`` runs the forward
-    under bfloat16 autocast (the loss in float32; about 1.6x faster on CPUs with AMX).
+    under bfloat16 autocast (the loss in float32; about 1.6x faster on CPUs with AMX) where the device
+    has native bf16; elsewhere it warns and trains in float32 (:func:`align_kd._env.amp_in_effect`).
     ``lookahead`` (airbench's Lookahead): a slow copy of every float tensor of the state dict
     (weights and BatchNorm statistics) moves towards the model by ``1 - decay`` every 5 steps and
     replaces it, ``decay = 0.95**5 * (step / total_steps)**3``; the model ends as the slow copy.
@@ -439,8 +441,11 @@ def train_supervised(
     if steps_per_epoch == 0:
         raise ValueError("Expected a train_loader with at least one batch but len(train_loader) == 0.")
     device = _resolve_device(model, train_loader, device)
+    autocast_bf16 = amp_in_effect(amp, device)  # only where bf16 is native (else a warning, and float32)
     torch.manual_seed(seed)
     model.to(device)
+    # channels_last as asked, except where oneDNN's kernels get the model's gradients wrong (then a warning)
+    channels_last = channels_last_in_effect(channels_last, device, model, *([teacher] if teacher is not None else []))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -499,7 +504,7 @@ def train_supervised(
                 x, y = x.to(device, memory_format=memory_format) if x.dim() == 4 else x.to(device), y.to(device)
                 for group, scale, limit in zip(optimizer.param_groups, scales, group_epochs):
                     group["lr"] = lr * scale * lr_factor(step) if epoch < limit else 0.0
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
                     logits = model(x).float()  # (B, num_classes)
                     if teacher is not None:
                         with torch.no_grad():

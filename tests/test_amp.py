@@ -8,6 +8,7 @@ with them equals the default run (same seed) to float round-off, the models real
 channels_last, and checkpoints and results hold the user's own modules' weights.
 """
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -16,12 +17,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 torch.set_num_threads(1)
 
-from align_kd import FitConfig, FitResult, fit  # noqa: E402
+from align_kd import FitConfig, FitResult, _env, fit  # noqa: E402
 from align_kd.__main__ import _fit_options_from_args, build_parser  # noqa: E402
 from align_kd.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
 from align_kd.mi import BANK_LAYOUTS, MIBank  # noqa: E402
 
 CLASSES = 4
+
+
+@pytest.fixture(autouse=True)
+def bf16_everywhere(monkeypatch):
+    """These tests exercise bfloat16 autocast on any CPU: amp=True autocasts only where the device
+    computes bf16 natively (elsewhere fit() trains in float32), so the probe says yes here."""
+    monkeypatch.setattr(_env, "bf16_is_native", lambda device: True)
 
 
 def make_teacher() -> nn.Module:
@@ -218,3 +226,59 @@ def test_compile_gives_the_same_run_and_saves_the_plain_modules(tmp_path, opts):
     fresh = make_student()
     FitResult.load(res.save(tmp_path / "run"), student=fresh)
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+def test_amp_trains_in_float32_where_bf16_is_not_native(monkeypatch):
+    """amp=True autocasts only where the device computes bfloat16 natively (emulated bf16 on an AVX2
+    CPU made a training step 8-14x slower than float32). With the probe saying no, fit() and the
+    teacher recipe warn and train bit for bit as amp=False; with it saying yes, bf16 really runs."""
+    from align_kd.models import train_supervised
+
+    plain = _run(amp=False)
+    monkeypatch.setattr(_env, "bf16_is_native", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="has no native bfloat16.*training in float32 instead"):
+        fallback = _run(amp=True)
+    assert_same_run(fallback, plain, atol=0.0)
+    monkeypatch.setattr(_env, "bf16_is_native", lambda device: True)
+    bf16 = _run(amp=True)
+    assert bf16.history[0]["loss"] != plain.history[0]["loss"]  # bf16 round-off: autocast was on
+    weights = {}
+    for native in (False, True):
+        monkeypatch.setattr(_env, "bf16_is_native", lambda device, native=native: native)
+        for amp in (False, True):
+            model = make_student()
+            with pytest.warns(RuntimeWarning, match="no native bfloat16") if amp and not native else nullcontext():
+                train_supervised(model, loaders()[0], epochs=1, lr=0.05, device="cpu", progress=False, amp=amp)
+            weights[native, amp] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(weights[False, True], weights[False, False])  # fell back to float32
+    assert not torch.equal(weights[True, True], weights[True, False])
+    assert isinstance(_env.versions()["cpu_bf16"], bool)  # every record says which ran
+
+
+def test_channels_last_is_not_used_where_onednn_gets_the_gradient_wrong(monkeypatch):
+    """oneDNN's AVX2 kernels write past their workspace in the weight gradient of a 1x1 convolution
+    with stride > 1 and fewer than 8 input channels in channels_last (uxlfoundation/oneDNN#6035; here a
+    width-4 ResNet's backward ended in "free(): invalid next size"). Such convolutions are found by
+    shape, only for CPUs below AVX-512, and where one is found fit() and the teacher recipe warn and
+    train in the default memory format: bit for bit the channels_last=False run."""
+    from align_kd.models import train_supervised
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 16, 1, stride=2),
+                        nn.Conv2d(16, 16, 1), nn.Conv2d(16, 32, 1, stride=2, groups=4))
+    assert _env.channels_last_hazards(net, cpu_capability="AVX2") == ["Sequential.1 (4 -> 8, stride (2, 2))",
+                                                                        "Sequential.4 (16 -> 32, stride (2, 2))"]
+    assert _env.channels_last_hazards(net, cpu_capability="AVX512") == []
+    assert _env.channels_last_hazards(make_student(), make_teacher(), cpu_capability="DEFAULT") == []
+    plain = _run(channels_last=False)
+    monkeypatch.setattr(_env, "channels_last_hazards", lambda *modules, **_: ["Sequential.1 (4 -> 8, stride (2, 2))"])
+    with pytest.warns(RuntimeWarning, match=r"oneDNN#6035\): Sequential.1 \(4 -> 8.*default memory format"):
+        fallback = _run(channels_last=True)
+    assert_same_run(fallback, plain, atol=0.0)
+    weights = []
+    for channels_last in (False, True):
+        model = make_student()
+        with pytest.warns(RuntimeWarning, match="oneDNN#6035") if channels_last else nullcontext():
+            train_supervised(model, loaders()[0], epochs=1, lr=0.05, device="cpu", progress=False,
+                             channels_last=channels_last)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
