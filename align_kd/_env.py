@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def bf16_is_native(device) -> bool:
     against 0.10 s in float32, and the fast CNN teacher's 7.99 s against 0.56 s."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -51,8 +52,6 @@ def amp_in_effect(amp: bool, device) -> bool:
         return False
     if bf16_is_native(device):
         return True
-    import warnings
-
     warnings.warn(f"amp=True: this {torch.device(device).type} has no native bfloat16 (CPU kernels: "
                   f"{torch.backends.cpu.get_cpu_capability()}), so bf16 autocast would be emulated, 8-14x slower than "
                   "float32 on an AVX2 CPU; training in float32 instead (the record's versions()['cpu_bf16'] says which "
@@ -83,8 +82,6 @@ def channels_last_in_effect(channels_last: bool, device, *modules) -> bool:
         return channels_last
     hazards = channels_last_hazards(*modules)
     if hazards:
-        import warnings
-
         warnings.warn(f"channels_last=True: on this CPU ({torch.backends.cpu.get_cpu_capability()} kernels) oneDNN "
                       f"computes wrong weight gradients, or corrupts memory, for 1x1 strided convolutions with fewer than 8 "
                       f"input channels in channels_last (uxlfoundation/oneDNN#6035): {', '.join(hazards)}. Training in "
