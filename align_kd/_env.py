@@ -7,6 +7,7 @@ AMX), and a different kernel sums in a different order.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -38,11 +39,17 @@ def bf16_is_native(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
+        return _cpu_bf16()
     return False
+
+
+@functools.cache
+def _cpu_bf16() -> bool:
+    """oneDNN's answer for this CPU, asked once (the Distiller asks on every autocast)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def amp_in_effect(amp: bool, device) -> bool:
