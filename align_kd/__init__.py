@@ -31,6 +31,7 @@ from .plans import PLAN_STRATEGIES, PLANS, register_plan, sinkhorn, sinkhorn_sol
 from .taps import FeatureTap, describe_layers, discover_layers
 from .result import FitResult
 from .training import FitConfig, TrainingDiverged, fit
+from .selection import Selection, select_strategy
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "MIBank",
     "PLANS",
     "PLAN_STRATEGIES",
+    "Selection",
     "TrainingDiverged",
     "alignment_graph",
     "compare",
@@ -61,6 +63,7 @@ __all__ = [
     "fit",
     "max_matching",
     "register_plan",
+    "select_strategy",
     "sinkhorn",
     "sinkhorn_solve",
     "stability",

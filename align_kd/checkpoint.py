@@ -56,7 +56,8 @@ MAGIC = b"ALIGN_KD_CHECKPOINT v1\n"
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 #: FitConfig fields that may change between a run and its resumption (they do not change results
 #: beyond float round-off)
-RUNTIME_FIELDS = ("checkpoint_dir", "resume", "keep_checkpoints", "progress", "device", "channels_last", "compile", "log_dir")
+RUNTIME_FIELDS = ("checkpoint_dir", "resume", "keep_checkpoints", "progress", "device", "channels_last", "compile", "log_dir",
+                  "stop_after_epochs")  # where a run stops is not part of the run: a truncated run can be resumed to the end
 
 
 class CheckpointError(RuntimeError):

@@ -30,6 +30,9 @@ class FitConfig:
 
     strategy: str = "sinkhorn"  # one of PLAN_STRATEGIES; "fixed" when fit() was given a (T, S) tensor
     epochs: int = 10
+    # train only the first N of the `epochs` epochs (the learning rate follows the `epochs`-long schedule up
+    # to there): a truncated run, as a search for a strategy runs it (align_kd.select_strategy); None: all
+    stop_after_epochs: int | None = None
     beta: float = 0.5  # weight of cross-entropy; (1 - beta) weighs the distillation terms
     kd_weight: float = 1.0  # logit-KD term inside the (1 - beta) part (0 disables)
     kd_temperature: float = 4.0
@@ -110,6 +113,9 @@ class FitConfig:
         check(isinstance(self.strategy, str) and (self.strategy in PLANS or self.strategy == "fixed"),
               f"Expected argument `strategy` to be one of {list(PLANS)} or a (T, S) tensor but got {self.strategy!r}.")
         check(isinstance(self.epochs, int) and self.epochs >= 1, f"Expected `epochs` to be an int >= 1 but got {self.epochs!r}.")
+        check(self.stop_after_epochs is None or (isinstance(self.stop_after_epochs, int) and 1 <= self.stop_after_epochs <= self.epochs),
+              f"Expected `stop_after_epochs` to be None or an int in [1, epochs={self.epochs}] (the first epochs of the "
+              f"schedule to train) but got {self.stop_after_epochs!r}.")
         check(isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
               f"Expected `beta` in [0, 1] (weight of cross-entropy) but got {self.beta!r}.")
         for name in ("kd_weight", "feature_weight", "weight_decay", "momentum", "warmup_epochs"):

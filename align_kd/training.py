@@ -238,12 +238,13 @@ def _run(distiller: Distiller, model, optimizer, scheduler, state: LoopState, tr
     from tqdm.auto import tqdm
 
     steps_per_epoch = len(train_loader)
+    last_epoch = cfg.stop_after_epochs or cfg.epochs  # a truncated run stops early on the full schedule
     show = cfg.progress and dist.is_main  # data parallel: only rank 0 prints
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state.epoch * steps_per_epoch, disable=not show,
+    bar = tqdm(total=last_epoch * steps_per_epoch, initial=state.epoch * steps_per_epoch, disable=not show,
                desc=f"fit[{cfg.strategy}]", unit="step", leave=False)
     keys = ("loss", "ce", "kd", "acc", "feature", "pairs_evaluated")
     last_row = None  # the last finite step's logged row: what a TrainingDiverged reports
-    for epoch in range(state.epoch, cfg.epochs):
+    for epoch in range(state.epoch, last_epoch):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         sums, n, mi_sum, mi_n, skipped = dict.fromkeys(keys, 0.0), 0, None, 0, 0

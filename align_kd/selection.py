@@ -1,0 +1,204 @@
+"""Choose a distillation strategy (a plan, with its options) by held-out accuracy of truncated runs.
+
+The layer-alignment plan is a hyperparameter. Which plan wins depends on the pair. In the `real`
+benchmark, the MI rule's `softmax` wins the CNN -> ViT pair, the depth pairing wins the
+ResNet -> ViT pair and nothing separates the CNN pairs. :func:`select_strategy` decides this for a
+user's own pair, from the training data alone:
+
+1. a fixed ``heldout_fraction`` of the training images is kept aside (never trained on);
+2. every candidate trains a copy of the student on the rest, for the first ``search_epochs`` epochs
+   of the full schedule (``fit(stop_after_epochs=...)``). All copies start from the same
+   initialisation and see the same data order;
+3. each copy is scored by its accuracy on the held-out images after each epoch. The candidate with the
+   best score after the last search epoch is the choice (ties go to the earlier candidate).
+
+The caller then trains the choice on all the data (``fit(teacher, student, data, **selection.options[selection.choice])``).
+The test set is never used. The search costs about ``len(candidates) * search_epochs / epochs * (1 - heldout_fraction)``
+full runs. With ``cache_dir``, each candidate's result is written the moment it finishes. A rerun with the same
+teacher, student initialisation, data split and options reads it back instead of training again.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ._io import atomic_write_text
+from .data import split_heldout
+from .training import FitConfig, _split_data, fit
+
+
+@dataclass
+class Selection:
+    """What :func:`select_strategy` returns.
+
+    choice: the name of the candidate with the best held-out accuracy after ``search_epochs``.
+    scores: candidate -> held-out accuracy after ``search_epochs`` epochs.
+    curves: candidate -> held-out accuracy after each search epoch.
+    options: candidate -> the fit() options it ran with, ``strategy`` included, without
+        ``stop_after_epochs``. Pass them to fit() to train the choice on all the data.
+    seconds: candidate -> wall seconds of its truncated run (as first trained, when read back from the cache).
+    cached: the candidates read back from ``cache_dir`` instead of trained.
+    search_epochs / epochs: the truncated and the full schedule's length.
+    heldout_images / train_images: the sizes of the split.
+    """
+
+    choice: str
+    scores: dict[str, float]
+    curves: dict[str, list[float]]
+    options: dict[str, dict]
+    seconds: dict[str, float]
+    search_epochs: int
+    epochs: int
+    heldout_images: int
+    train_images: int
+    cached: list[str] = field(default_factory=list)
+
+    def ranking(self) -> list[str]:
+        """Candidates from best to worst held-out score (ties in candidate order)."""
+        order = list(self.scores)
+        return sorted(order, key=lambda name: (-self.scores[name], order.index(name)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's state (names, shapes, dtypes and values): the same weights give the same string."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (num_batches_tracked) as 1-d
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+#: fit() arguments that are not FitConfig fields
+_TAP_ARGS = ("teacher_layers", "student_layers")
+
+
+def _config(opts: dict) -> FitConfig:
+    return FitConfig(**{k: v for k, v in opts.items() if k not in _TAP_ARGS})
+
+
+def _candidate_options(candidates, shared: dict) -> dict[str, dict]:
+    """candidate name -> fit() options (``strategy`` included) from a list of strategy names or a mapping."""
+    if isinstance(candidates, (str, Tensor)) or not isinstance(candidates, (Sequence, Mapping)):
+        raise TypeError(f"Expected `candidates` as a list of strategy names or a mapping name -> fit() options, but got "
+                        f"{type(candidates).__name__}. Example: candidates=['pairwise', 'softmax', 'sinkhorn'].")
+    if isinstance(candidates, Mapping):
+        named = {}
+        for name, opts in candidates.items():
+            if not isinstance(opts, Mapping):
+                raise TypeError(f"Expected candidate {name!r}'s value to be a mapping of fit() options (e.g. "
+                                f"{{'strategy': 'sinkhorn', 'tau': 0.1}}) but got {type(opts).__name__}.")
+            named[str(name)] = {"strategy": name, **shared, **opts}
+    else:
+        names = list(candidates)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"Expected strategy names (str) in `candidates` but got {bad!r}; pass a mapping name -> "
+                            "{'strategy': ..., other fit() options} for anything else.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"Expected distinct candidates but got {names} (a name appears twice).")
+        named = {n: {"strategy": n, **shared} for n in names}
+    if len(named) < 2:
+        raise ValueError(f"Expected at least two candidates to choose between but got {list(named)}.")
+    for name, opts in named.items():
+        if "stop_after_epochs" in opts:
+            raise ValueError(f"Candidate {name!r} sets stop_after_epochs; the search truncates every run itself "
+                             "(search_epochs=...). Remove it from the candidate's options.")
+        if not isinstance(opts["strategy"], str):
+            raise TypeError(f"Candidate {name!r}: expected `strategy` to be a strategy name but got "
+                            f"{type(opts['strategy']).__name__}; fixed (T, S) plans cannot be searched over yet.")
+        # every option checked (and a clear error raised) before any candidate trains
+        _config(opts)
+    return named
+
+
+def select_strategy(
+    teacher: nn.Module,
+    student: nn.Module,
+    data,
+    *,
+    candidates=("pairwise", "uniform", "softmax", "sinkhorn"),
+    search_epochs: int,
+    heldout_fraction: float = 0.1,
+    cache_dir=None,
+    **options,
+) -> Selection:
+    """Choose among ``candidates`` by held-out accuracy after the first ``search_epochs`` epochs.
+
+    Args:
+        teacher: the trained teacher (as for :func:`fit`).
+        student: the student to distil. Each candidate trains a deep copy of it, so it is left as given.
+        data: an :class:`align_kd.data.TensorLoader` of training batches, or a (train, test) pair whose
+            test loader is ignored (the choice is made on a split of the training images).
+        candidates: strategy names (sharing ``options``), or a mapping name -> fit() options
+            (``strategy`` defaults to the name; ``options`` are the shared defaults).
+        search_epochs: how many epochs of the ``epochs``-long schedule each candidate trains.
+        heldout_fraction: share of the training images kept aside to score the candidates.
+        cache_dir: write each candidate's result here as it finishes, and read back results that
+            match (same teacher and student weights, split, options).
+        **options: fit() options shared by every candidate (``epochs``, ``seed``, ``lr``, ...).
+
+    Returns:
+        A :class:`Selection`.
+    """
+    named = _candidate_options(candidates, options)
+    epochs = {name: _config(opts).epochs for name, opts in named.items()}
+    if not isinstance(search_epochs, int) or not 1 <= search_epochs <= min(epochs.values()):
+        raise ValueError(f"Expected `search_epochs` to be an int in [1, epochs] (epochs per candidate: {epochs}) but got "
+                         f"{search_epochs!r}.")
+    if len(set(epochs.values())) != 1:
+        raise ValueError(f"Expected every candidate to run the same schedule length, so that the truncated runs are "
+                         f"comparable, but got epochs {epochs}. Give the candidates one `epochs`.")
+    train_loader, _ = _split_data(data)  # the test loader, if any, plays no part in the choice
+    seeds = {_config(opts).seed for opts in named.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"Expected every candidate to use one seed (the same split and data order) but got seeds {sorted(seeds)}.")
+    split_train, heldout = split_heldout(train_loader, heldout_fraction, seed=seeds.pop())
+    heldout_images = sum(len(y) for _, y in heldout)
+    identity = {"teacher": _fingerprint(teacher), "student": _fingerprint(student), "search_epochs": search_epochs,
+                "heldout_fraction": heldout_fraction, "train_images": len(split_train.labels),
+                "heldout_images": heldout_images, "data_tag": getattr(train_loader, "data_tag", "")}
+    folder = None if cache_dir is None else Path(cache_dir)
+    scores, curves, seconds, cached = {}, {}, {}, []
+    for name, opts in named.items():
+        key = hashlib.sha256(json.dumps({**identity, "options": {k: v for k, v in opts.items() if k != "progress"}}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        file = None if folder is None else folder / f"{name}.json"
+        done = _read_cached(file, key)
+        if done is None:
+            start = time.perf_counter()
+            result = fit(teacher, copy.deepcopy(student), (split_train, heldout), stop_after_epochs=search_epochs, **opts)
+            done = {"key": key, "name": name, "options": opts, "curve": [h["test_acc"] for h in result.history],
+                    "seconds": time.perf_counter() - start, "plan": result.plan.tolist(), **identity}
+            if file is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(file, json.dumps(done, indent=1, default=str))
+        else:
+            cached.append(name)
+        curves[name], seconds[name] = done["curve"], done["seconds"]
+        scores[name] = done["curve"][-1]
+    choice = max(scores, key=lambda name: (scores[name], -list(named).index(name)))
+    return Selection(choice=choice, scores=scores, curves=curves, options=named, seconds=seconds,
+                     search_epochs=search_epochs, epochs=epochs[choice], heldout_images=heldout_images,
+                     train_images=len(split_train.labels), cached=cached)
+
+
+def _read_cached(file: Path | None, key: str) -> dict | None:
+    """A candidate's finished result from ``file`` when it was made with ``key``, else None (absent, damaged, other run)."""
+    if file is None or not file.is_file():
+        return None
+    try:
+        done = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return done if done.get("key") == key else None

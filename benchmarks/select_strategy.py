@@ -1,0 +1,137 @@
+"""Can held-out accuracy of truncated runs choose the plan? (issue 13: lambda as a hyperparameter)
+
+The one-step held-out hypergradient does not choose good plans (`heldout_signal.py`). This script
+tests a zeroth-order rule instead, `align_kd.select_strategy`. For each seed of a `real` setting:
+
+1. every candidate row (`pairwise`, `uniform`, `softmax`, `sinkhorn` by default, with the row's own fit()
+   options) trains the seed's student for the first `--search-epochs` of the setting's epochs on 90% of
+   the training images;
+2. the candidate with the best accuracy on the other 10% (never trained on, never the test set) is
+   the choice;
+3. the choice trained on all the data with that seed is, by construction, the chosen row's own run
+   in the benchmark (same options, student initialisation and data order). Its committed record is
+   read back: `bench --protocol real --settings S --strategies <row>` reruns it.
+
+The `select` row's test accuracy is then compared, paired over seeds, with `hinton`, the best fixed
+plan (`pairwise`) and the oracle (the candidate with the best test accuracy on that seed, which no
+rule can know).
+
+`--schedule truncated` (default) stops each candidate after the first `--search-epochs` of the
+setting's cosine schedule, mid-decay; `--schedule short` gives each a whole cosine schedule of
+`--search-epochs` epochs instead (annealed to the end, as a short run of its own), and the choice is
+then trained with the setting's full budget.
+
+Each candidate's run is written the moment it finishes
+(`results/<setting>/select[-short]-s<seed>/<row>.json`); rerunning skips finished ones.
+
+    python benchmarks/select_strategy.py --setting real-vit --seeds 0 1 2 [--search-epochs 6] [--threads 2]
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from _common import default_root, mean_std, write_json
+
+from align_kd import select_strategy
+from align_kd.data import cifar10_loaders
+from align_kd.experiment import (REAL_SETTINGS, _current_record, _fit_options, _teacher, paired_interval, versions)
+from align_kd.models import build_model
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def _diff(a: list[float], b: list[float]) -> str:
+    if len(a) < 2:
+        return f"{100 * (a[0] - b[0]):+.2f}" if a else ""
+    p = paired_interval(a, b)
+    return f"{100 * p['mean']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--setting", default="real-vit", choices=sorted(REAL_SETTINGS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--candidates", nargs="+", default=["pairwise", "uniform", "softmax", "sinkhorn"])
+    ap.add_argument("--search-epochs", type=int, default=6)
+    ap.add_argument("--schedule", choices=["truncated", "short"], default="truncated",
+                    help="truncated: the first search epochs of the full schedule; short: a full schedule of search epochs")
+    ap.add_argument("--heldout-fraction", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    setting = REAL_SETTINGS[args.setting]
+    out = Path(args.results) / setting.name
+    train, test = cifar10_loaders(default_root(), batch_size=setting.batch_size, limit=setting.train_limit,
+                                  augment=setting.augment, test_limit=setting.test_limit, seed=0)
+    teacher, tinfo = _teacher(setting, train, test, progress=False)
+
+    per_seed = []
+    for seed in args.seeds:
+        candidates = {}
+        for row in args.candidates:
+            name, opts = _fit_options(setting, row, seed, args.progress)
+            candidates[row] = {"strategy": name, **opts, **({"epochs": args.search_epochs} if args.schedule == "short" else {})}
+        torch.manual_seed(seed)  # the seed's student initialisation, as every row of the benchmark has it
+        student = build_model(setting.student, **setting.student_kwargs)
+        start = time.perf_counter()
+        sel = select_strategy(teacher, student, train, candidates=candidates, search_epochs=args.search_epochs,
+                              heldout_fraction=args.heldout_fraction, cache_dir=out / f"select{'' if args.schedule == 'truncated' else '-' + args.schedule}-s{seed}")
+        final = {row: _current_record(out, setting, row, seed) for row in {*args.candidates, "hinton", "pairwise"}}
+        missing = sorted(row for row, rec in final.items() if rec is None)
+        print(f"seed {seed}: held-out after {args.search_epochs} epochs "
+              + ", ".join(f"{r} {sel.scores[r]:.4f}" for r in sel.ranking()) + f" -> {sel.choice}"
+              + (f" (read back: {', '.join(sel.cached)})" if sel.cached else "")
+              + f" [{time.perf_counter() - start:.0f} s]")
+        if missing:
+            print(f"  no current record for {missing} on seed {seed} in {out}: run "
+                  f"`python -m align_kd bench --protocol real --settings {setting.name} --strategies {' '.join(missing)} "
+                  f"--seeds {seed + 1}` first; this seed is left out of the comparison")
+            continue
+        test_acc = {row: final[row]["test_acc"] for row in final}
+        oracle = max(args.candidates, key=lambda r: test_acc[r])
+        per_seed.append({"seed": seed, "choice": sel.choice, "oracle": oracle, "heldout": sel.scores,
+                         "heldout_curves": sel.curves, "search_seconds": sel.seconds, "test_acc": test_acc,
+                         "select": test_acc[sel.choice], "oracle_acc": test_acc[oracle],
+                         "heldout_images": sel.heldout_images, "train_images": sel.train_images})
+
+    rows = ["select", "oracle", "hinton", *args.candidates]
+    acc = {"select": [s["select"] for s in per_seed], "oracle": [s["oracle_acc"] for s in per_seed],
+           **{r: [s["test_acc"][r] for s in per_seed] for r in {"hinton", *args.candidates}}}
+    print(f"\n### {setting.name}: strategy chosen by held-out accuracy after {args.search_epochs} of "
+          f"{setting.epochs} epochs ({args.schedule} schedule, {len(per_seed)} seeds)\n")
+    print("| row | test acc (mean ± std) | vs hinton (points, 95% CI) | vs pairwise | vs select |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if not acc[r]:
+            continue
+        m, s = mean_std(acc[r])
+        print(f"| {r} | {m:.4f} ± {s:.4f} | {_diff(acc[r], acc['hinton']) if r != 'hinton' else ''} | "
+              f"{_diff(acc[r], acc['pairwise']) if r != 'pairwise' else ''} | {_diff(acc[r], acc['select']) if r != 'select' else ''} |")
+    # the choice had the search stopped earlier: read from the same held-out curves (no extra training)
+    for s in per_seed:
+        by_k = [max(args.candidates, key=lambda r: (s["heldout_curves"][r][k], -args.candidates.index(r)))
+                for k in range(args.search_epochs)]
+        s["choice_by_search_epochs"] = by_k
+        print(f"seed {s['seed']}: choice after 1..{args.search_epochs} search epochs: {' '.join(by_k)}")
+    print("\nchoices: " + ", ".join(f"seed {s['seed']} {s['choice']} (oracle {s['oracle']})" for s in per_seed))
+    search = [sum(s["search_seconds"].values()) for s in per_seed]
+    if search:
+        print(f"search: {mean_std(search)[0]:.0f} s per seed ({len(args.candidates)} candidates x {args.search_epochs} epochs "
+              f"on {per_seed[0]['train_images']} images, as first trained)")
+    write_json({"setting": setting.name, "protocol": setting.protocol, "candidates": args.candidates,
+                "search_epochs": args.search_epochs, "schedule": args.schedule, "epochs": setting.epochs, "heldout_fraction": args.heldout_fraction,
+                "seeds": args.seeds, "threads": args.threads, "teacher": tinfo["path"], "teacher_acc": tinfo["test_acc"],
+                "per_seed": per_seed, "versions": versions(),
+                "summary": {r: {"mean": mean_std(acc[r])[0], "std": mean_std(acc[r])[1],
+                                "vs_hinton": paired_interval(acc[r], acc["hinton"]) if len(acc[r]) > 1 and r != "hinton" else None,
+                                "vs_pairwise": paired_interval(acc[r], acc["pairwise"]) if len(acc[r]) > 1 and r != "pairwise" else None}
+                            for r in rows if acc[r]}},
+               RESULTS / f"select_strategy_{setting.name}{'' if args.schedule == 'truncated' else '_' + args.schedule}.json")
+
+
+if __name__ == "__main__":
+    main()

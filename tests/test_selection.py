@@ -1,0 +1,118 @@
+"""Choosing a strategy by held-out accuracy of truncated runs (align_kd.select_strategy).
+
+Oracles: a truncated run resumed to the end is bit for bit the uninterrupted run (so a truncated run
+is the prefix of the full one, on the full schedule); each candidate's score is recomputed by hand
+(the same split, a fit of a copy, align_kd.evaluate on the held-out images); identical candidates
+tie and the earlier one wins in either order; the cache gives back what was trained and retrains
+only a candidate whose options changed; the user's student is left untouched.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+from align_kd import FitConfig, evaluate, fit, select_strategy  # noqa: E402
+from align_kd.data import TensorLoader, load_cifar10, split_heldout  # noqa: E402
+from align_kd.selection import _fingerprint  # noqa: E402
+from shared_archive import ARCHIVE  # noqa: E402
+from test_heldout import student8, student8_bn, teacher8  # noqa: E402
+
+COMMON = {"epochs": 3, "lr": 0.05, "progress": False, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def loader():
+    """512 real CIFAR-10 training images at 8 x 8, shuffled and flipped like the benchmark's loaders."""
+    x, y = load_cifar10(ARCHIVE, split="train", limit=512)
+    return TensorLoader(F.avg_pool2d(x.float() / 255, 4), y, batch_size=64, shuffle=True, augment=True, seed=0)
+
+
+def test_a_truncated_run_resumed_to_the_end_is_the_full_run(loader, tmp_path):
+    full = fit(teacher8(), student8_bn(), loader, strategy="sinkhorn", **COMMON)
+    part = fit(teacher8(), student8_bn(), loader, strategy="sinkhorn", stop_after_epochs=1,
+               checkpoint_dir=str(tmp_path), **COMMON)
+    assert len(part.history) == 1 and len(full.history) == 3
+    # the first epoch's learning rate is the 3-epoch schedule's, not a 1-epoch schedule's
+    assert part.history[0]["lr"] == full.history[0]["lr"]
+    one_epoch = fit(teacher8(), student8_bn(), loader, strategy="sinkhorn", **{**COMMON, "epochs": 1})
+    assert one_epoch.history[0]["lr"] != full.history[0]["lr"]
+    rest = fit(teacher8(), student8_bn(), loader, strategy="sinkhorn", checkpoint_dir=str(tmp_path), resume=True, **COMMON)
+    for name, value in full.student.state_dict().items():
+        assert torch.equal(rest.student.state_dict()[name], value), name
+    assert torch.equal(rest.plan, full.plan)
+
+
+def test_each_candidate_is_scored_by_its_own_heldout_accuracy(loader):
+    teacher, student = teacher8(), student8()
+    before = _fingerprint(student)
+    sel = select_strategy(teacher, student, loader, candidates=["pairwise", "sinkhorn", "hinton"], search_epochs=2,
+                          heldout_fraction=0.25, **COMMON)
+    assert _fingerprint(student) == before  # every candidate trained a copy
+    train, heldout = split_heldout(loader, 0.25, seed=COMMON["seed"])
+    assert (sel.train_images, sel.heldout_images) == (384, 128)
+    for name in ("pairwise", "sinkhorn", "hinton"):
+        copy_ = copy.deepcopy(student)
+        fit(teacher, copy_, train, strategy=name, stop_after_epochs=2, **COMMON)
+        assert sel.scores[name] == evaluate(copy_, heldout), name
+        assert len(sel.curves[name]) == 2 and sel.curves[name][-1] == sel.scores[name]
+    best = max(sel.scores.values())
+    assert sel.scores[sel.choice] == best
+    assert sel.choice == next(n for n in ("pairwise", "sinkhorn", "hinton") if sel.scores[n] == best)
+    assert sel.ranking()[0] == sel.choice and sorted(sel.ranking()) == ["hinton", "pairwise", "sinkhorn"]
+    assert sel.options[sel.choice] == {"strategy": sel.choice, **COMMON}  # what to pass to fit() on all the data
+
+
+def test_identical_candidates_tie_and_the_earlier_one_wins(loader):
+    same = {"strategy": "uniform", "tau": 0.5}
+    for order in (("a", "b"), ("b", "a")):
+        sel = select_strategy(teacher8(), student8(), loader, candidates={n: same for n in order}, search_epochs=1, **COMMON)
+        assert sel.scores["a"] == sel.scores["b"]
+        assert sel.choice == order[0]
+
+
+def test_the_cache_reads_back_finished_candidates_and_reruns_changed_ones(loader, tmp_path):
+    args = dict(search_epochs=1, cache_dir=tmp_path, **COMMON)
+    first = select_strategy(teacher8(), student8(), loader, candidates=["pairwise", "uniform"], **args)
+    assert first.cached == [] and sorted(p.name for p in tmp_path.iterdir()) == ["pairwise.json", "uniform.json"]
+    again = select_strategy(teacher8(), student8(), loader, candidates=["pairwise", "uniform"], **args)
+    assert again.cached == ["pairwise", "uniform"]
+    assert (again.scores, again.curves, again.choice) == (first.scores, first.curves, first.choice)
+    changed = select_strategy(teacher8(), student8(), loader, candidates={"pairwise": {}, "uniform": {"tau": 0.3}}, **args)
+    assert changed.cached == ["pairwise"]  # uniform's options changed (tau is a plan option it ignores, but it is asked for)
+    other_student = student8()
+    with torch.no_grad():
+        next(other_student.parameters()).add_(1.0)
+    assert select_strategy(teacher8(), other_student, loader, candidates=["pairwise", "uniform"], **args).cached == []
+
+
+@pytest.mark.parametrize("candidates, kwargs, error, match", [
+    (["pairwise"], {}, ValueError, "at least two candidates"),
+    (["pairwise", "pairwise"], {}, ValueError, "distinct candidates"),
+    ("pairwise", {}, TypeError, "list of strategy names"),
+    (["pairwise", 3], {}, TypeError, "strategy names"),
+    (["pairwise", "sinkhorn"], {"search_epochs": 4}, ValueError, r"search_epochs.*\[1, epochs\]"),
+    ({"pairwise": {"epochs": 2}, "uniform": {}}, {}, ValueError, "same schedule length"),
+    ({"pairwise": {"seed": 1}, "uniform": {}}, {}, ValueError, "one seed"),
+    ({"pairwise": {"stop_after_epochs": 1}, "uniform": {}}, {}, ValueError, "truncates every run itself"),
+    (["pairwise", "nonsense"], {}, ValueError, "strategy"),
+    ({"pairwise": "sinkhorn", "uniform": {}}, {}, TypeError, "mapping of fit"),
+])
+def test_bad_searches_fail_before_any_training(loader, candidates, kwargs, error, match):
+    options = {"search_epochs": 1, **COMMON, **kwargs}
+    with pytest.raises(error, match=match):
+        select_strategy(teacher8(), student8(), loader, candidates=candidates, **options)
+
+
+def test_the_split_needs_a_tensor_loader(loader):
+    batches = list(loader)
+    with pytest.raises(TypeError, match="TensorLoader"):
+        select_strategy(teacher8(), student8(), (batches, None), candidates=["pairwise", "uniform"], search_epochs=1, **COMMON)
+
+
+@pytest.mark.parametrize("value", [0, 4, 1.5])
+def test_stop_after_epochs_is_checked(value):
+    with pytest.raises(ValueError, match=r"stop_after_epochs.*\[1, epochs=3\]"):
+        FitConfig(epochs=3, stop_after_epochs=value)
