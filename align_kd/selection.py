@@ -70,14 +70,19 @@ class Selection:
         return asdict(self)
 
 
-def _fingerprint(module: nn.Module) -> str:
-    """sha256 of a module's state (names, shapes, dtypes and values): the same weights give the same string."""
+def _digest(named_tensors) -> str:
+    """sha256 of (name, tensor) pairs: names, shapes, dtypes and values."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in named_tensors:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (num_batches_tracked) as 1-d
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def _fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's state: the same weights give the same string."""
+    return _digest(module.state_dict().items())
 
 
 #: fit() arguments that are not FitConfig fields
@@ -109,6 +114,9 @@ def _candidate_options(candidates, shared: dict) -> dict[str, dict]:
         if len(set(names)) != len(names):
             raise ValueError(f"Expected distinct candidates but got {names} (a name appears twice).")
         named = {n: {"strategy": n, **shared} for n in names}
+    unusable = [n for n in named if not n or n != Path(n).name or n in (".", "..")]
+    if unusable:
+        raise ValueError(f"Expected candidate names usable as file names (a cache_dir holds <name>.json) but got {unusable}.")
     if len(named) < 2:
         raise ValueError(f"Expected at least two candidates to choose between but got {list(named)}.")
     for name, opts in named.items():
@@ -154,12 +162,12 @@ def select_strategy(
     """
     named = _candidate_options(candidates, options)
     epochs = {name: _config(opts).epochs for name, opts in named.items()}
-    if not isinstance(search_epochs, int) or not 1 <= search_epochs <= min(epochs.values()):
-        raise ValueError(f"Expected `search_epochs` to be an int in [1, epochs] (epochs per candidate: {epochs}) but got "
-                         f"{search_epochs!r}.")
     if len(set(epochs.values())) != 1:
         raise ValueError(f"Expected every candidate to run the same schedule length, so that the truncated runs are "
                          f"comparable, but got epochs {epochs}. Give the candidates one `epochs`.")
+    if not isinstance(search_epochs, int) or not 1 <= search_epochs <= min(epochs.values()):
+        raise ValueError(f"Expected `search_epochs` to be an int in [1, epochs] (epochs: {min(epochs.values())}) but got "
+                         f"{search_epochs!r}.")
     train_loader, _ = _split_data(data)  # the test loader, if any, plays no part in the choice
     seeds = {_config(opts).seed for opts in named.values()}
     if len(seeds) != 1:
@@ -168,11 +176,12 @@ def select_strategy(
     heldout_images = sum(len(y) for _, y in heldout)
     identity = {"teacher": _fingerprint(teacher), "student": _fingerprint(student), "search_epochs": search_epochs,
                 "heldout_fraction": heldout_fraction, "train_images": len(split_train.labels),
-                "heldout_images": heldout_images, "data_tag": getattr(train_loader, "data_tag", "")}
+                "heldout_images": heldout_images, "data": _digest([("images", train_loader.images), ("labels", train_loader.labels)]),
+                "data_tag": train_loader.data_tag}
     folder = None if cache_dir is None else Path(cache_dir)
     scores, curves, seconds, cached = {}, {}, {}, []
     for name, opts in named.items():
-        key = hashlib.sha256(json.dumps({**identity, "options": {k: v for k, v in opts.items() if k != "progress"}}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = cache_key(identity, opts)
         file = None if folder is None else folder / f"{name}.json"
         done = _read_cached(file, key)
         if done is None:
@@ -191,6 +200,13 @@ def select_strategy(
     return Selection(choice=choice, scores=scores, curves=curves, options=named, seconds=seconds,
                      search_epochs=search_epochs, epochs=epochs[choice], heldout_images=heldout_images,
                      train_images=len(split_train.labels), cached=cached)
+
+
+def cache_key(identity: dict, options: dict) -> str:
+    """The key of one candidate's cached result: what identifies the search (teacher, student, data, split) and the
+    candidate's fit() options (the progress bar aside)."""
+    blob = json.dumps({**identity, "options": {k: v for k, v in options.items() if k != "progress"}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _read_cached(file: Path | None, key: str) -> dict | None:

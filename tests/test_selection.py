@@ -86,6 +86,8 @@ def test_the_cache_reads_back_finished_candidates_and_reruns_changed_ones(loader
     with torch.no_grad():
         next(other_student.parameters()).add_(1.0)
     assert select_strategy(teacher8(), other_student, loader, candidates=["pairwise", "uniform"], **args).cached == []
+    other_labels = TensorLoader(loader.images, loader.labels.roll(1), batch_size=64, shuffle=True, augment=True, seed=0)
+    assert select_strategy(teacher8(), student8(), other_labels, candidates=["pairwise", "uniform"], **args).cached == []
 
 
 @pytest.mark.parametrize("candidates, kwargs, error, match", [
@@ -94,6 +96,7 @@ def test_the_cache_reads_back_finished_candidates_and_reruns_changed_ones(loader
     ("pairwise", {}, TypeError, "list of strategy names"),
     (["pairwise", 3], {}, TypeError, "strategy names"),
     (["pairwise", "sinkhorn"], {"search_epochs": 4}, ValueError, r"search_epochs.*\[1, epochs\]"),
+    ({"a/b": {"strategy": "pairwise"}, "c": {"strategy": "uniform"}}, {}, ValueError, "usable as file names"),
     ({"pairwise": {"epochs": 2}, "uniform": {}}, {}, ValueError, "same schedule length"),
     ({"pairwise": {"seed": 1}, "uniform": {}}, {}, ValueError, "one seed"),
     ({"pairwise": {"stop_after_epochs": 1}, "uniform": {}}, {}, ValueError, "truncates every run itself"),
