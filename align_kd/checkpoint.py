@@ -237,12 +237,17 @@ def config_diff(stored: dict, current: dict, ignore=RUNTIME_FIELDS, defaults: di
     return [k for k in keys if stored.get(k, defaults.get(k)) != current.get(k)]
 
 
-def _teacher_digest(teacher) -> str:
+def tensor_digest(named_tensors) -> str:
+    """sha256 of (name, tensor) pairs, names and raw bytes: the same values give the same string."""
     h = hashlib.sha256()
-    for name, t in teacher.state_dict().items():
+    for name, t in named_tensors:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _teacher_digest(teacher) -> str:
+    return tensor_digest(teacher.state_dict().items())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,13 +24,14 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write_text
+from .checkpoint import tensor_digest
 from .data import split_heldout
 from .training import FitConfig, _split_data, fit
 
@@ -66,23 +67,10 @@ class Selection:
         order = list(self.scores)
         return sorted(order, key=lambda name: (-self.scores[name], order.index(name)))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _digest(named_tensors) -> str:
-    """sha256 of (name, tensor) pairs: names, shapes, dtypes and values."""
-    digest = hashlib.sha256()
-    for name, tensor in named_tensors:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (num_batches_tracked) as 1-d
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
 
 def _fingerprint(module: nn.Module) -> str:
     """sha256 of a module's state: the same weights give the same string."""
-    return _digest(module.state_dict().items())
+    return tensor_digest(module.state_dict().items())
 
 
 #: fit() arguments that are not FitConfig fields
@@ -161,13 +149,13 @@ def select_strategy(
         A :class:`Selection`.
     """
     named = _candidate_options(candidates, options)
-    epochs = {name: _config(opts).epochs for name, opts in named.items()}
-    if len(set(epochs.values())) != 1:
+    lengths = {name: _config(opts).epochs for name, opts in named.items()}
+    if len(set(lengths.values())) != 1:
         raise ValueError(f"Expected every candidate to run the same schedule length, so that the truncated runs are "
-                         f"comparable, but got epochs {epochs}. Give the candidates one `epochs`.")
-    if not isinstance(search_epochs, int) or not 1 <= search_epochs <= min(epochs.values()):
-        raise ValueError(f"Expected `search_epochs` to be an int in [1, epochs] (epochs: {min(epochs.values())}) but got "
-                         f"{search_epochs!r}.")
+                         f"comparable, but got epochs {lengths}. Give the candidates one `epochs`.")
+    epochs = next(iter(lengths.values()))
+    if not isinstance(search_epochs, int) or not 1 <= search_epochs <= epochs:
+        raise ValueError(f"Expected `search_epochs` to be an int in [1, epochs] (epochs: {epochs}) but got {search_epochs!r}.")
     train_loader, _ = _split_data(data)  # the test loader, if any, plays no part in the choice
     seeds = {_config(opts).seed for opts in named.values()}
     if len(seeds) != 1:
@@ -176,7 +164,7 @@ def select_strategy(
     heldout_images = sum(len(y) for _, y in heldout)
     identity = {"teacher": _fingerprint(teacher), "student": _fingerprint(student), "search_epochs": search_epochs,
                 "heldout_fraction": heldout_fraction, "train_images": len(split_train.labels),
-                "heldout_images": heldout_images, "data": _digest([("images", train_loader.images), ("labels", train_loader.labels)]),
+                "heldout_images": heldout_images, "data": tensor_digest([("images", train_loader.images), ("labels", train_loader.labels)]),
                 "data_tag": train_loader.data_tag}
     folder = None if cache_dir is None else Path(cache_dir)
     scores, curves, seconds, cached = {}, {}, {}, []
@@ -198,7 +186,7 @@ def select_strategy(
         scores[name] = done["curve"][-1]
     choice = max(scores, key=lambda name: (scores[name], -list(named).index(name)))
     return Selection(choice=choice, scores=scores, curves=curves, options=named, seconds=seconds,
-                     search_epochs=search_epochs, epochs=epochs[choice], heldout_images=heldout_images,
+                     search_epochs=search_epochs, epochs=epochs, heldout_images=heldout_images,
                      train_images=len(split_train.labels), cached=cached)
 
 

@@ -35,7 +35,8 @@ from _common import default_root, mean_std, write_json
 
 from align_kd import select_strategy
 from align_kd.data import cifar10_loaders
-from align_kd.experiment import (REAL_SETTINGS, _current_record, _fit_options, _teacher, paired_interval, versions)
+from align_kd.experiment import REAL_SETTINGS, _current_record, _fit_options, _teacher, paired_interval, versions
+from align_kd.experiment import _diff as format_diff
 from align_kd.models import build_model
 
 ROOT = Path(__file__).resolve().parent
@@ -43,10 +44,8 @@ RESULTS = ROOT / "results"
 
 
 def _diff(a: list[float], b: list[float]) -> str:
-    if len(a) < 2:
-        return f"{100 * (a[0] - b[0]):+.2f}" if a else ""
-    p = paired_interval(a, b)
-    return f"{100 * p['mean']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]"
+    """Paired difference a - b in points with its 95% interval, as the benchmark tables print it."""
+    return format_diff(paired_interval(a, b))
 
 
 def main() -> None:
@@ -80,7 +79,7 @@ def main() -> None:
         start = time.perf_counter()
         sel = select_strategy(teacher, student, train, candidates=candidates, search_epochs=args.search_epochs,
                               heldout_fraction=args.heldout_fraction, cache_dir=out / f"select{'' if args.schedule == 'truncated' else '-' + args.schedule}-s{seed}")
-        final = {row: _current_record(out, setting, row, seed) for row in {*args.candidates, "hinton", "pairwise"}}
+        final = {row: _current_record(out, setting, row, seed) for row in dict.fromkeys(["hinton", "pairwise", *args.candidates])}
         missing = sorted(row for row, rec in final.items() if rec is None)
         print(f"seed {seed}: held-out after {args.search_epochs} epochs "
               + ", ".join(f"{r} {sel.scores[r]:.4f}" for r in sel.ranking()) + f" -> {sel.choice}"
@@ -100,7 +99,7 @@ def main() -> None:
 
     rows = ["select", "oracle", "hinton", *args.candidates]
     acc = {"select": [s["select"] for s in per_seed], "oracle": [s["oracle_acc"] for s in per_seed],
-           **{r: [s["test_acc"][r] for s in per_seed] for r in {"hinton", *args.candidates}}}
+           **{r: [s["test_acc"][r] for s in per_seed] for r in dict.fromkeys(["hinton", *args.candidates])}}
     print(f"\n### {setting.name}: strategy chosen by held-out accuracy after {args.search_epochs} of "
           f"{setting.epochs} epochs ({args.schedule} schedule, {len(per_seed)} seeds)\n")
     print("| row | test acc (mean ± std) | vs hinton (points, 95% CI) | vs pairwise | vs select |")

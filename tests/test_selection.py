@@ -103,10 +103,11 @@ def test_the_cache_reads_back_finished_candidates_and_reruns_changed_ones(loader
     (["pairwise", "nonsense"], {}, ValueError, "strategy"),
     ({"pairwise": "sinkhorn", "uniform": {}}, {}, TypeError, "mapping of fit"),
 ])
-def test_bad_searches_fail_before_any_training(loader, candidates, kwargs, error, match):
-    options = {"search_epochs": 1, **COMMON, **kwargs}
+def test_bad_searches_fail_before_any_training(loader, candidates, kwargs, error, match, tmp_path):
+    options = {"search_epochs": 1, "cache_dir": tmp_path / "cache", **COMMON, **kwargs}
     with pytest.raises(error, match=match):
         select_strategy(teacher8(), student8(), loader, candidates=candidates, **options)
+    assert not (tmp_path / "cache").exists()  # no candidate trained (each writes its result as it finishes)
 
 
 def test_the_split_needs_a_tensor_loader(loader):
