@@ -12,6 +12,9 @@ user's own pair, from the training data alone:
 3. each copy is scored by its accuracy on the held-out images after each epoch. The candidate with the
    best score after the last search epoch is the choice (ties go to the earlier candidate).
 
+A candidate that diverges (fit() raises :class:`TrainingDiverged`) is not a choice: it is listed in
+``Selection.diverged`` with fit()'s message, and the search goes on with the others.
+
 The caller then trains the choice on all the data (``fit(teacher, student, data, **selection.options[selection.choice])``).
 The test set is never used. The search costs about ``len(candidates) * search_epochs / epochs * (1 - heldout_fraction)``
 full runs. With ``cache_dir``, each candidate's result is written the moment it finishes. A rerun with the same
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 from ._io import atomic_write_text
 from .checkpoint import tensor_digest
 from .data import split_heldout
-from .training import FitConfig, _split_data, fit
+from .training import FitConfig, TrainingDiverged, _split_data, fit
 
 
 @dataclass
@@ -47,6 +50,8 @@ class Selection:
         ``stop_after_epochs``. Pass them to fit() to train the choice on all the data.
     seconds: candidate -> wall seconds of its truncated run (as first trained, when read back from the cache).
     cached: the candidates read back from ``cache_dir`` instead of trained.
+    diverged: candidate -> fit()'s message, for the candidates whose truncated run diverged. They have no
+        score and no curve, and cannot be the choice.
     search_epochs / epochs: the truncated and the full schedule's length.
     heldout_images / train_images: the sizes of the split.
     """
@@ -61,9 +66,10 @@ class Selection:
     heldout_images: int
     train_images: int
     cached: list[str] = field(default_factory=list)
+    diverged: dict[str, str] = field(default_factory=dict)
 
     def ranking(self) -> list[str]:
-        """Candidates from best to worst held-out score (ties in candidate order)."""
+        """The scored candidates from best to worst held-out score (ties in candidate order); diverged ones are not ranked."""
         order = list(self.scores)
         return sorted(order, key=lambda name: (-self.scores[name], order.index(name)))
 
@@ -167,27 +173,37 @@ def select_strategy(
                 "heldout_images": heldout_images, "data": tensor_digest([("images", train_loader.images), ("labels", train_loader.labels)]),
                 "data_tag": train_loader.data_tag}
     folder = None if cache_dir is None else Path(cache_dir)
-    scores, curves, seconds, cached = {}, {}, {}, []
+    scores, curves, seconds, cached, diverged = {}, {}, {}, [], {}
     for name, opts in named.items():
         key = cache_key(identity, opts)
         file = None if folder is None else folder / f"{name}.json"
         done = _read_cached(file, key)
         if done is None:
             start = time.perf_counter()
-            result = fit(teacher, copy.deepcopy(student), (split_train, heldout), stop_after_epochs=search_epochs, **opts)
-            done = {"key": key, "name": name, "options": opts, "curve": [h["test_acc"] for h in result.history],
-                    "seconds": time.perf_counter() - start, "plan": result.plan.tolist(), **identity}
+            done = {"key": key, "name": name, "options": opts}
+            try:
+                result = fit(teacher, copy.deepcopy(student), (split_train, heldout), stop_after_epochs=search_epochs, **opts)
+                done.update(curve=[h["test_acc"] for h in result.history], plan=result.plan.tolist())
+            except TrainingDiverged as err:  # deterministic for these options and data: cached like a finished run
+                done.update(diverged=str(err), first_step=err.first_step, step=err.step)
+            done.update(seconds=time.perf_counter() - start, **identity)
             if file is not None:
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(file, json.dumps(done, indent=1, default=str))
         else:
             cached.append(name)
-        curves[name], seconds[name] = done["curve"], done["seconds"]
-        scores[name] = done["curve"][-1]
+        seconds[name] = done["seconds"]
+        if "diverged" in done:
+            diverged[name] = done["diverged"]
+        else:
+            curves[name], scores[name] = done["curve"], done["curve"][-1]
+    if not scores:
+        raise RuntimeError("Every candidate's search run diverged, so there is nothing to choose from. "
+                           + " ".join(f"{name}: {msg}" for name, msg in diverged.items()))
     choice = max(scores, key=lambda name: (scores[name], -list(named).index(name)))
     return Selection(choice=choice, scores=scores, curves=curves, options=named, seconds=seconds,
                      search_epochs=search_epochs, epochs=epochs, heldout_images=heldout_images,
-                     train_images=len(split_train.labels), cached=cached)
+                     train_images=len(split_train.labels), cached=cached, diverged=diverged)
 
 
 def cache_key(identity: dict, options: dict) -> str:

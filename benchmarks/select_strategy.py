@@ -35,7 +35,7 @@ from _common import default_root, mean_std, write_json
 
 from align_kd import select_strategy
 from align_kd.data import cifar10_loaders
-from align_kd.experiment import REAL_SETTINGS, _current_record, _fit_options, _teacher, paired_interval, versions
+from align_kd.experiment import DIVERGED_FILE, REAL_SETTINGS, _current_record, _fit_options, _teacher, paired_interval, versions
 from align_kd.experiment import _diff as format_diff
 from align_kd.models import build_model
 
@@ -43,16 +43,45 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
 
-def _diff(a: list[float], b: list[float]) -> str:
-    """Paired difference a - b in points with its 95% interval, as the benchmark tables print it."""
-    return format_diff(paired_interval(a, b))
+DEFAULT_CANDIDATES = ["pairwise", "uniform", "softmax", "sinkhorn"]
+
+
+def _pairs(a: list, b: list) -> tuple[list[float], list[float]]:
+    """The seeds on which both rows finished (None: that row's full run diverged on the seed)."""
+    both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    return [x for x, _ in both], [y for _, y in both]
+
+
+def _diff(a: list, b: list) -> str:
+    """Paired difference a - b in points with its 95% interval, as the benchmark tables print it, over the seeds
+    on which both finished (their count named when a seed is left out)."""
+    x, y = _pairs(a, b)
+    if len(x) < 2:
+        return f"({len(x)} paired seed{'s' * (len(x) != 1)})"
+    return format_diff(paired_interval(x, y)) + (f" ({len(x)} seeds)" if len(x) < len(a) else "")
+
+
+def _interval(a: list, b: list) -> dict | None:
+    """paired_interval(a, b) over the seeds on which both finished (None under two)."""
+    x, y = _pairs(a, b)
+    return paired_interval(x, y) if len(x) > 1 else None
+
+
+def _final_record(out: Path, setting, row: str, seed: int):
+    """The row's committed full run on ``seed``: its record, "diverged" if fit() gave up on it, None if not run."""
+    record = _current_record(out, setting, row, seed)
+    if record is None and _current_record(out, setting, row, seed, DIVERGED_FILE) is not None:
+        return "diverged"
+    return record
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setting", default="real-vit", choices=sorted(REAL_SETTINGS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--candidates", nargs="+", default=["pairwise", "uniform", "softmax", "sinkhorn"])
+    ap.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES,
+                    help="benchmark rows to choose between (hinton: the logit-KD fallback); other lists than the default "
+                         "write their own JSON, named after them")
     ap.add_argument("--search-epochs", type=int, default=6)
     ap.add_argument("--schedule", choices=["truncated", "short"], default="truncated",
                     help="truncated: the first search epochs of the full schedule; short: a full schedule of search epochs")
@@ -79,22 +108,24 @@ def main() -> None:
         start = time.perf_counter()
         sel = select_strategy(teacher, student, train, candidates=candidates, search_epochs=args.search_epochs,
                               heldout_fraction=args.heldout_fraction, cache_dir=out / f"select{'' if args.schedule == 'truncated' else '-' + args.schedule}-s{seed}")
-        final = {row: _current_record(out, setting, row, seed) for row in dict.fromkeys(["hinton", "pairwise", *args.candidates])}
+        final = {row: _final_record(out, setting, row, seed) for row in dict.fromkeys(["hinton", "pairwise", *args.candidates])}
         missing = sorted(row for row, rec in final.items() if rec is None)
         print(f"seed {seed}: held-out after {args.search_epochs} epochs "
-              + ", ".join(f"{r} {sel.scores[r]:.4f}" for r in sel.ranking()) + f" -> {sel.choice}"
-              + (f" (read back: {', '.join(sel.cached)})" if sel.cached else "")
+              + ", ".join([f"{r} {sel.scores[r]:.4f}" for r in sel.ranking()] + [f"{r} diverged" for r in sel.diverged])
+              + f" -> {sel.choice}" + (f" (read back: {', '.join(sel.cached)})" if sel.cached else "")
               + f" [{time.perf_counter() - start:.0f} s]")
         if missing:
             print(f"  no current record for {missing} on seed {seed} in {out}: run "
                   f"`python -m align_kd bench --protocol real --settings {setting.name} --strategies {' '.join(missing)} "
                   f"--seeds {seed + 1}` first; this seed is left out of the comparison")
             continue
-        test_acc = {row: final[row]["test_acc"] for row in final}
-        oracle = max(args.candidates, key=lambda r: test_acc[r])
+        test_acc = {row: None if rec == "diverged" else rec["test_acc"] for row, rec in final.items()}
+        oracle = max((r for r in args.candidates if test_acc[r] is not None), key=lambda r: test_acc[r])
+        if test_acc[sel.choice] is None:
+            print(f"  the choice, {sel.choice}, diverged in its full run on seed {seed}: the select row has no result there")
         per_seed.append({"seed": seed, "choice": sel.choice, "oracle": oracle, "heldout": sel.scores,
-                         "heldout_curves": sel.curves, "search_seconds": sel.seconds, "test_acc": test_acc,
-                         "select": test_acc[sel.choice], "oracle_acc": test_acc[oracle],
+                         "heldout_curves": sel.curves, "search_diverged": sel.diverged, "search_seconds": sel.seconds,
+                         "test_acc": test_acc, "select": test_acc[sel.choice], "oracle_acc": test_acc[oracle],
                          "heldout_images": sel.heldout_images, "train_images": sel.train_images})
 
     rows = ["select", "oracle", "hinton", *args.candidates]
@@ -104,15 +135,16 @@ def main() -> None:
           f"{setting.epochs} epochs ({args.schedule} schedule, {len(per_seed)} seeds)\n")
     print("| row | test acc (mean ± std) | vs hinton (points, 95% CI) | vs pairwise | vs select |")
     print("|---|---|---|---|---|")
+    rows = [r for r in rows if any(a is not None for a in acc[r])]
     for r in rows:
-        if not acc[r]:
-            continue
-        m, s = mean_std(acc[r])
-        print(f"| {r} | {m:.4f} ± {s:.4f} | {_diff(acc[r], acc['hinton']) if r != 'hinton' else ''} | "
+        finished = [a for a in acc[r] if a is not None]
+        m, s = mean_std(finished)
+        lost = len(acc[r]) - len(finished)
+        print(f"| {r} | {m:.4f} ± {s:.4f}{f' ({lost} diverged)' if lost else ''} | {_diff(acc[r], acc['hinton']) if r != 'hinton' else ''} | "
               f"{_diff(acc[r], acc['pairwise']) if r != 'pairwise' else ''} | {_diff(acc[r], acc['select']) if r != 'select' else ''} |")
     # the choice had the search stopped earlier: read from the same held-out curves (no extra training)
     for s in per_seed:
-        by_k = [max(args.candidates, key=lambda r: (s["heldout_curves"][r][k], -args.candidates.index(r)))
+        by_k = [max(s["heldout_curves"], key=lambda r: (s["heldout_curves"][r][k], -args.candidates.index(r)))
                 for k in range(args.search_epochs)]
         s["choice_by_search_epochs"] = by_k
         print(f"seed {s['seed']}: choice after 1..{args.search_epochs} search epochs: {' '.join(by_k)}")
@@ -125,11 +157,13 @@ def main() -> None:
                 "search_epochs": args.search_epochs, "schedule": args.schedule, "epochs": setting.epochs, "heldout_fraction": args.heldout_fraction,
                 "seeds": args.seeds, "threads": args.threads, "teacher": tinfo["path"], "teacher_acc": tinfo["test_acc"],
                 "per_seed": per_seed, "versions": versions(),
-                "summary": {r: {"mean": mean_std(acc[r])[0], "std": mean_std(acc[r])[1],
-                                "vs_hinton": paired_interval(acc[r], acc["hinton"]) if len(acc[r]) > 1 and r != "hinton" else None,
-                                "vs_pairwise": paired_interval(acc[r], acc["pairwise"]) if len(acc[r]) > 1 and r != "pairwise" else None}
-                            for r in rows if acc[r]}},
-               RESULTS / f"select_strategy_{setting.name}{'' if args.schedule == 'truncated' else '_' + args.schedule}.json")
+                "summary": {r: {"mean": mean_std([a for a in acc[r] if a is not None])[0],
+                                "std": mean_std([a for a in acc[r] if a is not None])[1],
+                                "diverged": sum(a is None for a in acc[r]),
+                                **{f"vs_{ref}": _interval(acc[r], acc[ref]) if r != ref else None for ref in ("hinton", "pairwise")}}
+                            for r in rows}},
+               RESULTS / (f"select_strategy_{setting.name}{'' if args.schedule == 'truncated' else '_' + args.schedule}"
+                          f"{'' if args.candidates == DEFAULT_CANDIDATES else '_' + '-'.join(args.candidates)}.json"))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,27 @@ def test_the_cache_reads_back_finished_candidates_and_reruns_changed_ones(loader
     assert select_strategy(teacher8(), student8(), other_labels, candidates=["pairwise", "uniform"], **args).cached == []
 
 
+def test_a_diverging_candidate_is_listed_not_chosen_and_cached(loader, tmp_path):
+    from align_kd import TrainingDiverged
+
+    candidates = {"wild": {"strategy": "uniform", "lr": 1e3}, "pairwise": {}, "uniform": {}}
+    args = dict(search_epochs=1, cache_dir=tmp_path, max_bad_steps=2, **COMMON)
+    with pytest.warns(RuntimeWarning, match="loss is"):
+        sel = select_strategy(teacher8(), student8(), loader, candidates=candidates, **args)
+    # what fit() itself says about that candidate on the same split
+    train, _ = split_heldout(loader, 0.1, seed=COMMON["seed"])
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingDiverged) as err:
+        fit(teacher8(), student8(), train, stop_after_epochs=1, max_bad_steps=2, **{**COMMON, "strategy": "uniform", "lr": 1e3})
+    assert sel.diverged == {"wild": str(err.value)}
+    assert sorted(sel.scores) == sorted(sel.curves) == ["pairwise", "uniform"] and sel.choice in ("pairwise", "uniform")
+    assert "wild" not in sel.ranking() and set(sel.seconds) == set(candidates)
+    again = select_strategy(teacher8(), student8(), loader, candidates=candidates, **args)  # no warning: nothing trains
+    assert again.cached == list(candidates) and again.diverged == sel.diverged and again.scores == sel.scores
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="Every candidate's search run diverged.*wild.*wilder"):
+        select_strategy(teacher8(), student8(), loader, candidates={"wild": candidates["wild"], "wilder": {"strategy": "pairwise", "lr": 1e6}},
+                        **{**args, "cache_dir": None})
+
+
 @pytest.mark.parametrize("candidates, kwargs, error, match", [
     (["pairwise"], {}, ValueError, "at least two candidates"),
     (["pairwise", "pairwise"], {}, ValueError, "distinct candidates"),
