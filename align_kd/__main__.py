@@ -1,4 +1,4 @@
-"""Command line: ``python -m align_kd {demo,fit,bench,graph,zoo} --help``."""
+"""Command line: ``python -m align_kd {demo,fit,select,bench,graph,zoo} --help``."""
 from __future__ import annotations
 
 import argparse
@@ -97,6 +97,43 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    from ._env import versions
+    from ._io import atomic_write_text
+    from .experiment import select_for_setting, selection_folder
+
+    setting = _setting_from_args(args)
+    start = time.perf_counter()
+    sel, tinfo = select_for_setting(setting, args.seed, args.candidates, search_epochs=args.search_epochs,
+                                    schedule=args.schedule, heldout_fraction=args.heldout_fraction, out_dir=args.out,
+                                    data_root=args.data, progress=not args.no_progress)
+    folder = selection_folder(args.out, setting, args.seed, args.schedule)
+    length = args.search_epochs if args.schedule == "short" else f"the first {args.search_epochs} of {setting.epochs}"
+    print(f"\n{setting.name}, seed {args.seed}: held-out accuracy ({sel.heldout_images} images kept aside, "
+          f"{sel.train_images} trained on) after each of {length} epochs\n")
+    print("| candidate | held-out acc by epoch | final | seconds |")
+    print("|---|---|---|---|")
+    for name in [*sel.ranking(), *sel.diverged]:
+        curve = " ".join(f"{a:.4f}" for a in sel.curves[name]) if name in sel.curves else "diverged"
+        final = f"**{sel.scores[name]:.4f}**" if name == sel.choice else f"{sel.scores[name]:.4f}" if name in sel.scores else ""
+        print(f"| {name} | {curve} | {final} | {sel.seconds[name]:.0f}{' (read back)' if name in sel.cached else ''} |")
+    for name, message in sel.diverged.items():
+        print(f"{name} diverged: {message}")
+    print(f"\nchoice: {sel.choice} ({time.perf_counter() - start:.0f} s; each candidate's result in {folder}/)")
+    atomic_write_text(folder / "selection.json", json.dumps({
+        "setting": setting.name, "seed": args.seed, "schedule": args.schedule, "search_epochs": args.search_epochs,
+        "epochs": setting.epochs, "heldout_fraction": args.heldout_fraction, "teacher": tinfo["path"],
+        "teacher_acc": tinfo["test_acc"], "choice": sel.choice, "ranking": sel.ranking(), "scores": sel.scores,
+        "curves": sel.curves, "diverged": sel.diverged, "seconds": sel.seconds, "heldout_images": sel.heldout_images,
+        "train_images": sel.train_images, "versions": versions()}, indent=1))
+    if args.fit:
+        print(f"\ntraining the choice, {sel.choice}, on all the training data:")
+        _run_and_report(setting, [sel.choice], [args.seed], args.out, args)
+    else:
+        print("to train it on all the training data, rerun this command with --fit (the candidates are read back)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from pathlib import Path
 
@@ -158,8 +195,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _pair_args(p: argparse.ArgumentParser, *, out: str) -> None:
+    """The teacher-student pair and its budget: a named setting, or models with overrides (fit, select)."""
+    from .experiment import SETTINGS
+
+    p.add_argument("--setting", choices=sorted(SETTINGS), default=None, help="a named pair and budget (overrides --teacher/--student)")
+    p.add_argument("--teacher", default="cnn", help="teacher model: cnn, resnet, mlp, vit (default cnn)")
+    p.add_argument("--teacher-kwargs", default='{"width": 32}', help="JSON keyword arguments of the teacher")
+    p.add_argument("--student", default="cnn", help="student model: cnn, resnet, mlp, vit (default cnn)")
+    p.add_argument("--student-kwargs", default='{"width": 8}', help="JSON keyword arguments of the student")
+    p.add_argument("--epochs", type=int, default=None, help="distillation epochs")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher training epochs (when not cached)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few hundred images and one epoch")
+    p.add_argument("--out", default=out, help=f"output directory (default: {out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .experiment import ALL_STRATEGIES, SETTINGS
+    from .experiment import ALL_STRATEGIES, PLAN_FROM_ROW, SETTINGS
 
     parser = argparse.ArgumentParser(prog="python -m align_kd", description="align_kd: layer-aligned knowledge distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,24 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="distil one student with one strategy",
                        description="Distil a reference student from a reference teacher with one strategy; results "
                                    "(result.json, student.pt, plots) go to the output directory.")
-    p.add_argument("--setting", choices=sorted(SETTINGS), default=None, help="a named pair and budget (overrides --teacher/--student)")
-    p.add_argument("--teacher", default="cnn", help="teacher model: cnn, resnet, mlp, vit (default cnn)")
-    p.add_argument("--teacher-kwargs", default='{"width": 32}', help="JSON keyword arguments of the teacher")
-    p.add_argument("--student", default="cnn", help="student model: cnn, resnet, mlp, vit (default cnn)")
-    p.add_argument("--student-kwargs", default='{"width": 8}', help="JSON keyword arguments of the student")
+    _pair_args(p, out="runs/fit")
     p.add_argument("--strategy", default="sinkhorn", choices=ALL_STRATEGIES, help=_strategy_help())
-    p.add_argument("--epochs", type=int, default=None, help="distillation epochs")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher training epochs (when not cached)")
     p.add_argument("--beta", type=float, default=None, help="weight of cross-entropy in [0, 1]")
     p.add_argument("--tau", type=float, default=None, help="plan temperature")
     p.add_argument("--kd-weight", type=float, default=None, help="weight of Hinton's logit KD term")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
-    p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a few hundred images and one epoch")
-    p.add_argument("--out", default="runs/fit", help="output directory (default: runs/fit)")
     p.add_argument("--checkpoint-dir", default=None, help="save a checkpoint after every epoch into this folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --checkpoint-dir")
     p.add_argument("--skip-pairs-below", type=float, default=None, metavar="LAMBDA",
@@ -207,6 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the teacher, student and MI bank forwards (the first steps pay for compilation)")
     _common(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("select", help="choose the strategy for a pair by held-out accuracy of short runs",
+                       description="Train every candidate strategy on 90%% of the training images for a few epochs (the "
+                                   "same student initialisation and data order), score each on the other 10%% and print the "
+                                   "ranking; --fit then trains the choice on all the training data. The test set plays no "
+                                   "part in the choice. Each candidate's result is kept, so a rerun skips finished ones.")
+    _pair_args(p, out="runs/select")
+    p.add_argument("--candidates", nargs="+", default=["pairwise", "uniform", "softmax", "sinkhorn"],
+                   choices=[s for s in ALL_STRATEGIES if s not in PLAN_FROM_ROW], metavar="STRATEGY",
+                   help="strategies to choose between (default: pairwise uniform softmax sinkhorn; add hinton for the "
+                        "logit-KD fallback); " + _strategy_help())
+    p.add_argument("--search-epochs", type=int, required=True, help="epochs each candidate trains before it is scored")
+    p.add_argument("--schedule", choices=["truncated", "short"], default="short",
+                   help="short (default): a whole schedule of --search-epochs epochs per candidate; truncated: the first "
+                        "--search-epochs epochs of the full schedule")
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of the training images that scores the candidates")
+    p.add_argument("--fit", action="store_true", help="then train the choice on all the training data (as `fit --strategy CHOICE`)")
+    _common(p)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("bench", help="the strategy benchmark (all settings x strategies x seeds)",
                        description="Reproduce and extend the originating study's table: every named setting, every "

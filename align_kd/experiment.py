@@ -33,8 +33,8 @@ from .training import TrainingDiverged, fit
 
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
            "format_overview", "format_status", "format_table", "overview", "paired_interval", "plan_patterns", "plot_curves",
-           "plot_overview", "report", "row_settings", "run_folder", "run_key", "run_setting", "run_states", "summarise", "versions",
-           "write_outputs"]
+           "plot_overview", "report", "row_settings", "run_folder", "run_key", "run_setting", "run_states", "select_for_setting",
+           "selection_folder", "summarise", "versions", "write_outputs"]
 
 #: seeds the `real` protocol runs per row (issue 12: at least 3); the report marks rows with fewer
 PROTOCOL_SEEDS = 3
@@ -581,6 +581,47 @@ def run_setting(
             log(f"  {strategy:<9} seed {seed}: test acc {result.test_acc:.4f} (best {result.best_acc:.4f}, {wall:.0f} s"
                 + (f"; resumed after epoch {resumed}" if resumed else "") + ")")
     return records, tinfo
+
+
+def selection_folder(out_dir, setting: Setting, seed: int, schedule: str = "truncated") -> Path:
+    """Where :func:`select_for_setting` keeps its candidates' results: ``<out_dir>/<setting>/select[-short]-s<seed>/``."""
+    return Path(out_dir) / setting.name / f"select{'' if schedule == 'truncated' else '-' + schedule}-s{seed}"
+
+
+def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs: int, schedule: str = "truncated",
+                       heldout_fraction: float = 0.1, out_dir="runs", data_root=None, progress: bool = False):
+    """:func:`align_kd.select_strategy` among benchmark rows of ``setting``, for the student of ``seed``.
+
+    Every candidate row runs with its own fit() options (as in :func:`run_setting`) and the seed's student
+    initialisation and data order, so the choice trained on all the data is that row's run of the seed.
+    ``schedule``: ``"truncated"`` stops each candidate after the first ``search_epochs`` of the setting's
+    schedule; ``"short"`` gives each a whole schedule of ``search_epochs`` epochs. Each candidate's result is
+    kept in :func:`selection_folder`, so a rerun skips finished ones.
+
+    Returns ``(selection, teacher_info)``.
+    """
+    from .selection import select_strategy
+
+    unknown = [row for row in candidates if row not in ALL_STRATEGIES]
+    derived = [row for row in candidates if row in PLAN_FROM_ROW]
+    if unknown or derived:
+        raise ValueError(f"Expected candidates among the benchmark rows {[r for r in ALL_STRATEGIES if r not in PLAN_FROM_ROW]} "
+                         f"but got {unknown + derived}" + (" (a retrain row's plan comes from another row's finished run)"
+                                                           if derived else "") + ".")
+    if schedule not in ("truncated", "short"):
+        raise ValueError(f"Expected schedule 'truncated' or 'short' but got {schedule!r}.")
+    train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit, augment=setting.augment,
+                                  test_limit=setting.test_limit, seed=0)
+    teacher, tinfo = _teacher(setting, train, test, progress=progress)
+    options = {}
+    for row in candidates:
+        name, opts = _fit_options(setting, row, seed, progress)
+        options[row] = {"strategy": name, **opts, **({"epochs": search_epochs} if schedule == "short" else {})}
+    torch.manual_seed(seed)  # the seed's student initialisation, as every row of the benchmark has it
+    student = build_model(setting.student, **setting.student_kwargs)
+    selection = select_strategy(teacher, student, train, candidates=options, search_epochs=search_epochs,
+                                heldout_fraction=heldout_fraction, cache_dir=selection_folder(out_dir, setting, seed, schedule))
+    return selection, tinfo
 
 
 #: a run's folder holds its per-epoch checkpoints here while it trains; removed once its record is written

@@ -33,11 +33,8 @@ from pathlib import Path
 import torch
 from _common import default_root, mean_std, write_json
 
-from align_kd import select_strategy
-from align_kd.data import cifar10_loaders
-from align_kd.experiment import DIVERGED_FILE, REAL_SETTINGS, _current_record, _fit_options, _teacher, paired_interval, versions
+from align_kd.experiment import DIVERGED_FILE, REAL_SETTINGS, _current_record, paired_interval, select_for_setting, versions
 from align_kd.experiment import _diff as format_diff
-from align_kd.models import build_model
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -93,21 +90,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     setting = REAL_SETTINGS[args.setting]
     out = Path(args.results) / setting.name
-    train, test = cifar10_loaders(default_root(), batch_size=setting.batch_size, limit=setting.train_limit,
-                                  augment=setting.augment, test_limit=setting.test_limit, seed=0)
-    teacher, tinfo = _teacher(setting, train, test, progress=False)
 
     per_seed = []
     for seed in args.seeds:
-        candidates = {}
-        for row in args.candidates:
-            name, opts = _fit_options(setting, row, seed, args.progress)
-            candidates[row] = {"strategy": name, **opts, **({"epochs": args.search_epochs} if args.schedule == "short" else {})}
-        torch.manual_seed(seed)  # the seed's student initialisation, as every row of the benchmark has it
-        student = build_model(setting.student, **setting.student_kwargs)
         start = time.perf_counter()
-        sel = select_strategy(teacher, student, train, candidates=candidates, search_epochs=args.search_epochs,
-                              heldout_fraction=args.heldout_fraction, cache_dir=out / f"select{'' if args.schedule == 'truncated' else '-' + args.schedule}-s{seed}")
+        sel, tinfo = select_for_setting(setting, seed, args.candidates, search_epochs=args.search_epochs, schedule=args.schedule,
+                                        heldout_fraction=args.heldout_fraction, out_dir=args.results, data_root=default_root(),
+                                        progress=args.progress)
         final = {row: _final_record(out, setting, row, seed) for row in dict.fromkeys(["hinton", "pairwise", *args.candidates])}
         missing = sorted(row for row, rec in final.items() if rec is None)
         print(f"seed {seed}: held-out after {args.search_epochs} epochs "

@@ -12,7 +12,7 @@ from shared_archive import ARCHIVE, REPO
 
 torch.set_num_threads(1)
 
-COMMANDS = ["demo", "fit", "bench", "graph", "zoo"]
+COMMANDS = ["demo", "fit", "select", "bench", "graph", "zoo"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,39 @@ def test_fit_command_writes_a_run(tmp_path, capsys):
     run = json.loads((tmp_path / "cli" / "sinkhorn-s0" / "result.json").read_text())
     assert run["config"]["strategy"] == "sinkhorn"
     assert run["student_layers"][-1] == "head" and len(run["plan"][0]) == len(run["student_layers"])
+
+
+def test_select_command_ranks_the_candidates_then_trains_the_choice(tmp_path, capsys):
+    from align_kd.experiment import _fit_options, quick, select_for_setting, Setting
+
+    data = os.environ.get("ALIGN_KD_DATA", str(ARCHIVE))
+    pair = ["--quick", "--teacher", "cnn", "--teacher-kwargs", '{"width": 8}', "--student", "mlp", "--student-kwargs",
+            '{"hidden": [64]}', "--out", str(tmp_path), "--data", data, "--no-progress", "--search-epochs", "1"]
+    candidates = ["pairwise", "sinkhorn", "hinton"]
+    assert main(["select", *pair, "--candidates", *candidates, "--fit"]) == 0
+    printed = capsys.readouterr().out
+    folder = tmp_path / "cli" / "select-short-s0"
+    sel = json.loads((folder / "selection.json").read_text())
+    best = max(sel["scores"].values())
+    assert sel["choice"] == next(c for c in candidates if sel["scores"][c] == best)  # ties: the earlier candidate
+    assert sorted(sel["ranking"]) == sorted(candidates) and sel["ranking"][0] == sel["choice"]
+    assert f"choice: {sel['choice']}" in printed and f"| **{best:.4f}** |" in printed
+    # every candidate ran with its benchmark row's options (the short schedule: epochs = search epochs)
+    setting = quick(Setting("cli", "cnn", {"width": 8}, "mlp", {"hidden": [64]}))
+    for row in candidates:
+        name, opts = _fit_options(setting, row, 0, False)
+        ran = json.loads((folder / f"{row}.json").read_text())["options"]
+        assert ran == {"strategy": name, **opts, "epochs": 1}, row
+    # --fit trained the choice on all the training data, as `bench`/`fit` would have
+    record = json.loads((tmp_path / "cli" / f"{sel['choice']}-s0" / "record.json").read_text())
+    assert record["strategy"] == sel["choice"] and record["train_images"] == 512
+    # a rerun reads every candidate back and chooses the same
+    assert main(["select", *pair, "--candidates", *candidates]) == 0
+    again = capsys.readouterr().out
+    assert again.count("(read back)") == 3 and f"choice: {sel['choice']}" in again and "rerun this command with --fit" in again
+    with pytest.raises(ValueError, match="retrain row"):
+        select_for_setting(setting, 0, ["pairwise", "softmax-retrain"], search_epochs=1, out_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bench_quick_writes_the_benchmark_outputs(tmp_path, capsys):
