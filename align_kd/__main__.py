@@ -253,15 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("select", help="choose the strategy for a pair by held-out accuracy of short runs",
-                       description="Train every candidate strategy on 90%% of the training images for a few epochs (the "
-                                   "same student initialisation and data order), score each on the other 10%% and print the "
-                                   "ranking; --fit then trains the choice on all the training data. The test set plays no "
+                       description="Train every candidate strategy for a few epochs on the training images less a held-out "
+                                   "share (--heldout-fraction, default 10%; the same student initialisation and data order), "
+                                   "score each on the held-out images and print the ranking; --fit then trains the choice on all the training data. The test set plays no "
                                    "part in the choice. Each candidate's result is kept, so a rerun skips finished ones.")
     _pair_args(p, out="runs/select")
     p.add_argument("--candidates", nargs="+", default=["pairwise", "uniform", "softmax", "sinkhorn"],
                    choices=[s for s in ALL_STRATEGIES if s not in PLAN_FROM_ROW], metavar="STRATEGY",
                    help="strategies to choose between (default: pairwise uniform softmax sinkhorn; add hinton for the "
-                        "logit-KD fallback); " + _strategy_help())
+                        "logit-KD fallback); any strategy `fit --strategy` takes except the *-retrain rows")
     p.add_argument("--search-epochs", type=int, required=True, help="epochs each candidate trains before it is scored")
     p.add_argument("--schedule", choices=["truncated", "short"], default="short",
                    help="short (default): a whole schedule of --search-epochs epochs per candidate; truncated: the first "

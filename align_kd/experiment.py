@@ -608,6 +608,8 @@ def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs
         raise ValueError(f"Expected candidates among the benchmark rows {[r for r in ALL_STRATEGIES if r not in PLAN_FROM_ROW]} "
                          f"but got {unknown + derived}" + (" (a retrain row's plan comes from another row's finished run)"
                                                            if derived else "") + ".")
+    if len(set(candidates)) != len(candidates):
+        raise ValueError(f"Expected distinct candidates but got {list(candidates)} (a row appears twice).")
     if schedule not in ("truncated", "short"):
         raise ValueError(f"Expected schedule 'truncated' or 'short' but got {schedule!r}.")
     train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit, augment=setting.augment,

@@ -130,6 +130,8 @@ def test_select_command_ranks_the_candidates_then_trains_the_choice(tmp_path, ca
     assert again.count("(read back)") == 3 and f"choice: {sel['choice']}" in again and "rerun this command with --fit" in again
     with pytest.raises(ValueError, match="retrain row"):
         select_for_setting(setting, 0, ["pairwise", "softmax-retrain"], search_epochs=1, out_dir=tmp_path / "bad")
+    with pytest.raises(ValueError, match="distinct candidates"):
+        select_for_setting(setting, 0, ["pairwise", "pairwise"], search_epochs=1, out_dir=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
