@@ -25,8 +25,13 @@ Each candidate's run is written the moment it finishes
 (`results/<setting>/select[-short]-s<seed>/<row>.json`); rerunning skips finished ones.
 
     python benchmarks/select_strategy.py --setting real-vit --seeds 0 1 2 [--search-epochs 6] [--threads 2]
+    python benchmarks/select_strategy.py --pool results/select_strategy_real-vit_short.json results/select_strategy_real-resnet-vit_short.json
+
+`--pool` trains nothing: it compares the rule with each single fixed row over every (setting, seed) pair of
+the given result files (what a user who commits to one row for every pair would get instead).
 """
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -72,6 +77,32 @@ def _final_record(out: Path, setting, row: str, seed: int):
     return record
 
 
+def pool(files: list[str]) -> None:
+    """Train nothing: the rule against each fixed row over every (setting, seed) of the given result files.
+
+    A user who cannot run the search commits to one row for every pair; this asks which single row the
+    rule beats across settings. Pairs where either run diverged are left out (and counted)."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    rows = [r for r in dict.fromkeys(["hinton", *runs[0]["candidates"]]) if all(r in run["per_seed"][0]["test_acc"] for run in runs)]
+    pairs = [(run["setting"], s) for run in runs for s in run["per_seed"]]
+    print(f"### select ({', '.join(sorted({run['schedule'] for run in runs}))} schedule) against one fixed row everywhere: "
+          f"{len(pairs)} (setting, seed) pairs from {', '.join(run['setting'] for run in runs)}\n")
+    print("| fixed row | select - row (points, 95% CI over pairs) | " + " | ".join(f"{run['setting']}" for run in runs) + " |")
+    print("|---|---|" + "---|" * len(runs))
+    summary = {}
+    for r in rows:
+        x, y = _pairs([s["select"] for _, s in pairs], [s["test_acc"][r] for _, s in pairs])
+        per = []
+        for run in runs:
+            a, b = _pairs([s["select"] for s in run["per_seed"]], [s["test_acc"][r] for s in run["per_seed"]])
+            per.append(f"{100 * (sum(a) - sum(b)) / len(a):+.2f} ({len(a)})" if a else "")
+        summary[r] = _interval([s["select"] for _, s in pairs], [s["test_acc"][r] for _, s in pairs])
+        lost = len(pairs) - len(x)
+        print(f"| {r} | {format_diff(summary[r])}{f' ({len(x)} pairs; {lost} diverged)' if lost else ''} | " + " | ".join(per) + " |")
+    write_json({"files": files, "pairs": [[name, s["seed"]] for name, s in pairs], "vs_row": summary, "versions": versions()},
+               RESULTS / "select_strategy_pooled.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setting", default="real-vit", choices=sorted(REAL_SETTINGS))
@@ -86,7 +117,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--pool", nargs="+", metavar="JSON", default=None,
+                    help="train nothing: compare the rule with each fixed row over every (setting, seed) of these result files")
     args = ap.parse_args()
+    if args.pool:
+        return pool(args.pool)
     torch.set_num_threads(args.threads)
     setting = REAL_SETTINGS[args.setting]
     out = Path(args.results) / setting.name
