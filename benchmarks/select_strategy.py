@@ -152,7 +152,7 @@ def main() -> None:
                          "test_acc": test_acc, "select": test_acc[sel.choice], "oracle_acc": test_acc[oracle],
                          "heldout_images": sel.heldout_images, "train_images": sel.train_images})
 
-    rows = ["select", "oracle", "hinton", *args.candidates]
+    rows = list(dict.fromkeys(["select", "oracle", "hinton", *args.candidates]))
     acc = {"select": [s["select"] for s in per_seed], "oracle": [s["oracle_acc"] for s in per_seed],
            **{r: [s["test_acc"][r] for s in per_seed] for r in dict.fromkeys(["hinton", *args.candidates])}}
     print(f"\n### {setting.name}: strategy chosen by held-out accuracy after {args.search_epochs} of "
