@@ -98,9 +98,12 @@ def pool(files: list[str]) -> None:
             per.append(f"{100 * (sum(a) - sum(b)) / len(a):+.2f} ({len(a)})" if a else "")
         summary[r] = _interval([s["select"] for _, s in pairs], [s["test_acc"][r] for _, s in pairs])
         lost = len(pairs) - len(x)
-        print(f"| {r} | {format_diff(summary[r])}{f' ({len(x)} pairs; {lost} diverged)' if lost else ''} | " + " | ".join(per) + " |")
+        shown = format_diff(summary[r]) if summary[r] else f"({len(x)} paired)"
+        print(f"| {r} | {shown}{f' ({len(x)} pairs; {lost} diverged)' if lost else ''} | " + " | ".join(per) + " |")
+    # named after its inputs, so that pooling other files writes another file
+    stem = "+".join(Path(f).stem.removeprefix("select_strategy_") for f in files)
     write_json({"files": files, "pairs": [[name, s["seed"]] for name, s in pairs], "vs_row": summary, "versions": versions()},
-               RESULTS / "select_strategy_pooled.json")
+               RESULTS / f"select_strategy_pooled_{stem}.json")
 
 
 def main() -> None:
