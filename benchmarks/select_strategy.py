@@ -101,7 +101,9 @@ def pool(files: list[str]) -> None:
         shown = format_diff(summary[r]) if summary[r] else f"({len(x)} paired)"
         print(f"| {r} | {shown}{f' ({len(x)} pairs; {lost} diverged)' if lost else ''} | " + " | ".join(per) + " |")
     # named after its inputs, so that pooling other files writes another file
-    stem = "+".join(Path(f).stem.removeprefix("select_strategy_") for f in files)
+    lists = {tuple(run["candidates"]) for run in runs}
+    stem = ("+".join(run["setting"] for run in runs) + "_" + "-".join(sorted({run["schedule"] for run in runs}))
+            + ("" if lists == {tuple(DEFAULT_CANDIDATES)} else "_" + "-".join(lists.pop()) if len(lists) == 1 else "_mixed"))
     write_json({"files": files, "pairs": [[name, s["seed"]] for name, s in pairs], "vs_row": summary, "versions": versions()},
                RESULTS / f"select_strategy_pooled_{stem}.json")
 
