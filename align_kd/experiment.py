@@ -410,6 +410,21 @@ def _teacher(setting: Setting, train, test, *, progress: bool) -> tuple[torch.nn
                                  lr=setting.teacher_lr, data_tag=tag, progress=progress)
 
 
+def _data_and_teacher(setting: Setting, data_root, progress: bool):
+    """The setting's (train, test) loaders (data order seeded per fit() run) and its teacher with its info."""
+    train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit, augment=setting.augment,
+                                  test_limit=setting.test_limit, seed=0)
+    teacher, tinfo = _teacher(setting, train, test, progress=progress)
+    return train, test, teacher, tinfo
+
+
+def _seed_student(setting: Setting, seed: int) -> torch.nn.Module:
+    """The student of ``seed``. Paired seeds: every row of a seed (and every candidate of a selection) starts
+    from this same initialisation."""
+    torch.manual_seed(seed)
+    return build_model(setting.student, **setting.student_kwargs)
+
+
 def run_key(setting: Setting, strategy: str, seed: int) -> str:
     """Hash of everything that determines one run (setting with its budget, row, seed, library version)."""
     import hashlib
@@ -505,9 +520,7 @@ def run_setting(
     out = Path(out_dir) / setting.name
     out.mkdir(parents=True, exist_ok=True)
     with dist.main_first():  # rank 0 decodes the data and trains the teacher; the others then read the caches
-        train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit, augment=setting.augment,
-                                      test_limit=setting.test_limit, seed=0)
-        teacher, tinfo = _teacher(setting, train, test, progress=progress)
+        train, test, teacher, tinfo = _data_and_teacher(setting, data_root, progress)
     log(f"teacher {setting.teacher}{setting.teacher_kwargs}: test acc {tinfo['test_acc']:.4f} "
         f"({'cached' if tinfo['cached'] else 'trained'}: {tinfo['path']})")
     records = []
@@ -534,9 +547,7 @@ def run_setting(
             if gave_up is not None and not _stale_reason(gave_up, opts, tinfo):
                 log(f"  {strategy:<9} seed {seed}: diverged earlier, at step {gave_up['step']} ({run_dir / DIVERGED_FILE})")
                 continue
-            # paired seeds: the same student initialisation and data order for every row of a seed
-            torch.manual_seed(seed)
-            student = build_model(setting.student, **setting.student_kwargs)
+            student = _seed_student(setting, seed)
             # a run cut off in an earlier sitting continues from its last finished epoch (bitwise the same run)
             stamp = {"run_key": key, "fit_strategy": name, "fit_options": {k: v for k, v in opts.items() if k != "progress"},
                      "teacher_key": tinfo["key"], "plan": plan.tolist() if isinstance(plan, Tensor) else plan}
@@ -612,16 +623,12 @@ def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs
         raise ValueError(f"Expected distinct candidates but got {list(candidates)} (a row appears twice).")
     if schedule not in ("truncated", "short"):
         raise ValueError(f"Expected schedule 'truncated' or 'short' but got {schedule!r}.")
-    train, test = cifar10_loaders(data_root, batch_size=setting.batch_size, limit=setting.train_limit, augment=setting.augment,
-                                  test_limit=setting.test_limit, seed=0)
-    teacher, tinfo = _teacher(setting, train, test, progress=progress)
+    train, _, teacher, tinfo = _data_and_teacher(setting, data_root, progress)
     options = {}
     for row in candidates:
         name, opts = _fit_options(setting, row, seed, progress)
         options[row] = {"strategy": name, **opts, **({"epochs": search_epochs} if schedule == "short" else {})}
-    torch.manual_seed(seed)  # the seed's student initialisation, as every row of the benchmark has it
-    student = build_model(setting.student, **setting.student_kwargs)
-    selection = select_strategy(teacher, student, train, candidates=options, search_epochs=search_epochs,
+    selection = select_strategy(teacher, _seed_student(setting, seed), train, candidates=options, search_epochs=search_epochs,
                                 heldout_fraction=heldout_fraction, cache_dir=selection_folder(out_dir, setting, seed, schedule))
     return selection, tinfo
 

@@ -54,19 +54,17 @@ def _pairs(a: list, b: list) -> tuple[list[float], list[float]]:
     return [x for x, _ in both], [y for _, y in both]
 
 
+def _interval(a: list, b: list) -> dict | None:
+    """paired_interval(a, b) over the seeds on which both finished (None if none did)."""
+    x, y = _pairs(a, b)
+    return paired_interval(x, y) if x else None
+
+
 def _diff(a: list, b: list) -> str:
     """Paired difference a - b in points with its 95% interval, as the benchmark tables print it, over the seeds
     on which both finished (their count named when a seed is left out)."""
-    x, y = _pairs(a, b)
-    if len(x) < 2:
-        return f"({len(x)} paired seed{'s' * (len(x) != 1)})"
-    return format_diff(paired_interval(x, y)) + (f" ({len(x)} seeds)" if len(x) < len(a) else "")
-
-
-def _interval(a: list, b: list) -> dict | None:
-    """paired_interval(a, b) over the seeds on which both finished (None under two)."""
-    x, y = _pairs(a, b)
-    return paired_interval(x, y) if len(x) > 1 else None
+    p = _interval(a, b)
+    return format_diff(p) + (f" ({p['n']} of {len(a)} seeds)" if p and p["n"] < len(a) else "")
 
 
 def _final_record(out: Path, setting, row: str, seed: int):
@@ -91,15 +89,11 @@ def pool(files: list[str]) -> None:
     print("|---|---|" + "---|" * len(runs))
     summary = {}
     for r in rows:
-        x, y = _pairs([s["select"] for _, s in pairs], [s["test_acc"][r] for _, s in pairs])
-        per = []
-        for run in runs:
-            a, b = _pairs([s["select"] for s in run["per_seed"]], [s["test_acc"][r] for s in run["per_seed"]])
-            per.append(f"{100 * (sum(a) - sum(b)) / len(a):+.2f} ({len(a)})" if a else "")
+        per = [_interval([s["select"] for s in run["per_seed"]], [s["test_acc"][r] for s in run["per_seed"]]) for run in runs]
         summary[r] = _interval([s["select"] for _, s in pairs], [s["test_acc"][r] for _, s in pairs])
-        lost = len(pairs) - len(x)
-        shown = format_diff(summary[r]) if summary[r] else f"({len(x)} paired)"
-        print(f"| {r} | {shown}{f' ({len(x)} pairs; {lost} diverged)' if lost else ''} | " + " | ".join(per) + " |")
+        n = summary[r]["n"] if summary[r] else 0
+        print(f"| {r} | {format_diff(summary[r])}{f' ({n} pairs; {len(pairs) - n} diverged)' if n < len(pairs) else ''} | "
+              + " | ".join(f"{100 * p['mean']:+.2f} ({p['n']})" if p else "" for p in per) + " |")
     # named after its inputs, so that pooling other files writes another file
     lists = {tuple(run["candidates"]) for run in runs}
     stem = ("+".join(run["setting"] for run in runs) + "_" + "-".join(sorted({run["schedule"] for run in runs}))
@@ -186,8 +180,7 @@ def main() -> None:
                 "search_epochs": args.search_epochs, "schedule": args.schedule, "epochs": setting.epochs, "heldout_fraction": args.heldout_fraction,
                 "seeds": args.seeds, "threads": args.threads, "teacher": tinfo["path"], "teacher_acc": tinfo["test_acc"],
                 "per_seed": per_seed, "versions": versions(),
-                "summary": {r: {"mean": mean_std([a for a in acc[r] if a is not None])[0],
-                                "std": mean_std([a for a in acc[r] if a is not None])[1],
+                "summary": {r: {**dict(zip(("mean", "std"), mean_std(a for a in acc[r] if a is not None))),
                                 "diverged": sum(a is None for a in acc[r]),
                                 **{f"vs_{ref}": _interval(acc[r], acc[ref]) if r != ref else None for ref in ("hinton", "pairwise")}}
                             for r in rows}},
