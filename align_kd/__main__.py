@@ -107,7 +107,7 @@ def cmd_select(args) -> int:
     sel, tinfo = select_for_setting(setting, args.seed, args.candidates, search_epochs=args.search_epochs,
                                     schedule=args.schedule, heldout_fraction=args.heldout_fraction, out_dir=args.out,
                                     data_root=args.data, progress=not args.no_progress)
-    folder = selection_folder(args.out, setting, args.seed, args.schedule)
+    folder = selection_folder(args.out, setting, args.seed, args.schedule, args.search_epochs)
     length = args.search_epochs if args.schedule == "short" else f"the first {args.search_epochs} of {setting.epochs}"
     print(f"\n{setting.name}, seed {args.seed}: held-out accuracy ({sel.heldout_images} images kept aside, "
           f"{sel.train_images} trained on) after each of {length} epochs\n")

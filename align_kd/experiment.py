@@ -34,7 +34,7 @@ from .training import TrainingDiverged, fit
 __all__ = ["ALL_STRATEGIES", "REAL_SETTINGS", "REAL_TABLE", "SETTINGS", "Setting", "collect_records", "finished_record",
            "format_overview", "format_status", "format_table", "overview", "paired_interval", "plan_patterns", "plot_curves",
            "plot_overview", "report", "row_settings", "run_folder", "run_key", "run_setting", "run_states", "select_for_setting",
-           "selection_folder", "summarise", "versions", "write_outputs"]
+           "search_label", "selection_folder", "summarise", "versions", "write_outputs"]
 
 #: seeds the `real` protocol runs per row (issue 12: at least 3); the report marks rows with fewer
 PROTOCOL_SEEDS = 3
@@ -230,7 +230,7 @@ REAL_SETTINGS["real-resnet-vit"] = replace(
     description="(ii) x (iii): the shipped ResNet-20 into the small ViT student (11 teacher taps into 6)")
 SETTINGS.update(REAL_SETTINGS)
 SETTINGS["demo"] = Setting(
-    "demo", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=5,
+    "demo", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=4,
     **{**_REAL, "fit_options": {**_REAL["fit_options"]}},
     description="the study's 3 conv + 2 linear student from the shipped fast CNN teacher, full CIFAR-10 (demo budget)",
 )
@@ -594,9 +594,16 @@ def run_setting(
     return records, tinfo
 
 
-def selection_folder(out_dir, setting: Setting, seed: int, schedule: str = "truncated") -> Path:
-    """Where :func:`select_for_setting` keeps its candidates' results: ``<out_dir>/<setting>/select[-short]-s<seed>/``."""
-    return Path(out_dir) / setting.name / f"select{'' if schedule == 'truncated' else '-' + schedule}-s{seed}"
+def search_label(schedule: str, search_epochs: int) -> str:
+    """How a search's length is named in its folder and result files: ``short4`` (a whole 4-epoch schedule per
+    candidate), ``truncated6`` (the first 6 epochs of the setting's schedule)."""
+    return f"{schedule}{search_epochs}"
+
+
+def selection_folder(out_dir, setting: Setting, seed: int, schedule: str, search_epochs: int) -> Path:
+    """Where :func:`select_for_setting` keeps its candidates' results: ``<out_dir>/<setting>/select-<label>-s<seed>/``
+    (label: :func:`search_label`), so that searches of other lengths never overwrite each other."""
+    return Path(out_dir) / setting.name / f"select-{search_label(schedule, search_epochs)}-s{seed}"
 
 
 def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs: int, schedule: str = "truncated",
@@ -629,7 +636,7 @@ def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs
         name, opts = _fit_options(setting, row, seed, progress)
         options[row] = {"strategy": name, **opts, **({"epochs": search_epochs} if schedule == "short" else {})}
     selection = select_strategy(teacher, _seed_student(setting, seed), train, candidates=options, search_epochs=search_epochs,
-                                heldout_fraction=heldout_fraction, cache_dir=selection_folder(out_dir, setting, seed, schedule))
+                                heldout_fraction=heldout_fraction, cache_dir=selection_folder(out_dir, setting, seed, schedule, search_epochs))
     return selection, tinfo
 
 

@@ -22,7 +22,8 @@ setting's cosine schedule, mid-decay; `--schedule short` gives each a whole cosi
 then trained with the setting's full budget.
 
 Each candidate's run is written the moment it finishes
-(`results/<setting>/select[-short]-s<seed>/<row>.json`); rerunning skips finished ones.
+(`results/<setting>/select-<schedule><search epochs>-s<seed>/<row>.json`, e.g. `select-short4-s0`); rerunning
+skips finished ones, and a search of another length or schedule writes its own folder and JSON.
 
     python benchmarks/select_strategy.py --setting real-vit --seeds 0 1 2 [--search-epochs 6] [--threads 2]
     python benchmarks/select_strategy.py --pool results/select_strategy_real-vit_short.json results/select_strategy_real-resnet-vit_short.json
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from _common import default_root, mean_std, write_json
 
-from align_kd.experiment import DIVERGED_FILE, REAL_SETTINGS, _current_record, paired_interval, select_for_setting, versions
+from align_kd.experiment import DIVERGED_FILE, REAL_SETTINGS, _current_record, paired_interval, search_label, select_for_setting, versions
 from align_kd.experiment import _diff as format_diff
 
 ROOT = Path(__file__).resolve().parent
@@ -83,7 +84,7 @@ def pool(files: list[str]) -> None:
     runs = [json.loads(Path(f).read_text()) for f in files]
     rows = [r for r in dict.fromkeys(["hinton", *runs[0]["candidates"]]) if all(r in run["per_seed"][0]["test_acc"] for run in runs)]
     pairs = [(run["setting"], s) for run in runs for s in run["per_seed"]]
-    print(f"### select ({', '.join(sorted({run['schedule'] for run in runs}))} schedule) against one fixed row everywhere: "
+    print(f"### select ({', '.join(sorted({search_label(run['schedule'], run['search_epochs']) for run in runs}))} search) against one fixed row everywhere: "
           f"{len(pairs)} (setting, seed) pairs from {', '.join(run['setting'] for run in runs)}\n")
     print("| fixed row | select - row (points, 95% CI over pairs) | " + " | ".join(f"{run['setting']}" for run in runs) + " |")
     print("|---|---|" + "---|" * len(runs))
@@ -96,7 +97,7 @@ def pool(files: list[str]) -> None:
               + " | ".join(f"{100 * p['mean']:+.2f} ({p['n']})" if p else "" for p in per) + " |")
     # named after its inputs, so that pooling other files writes another file
     lists = {tuple(run["candidates"]) for run in runs}
-    stem = ("+".join(run["setting"] for run in runs) + "_" + "-".join(sorted({run["schedule"] for run in runs}))
+    stem = ("+".join(run["setting"] for run in runs) + "_" + "-".join(sorted({search_label(run["schedule"], run["search_epochs"]) for run in runs}))
             + ("" if lists == {tuple(DEFAULT_CANDIDATES)} else "_" + "-".join(lists.pop()) if len(lists) == 1 else "_mixed"))
     write_json({"files": files, "pairs": [[name, s["seed"]] for name, s in pairs], "vs_row": summary, "versions": versions()},
                RESULTS / f"select_strategy_pooled_{stem}.json")
@@ -184,7 +185,7 @@ def main() -> None:
                                 "diverged": sum(a is None for a in acc[r]),
                                 **{f"vs_{ref}": _interval(acc[r], acc[ref]) if r != ref else None for ref in ("hinton", "pairwise")}}
                             for r in rows}},
-               RESULTS / (f"select_strategy_{setting.name}{'' if args.schedule == 'truncated' else '_' + args.schedule}"
+               RESULTS / (f"select_strategy_{setting.name}_{search_label(args.schedule, args.search_epochs)}"
                           f"{'' if args.candidates == DEFAULT_CANDIDATES else '_' + '-'.join(args.candidates)}.json"))
 
 

@@ -109,7 +109,7 @@ def test_select_command_ranks_the_candidates_then_trains_the_choice(tmp_path, ca
     candidates = ["pairwise", "sinkhorn", "hinton"]
     assert main(["select", *pair, "--candidates", *candidates, "--fit"]) == 0
     printed = capsys.readouterr().out
-    folder = tmp_path / "cli" / "select-short-s0"
+    folder = tmp_path / "cli" / "select-short1-s0"
     sel = json.loads((folder / "selection.json").read_text())
     best = max(sel["scores"].values())
     assert sel["choice"] == next(c for c in candidates if sel["scores"][c] == best)  # ties: the earlier candidate
