@@ -26,7 +26,7 @@ Each candidate's run is written the moment it finishes
 skips finished ones, and a search of another length or schedule writes its own folder and JSON.
 
     python benchmarks/select_strategy.py --setting real-vit --seeds 0 1 2 [--search-epochs 6] [--threads 2]
-    python benchmarks/select_strategy.py --pool results/select_strategy_real-vit_short.json results/select_strategy_real-resnet-vit_short.json
+    python benchmarks/select_strategy.py --pool results/select_strategy_real-vit_short4.json results/select_strategy_real-resnet-vit_short4.json
 
 `--pool` trains nothing: it compares the rule with each single fixed row over every (setting, seed) pair of
 the given result files (what a user who commits to one row for every pair would get instead).

@@ -128,6 +128,12 @@ def test_select_command_ranks_the_candidates_then_trains_the_choice(tmp_path, ca
     assert main(["select", *pair, "--candidates", *candidates]) == 0
     again = capsys.readouterr().out
     assert again.count("(read back)") == 3 and f"choice: {sel['choice']}" in again and "rerun this command with --fit" in again
+    # a search of another length keeps its own folder: it neither reads back nor overwrites the 1-epoch candidates
+    first = (folder / "pairwise.json").read_bytes()
+    longer = select_for_setting(setting, 0, ["pairwise", "hinton"], search_epochs=2, schedule="short", out_dir=tmp_path,
+                                data_root=data)[0]
+    assert longer.cached == [] and len(longer.curves["pairwise"]) == len(longer.curves["hinton"]) == 2
+    assert (tmp_path / "cli" / "select-short2-s0" / "pairwise.json").exists() and (folder / "pairwise.json").read_bytes() == first
     with pytest.raises(ValueError, match="retrain row"):
         select_for_setting(setting, 0, ["pairwise", "softmax-retrain"], search_epochs=1, out_dir=tmp_path / "bad")
     with pytest.raises(ValueError, match="distinct candidates"):
