@@ -68,6 +68,14 @@ def _diff(a: list, b: list) -> str:
     return format_diff(p) + (f" ({p['n']} of {len(a)} seeds)" if p and p["n"] < len(a) else "")
 
 
+def _result_stem(settings: list[str], labels: set[str], candidate_lists: set[tuple]) -> str:
+    """What a result file is named after: ``<settings joined by +>_<search labels>[_<candidates>]`` (the default
+    candidate list left out), so that searches of other settings, lengths or candidates never overwrite each other."""
+    chosen = "" if candidate_lists == {tuple(DEFAULT_CANDIDATES)} else \
+        "_" + ("-".join(next(iter(candidate_lists))) if len(candidate_lists) == 1 else "mixed")
+    return "+".join(settings) + "_" + "-".join(sorted(labels)) + chosen
+
+
 def _final_record(out: Path, setting, row: str, seed: int):
     """The row's committed full run on ``seed``: its record, "diverged" if fit() gave up on it, None if not run."""
     record = _current_record(out, setting, row, seed)
@@ -84,7 +92,8 @@ def pool(files: list[str]) -> None:
     runs = [json.loads(Path(f).read_text()) for f in files]
     rows = [r for r in dict.fromkeys(["hinton", *runs[0]["candidates"]]) if all(r in run["per_seed"][0]["test_acc"] for run in runs)]
     pairs = [(run["setting"], s) for run in runs for s in run["per_seed"]]
-    print(f"### select ({', '.join(sorted({search_label(run['schedule'], run['search_epochs']) for run in runs}))} search) against one fixed row everywhere: "
+    labels = {search_label(run["schedule"], run["search_epochs"]) for run in runs}
+    print(f"### select ({', '.join(sorted(labels))} search) against one fixed row everywhere: "
           f"{len(pairs)} (setting, seed) pairs from {', '.join(run['setting'] for run in runs)}\n")
     print("| fixed row | select - row (points, 95% CI over pairs) | " + " | ".join(f"{run['setting']}" for run in runs) + " |")
     print("|---|---|" + "---|" * len(runs))
@@ -95,10 +104,7 @@ def pool(files: list[str]) -> None:
         n = summary[r]["n"] if summary[r] else 0
         print(f"| {r} | {format_diff(summary[r])}{f' ({n} pairs; {len(pairs) - n} diverged)' if n < len(pairs) else ''} | "
               + " | ".join(f"{100 * p['mean']:+.2f} ({p['n']})" if p else "" for p in per) + " |")
-    # named after its inputs, so that pooling other files writes another file
-    lists = {tuple(run["candidates"]) for run in runs}
-    stem = ("+".join(run["setting"] for run in runs) + "_" + "-".join(sorted({search_label(run["schedule"], run["search_epochs"]) for run in runs}))
-            + ("" if lists == {tuple(DEFAULT_CANDIDATES)} else "_" + "-".join(lists.pop()) if len(lists) == 1 else "_mixed"))
+    stem = _result_stem([run["setting"] for run in runs], labels, {tuple(run["candidates"]) for run in runs})
     write_json({"files": files, "pairs": [[name, s["seed"]] for name, s in pairs], "vs_row": summary, "versions": versions()},
                RESULTS / f"select_strategy_pooled_{stem}.json")
 
@@ -185,8 +191,7 @@ def main() -> None:
                                 "diverged": sum(a is None for a in acc[r]),
                                 **{f"vs_{ref}": _interval(acc[r], acc[ref]) if r != ref else None for ref in ("hinton", "pairwise")}}
                             for r in rows}},
-               RESULTS / (f"select_strategy_{setting.name}_{search_label(args.schedule, args.search_epochs)}"
-                          f"{'' if args.candidates == DEFAULT_CANDIDATES else '_' + '-'.join(args.candidates)}.json"))
+               RESULTS / f"select_strategy_{_result_stem([setting.name], {search_label(args.schedule, args.search_epochs)}, {tuple(args.candidates)})}.json")
 
 
 if __name__ == "__main__":
