@@ -105,8 +105,8 @@ def cmd_select(args) -> int:
     setting = _setting_from_args(args)
     start = time.perf_counter()
     sel, tinfo = select_for_setting(setting, args.seed, args.candidates, search_epochs=args.search_epochs,
-                                    schedule=args.schedule, heldout_fraction=args.heldout_fraction, out_dir=args.out,
-                                    data_root=args.data, progress=not args.no_progress)
+                                    schedule=args.schedule, heldout_fraction=args.heldout_fraction, fallback=args.fallback,
+                                    alpha=args.alpha, out_dir=args.out, data_root=args.data, progress=not args.no_progress)
     folder = selection_folder(args.out, setting, args.seed, args.schedule, args.search_epochs)
     length = args.search_epochs if args.schedule == "short" else f"the first {args.search_epochs} of {setting.epochs}"
     print(f"\n{setting.name}, seed {args.seed}: held-out accuracy ({sel.heldout_images} images kept aside, "
@@ -119,11 +119,17 @@ def cmd_select(args) -> int:
         print(f"| {name} | {curve} | {final} | {sel.seconds[name]:.0f}{' (read back)' if name in sel.cached else ''} |")
     for name, message in sel.diverged.items():
         print(f"{name} diverged: {message}")
+    if sel.mcnemar:
+        test = sel.mcnemar
+        print(f"\n{test['candidate']} against the fallback {test['fallback']}: {test['candidate_only']} held-out images only "
+              f"{test['candidate']} gets right, {test['fallback_only']} only {test['fallback']}; one-sided exact McNemar "
+              f"p = {test['p_value']:.4f} ({'<' if test['p_value'] < args.alpha else '>='} {args.alpha})")
     print(f"\nchoice: {sel.choice} ({time.perf_counter() - start:.0f} s; each candidate's result in {folder}/)")
     atomic_write_text(folder / "selection.json", json.dumps({
         "setting": setting.name, "seed": args.seed, "schedule": args.schedule, "search_epochs": args.search_epochs,
         "epochs": setting.epochs, "heldout_fraction": args.heldout_fraction, "teacher": tinfo["path"],
-        "teacher_acc": tinfo["test_acc"], "choice": sel.choice, "ranking": sel.ranking(), "scores": sel.scores,
+        "teacher_acc": tinfo["test_acc"], "choice": sel.choice, "best": sel.best, "fallback": sel.fallback,
+        "alpha": sel.alpha, "mcnemar": sel.mcnemar, "ranking": sel.ranking(), "scores": sel.scores,
         "curves": sel.curves, "diverged": sel.diverged, "seconds": sel.seconds, "heldout_images": sel.heldout_images,
         "train_images": sel.train_images, "versions": versions()}, indent=1))
     if args.fit:
@@ -267,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short (default): a whole schedule of --search-epochs epochs per candidate; truncated: the first "
                         "--search-epochs epochs of the full schedule")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of the training images that scores the candidates")
+    p.add_argument("--fallback", default=None, metavar="STRATEGY",
+                   help="a candidate (e.g. hinton) kept unless the best candidate gets significantly more held-out images "
+                        "right (exact one-sided McNemar test at --alpha)")
+    p.add_argument("--alpha", type=float, default=0.05, help="the fallback test's level (default 0.05)")
     p.add_argument("--fit", action="store_true", help="then train the choice on all the training data (as `fit --strategy CHOICE`)")
     _common(p)
     p.set_defaults(func=cmd_select)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["count_correct", "evaluate", "preserve_buffers", "preserve_mode"]
+__all__ = ["correct_mask", "count_correct", "evaluate", "preserve_buffers", "preserve_mode"]
 
 
 @contextlib.contextmanager
@@ -56,8 +56,9 @@ def _resolve_device(model: nn.Module, loader, device) -> torch.device:
 
 
 @torch.no_grad()
-def count_correct(model: nn.Module, loader, device=None, *, flip: bool = False, translate: bool = False) -> tuple[int, int]:
-    """(correct top-1 predictions, samples) of ``model`` over ``loader``; eval mode, flags restored.
+def correct_mask(model: nn.Module, loader, device=None, *, flip: bool = False, translate: bool = False) -> torch.Tensor:
+    """(N,) bool: whether ``model``'s top-1 prediction of each of the loader's N samples (in loader order) is
+    right; eval mode, flags restored.
 
     Test-time augmentation: ``flip=True`` averages the logits of each image and of its horizontal
     mirror; ``translate=True`` (airbench's second level) averages those logits, weight 1/2, with the
@@ -65,7 +66,7 @@ def count_correct(model: nn.Module, loader, device=None, *, flip: bool = False, 
     weight 1/4 each (each view itself flip-averaged when ``flip``).
     """
     device = _resolve_device(model, loader, device)
-    correct = total = 0
+    masks = []
     with preserve_mode(model, training=False):
         for x, y, *_ in loader:
             x, y = x.to(device), y.to(device)
@@ -74,9 +75,14 @@ def count_correct(model: nn.Module, loader, device=None, *, flip: bool = False, 
                 padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H + 2, W + 2)
                 shifted = (_view_logits(model, padded[..., :-2, :-2], flip) + _view_logits(model, padded[..., 2:, 2:], flip)) / 2
                 logits = (logits + shifted) / 2
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
-    return correct, total
+            masks.append((logits.argmax(1) == y).cpu())
+    return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+
+
+def count_correct(model: nn.Module, loader, device=None, *, flip: bool = False, translate: bool = False) -> tuple[int, int]:
+    """(correct top-1 predictions, samples) of ``model`` over ``loader`` (see :func:`correct_mask`)."""
+    mask = correct_mask(model, loader, device, flip=flip, translate=translate)
+    return int(mask.sum()), len(mask)
 
 
 def _view_logits(model: nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:

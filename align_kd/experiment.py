@@ -607,14 +607,17 @@ def selection_folder(out_dir, setting: Setting, seed: int, schedule: str, search
 
 
 def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs: int, schedule: str = "truncated",
-                       heldout_fraction: float = 0.1, out_dir="runs", data_root=None, progress: bool = False):
+                       heldout_fraction: float = 0.1, fallback: str | None = None, alpha: float = 0.05, out_dir="runs",
+                       data_root=None, progress: bool = False):
     """:func:`align_kd.select_strategy` among benchmark rows of ``setting``, for the student of ``seed``.
 
     Every candidate row runs with its own fit() options (as in :func:`run_setting`) and the seed's student
     initialisation and data order, so the choice trained on all the data is that row's run of the seed.
     ``schedule``: ``"truncated"`` stops each candidate after the first ``search_epochs`` of the setting's
     schedule; ``"short"`` gives each a whole schedule of ``search_epochs`` epochs. Each candidate's result is
-    kept in :func:`selection_folder`, so a rerun skips finished ones.
+    kept in :func:`selection_folder`, so a rerun skips finished ones. ``fallback`` / ``alpha``: a candidate row the
+    best one must beat significantly on the held-out images (see :func:`align_kd.select_strategy`); the folder is
+    the same with or without it, so a search with a fallback reads back the candidates of one without.
 
     Returns ``(selection, teacher_info)``.
     """
@@ -628,6 +631,9 @@ def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs
                                                            if derived else "") + ".")
     if len(set(candidates)) != len(candidates):
         raise ValueError(f"Expected distinct candidates but got {list(candidates)} (a row appears twice).")
+    if fallback is not None and fallback not in candidates:
+        raise ValueError(f"Expected the fallback to be one of the candidates {list(candidates)} but got {fallback!r}; "
+                         f"add it to the candidates.")
     if schedule not in ("truncated", "short"):
         raise ValueError(f"Expected schedule 'truncated' or 'short' but got {schedule!r}.")
     train, _, teacher, tinfo = _data_and_teacher(setting, data_root, progress)
@@ -636,7 +642,8 @@ def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs
         name, opts = _fit_options(setting, row, seed, progress)
         options[row] = {"strategy": name, **opts, **({"epochs": search_epochs} if schedule == "short" else {})}
     selection = select_strategy(teacher, _seed_student(setting, seed), train, candidates=options, search_epochs=search_epochs,
-                                heldout_fraction=heldout_fraction, cache_dir=selection_folder(out_dir, setting, seed, schedule, search_epochs))
+                                heldout_fraction=heldout_fraction, fallback=fallback, alpha=alpha,
+                                cache_dir=selection_folder(out_dir, setting, seed, schedule, search_epochs))
     return selection, tinfo
 
 

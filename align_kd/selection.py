@@ -10,7 +10,12 @@ user's own pair, from the training data alone:
    of the full schedule (``fit(stop_after_epochs=...)``). All copies start from the same
    initialisation and see the same data order;
 3. each copy is scored by its accuracy on the held-out images after each epoch. The candidate with the
-   best score after the last search epoch is the choice (ties go to the earlier candidate).
+   best score after the last search epoch is the choice (ties go to the earlier candidate);
+4. with ``fallback`` (a candidate's name, e.g. ``"hinton"``), the best candidate is the choice only if it beats
+   the fallback on the held-out images by an exact one-sided McNemar test at level ``alpha``: over the
+   images exactly one of the two gets right, the best one's share must be significantly above one half.
+   Otherwise the fallback is the choice. A gap of a point on 5,000 images is within the noise of one
+   search; the fallback keeps the rule from trading a safe baseline for it.
 
 A candidate that diverges (fit() raises :class:`TrainingDiverged`) is not a choice: it is listed in
 ``Selection.diverged`` with fit()'s message, and the search goes on with the others.
@@ -26,6 +31,7 @@ import copy
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,8 @@ from torch import Tensor, nn
 from ._io import atomic_write_text
 from .checkpoint import tensor_digest
 from .data import split_heldout
+from .distiller import ChannelsLastInput
+from .evaluation import correct_mask
 from .training import FitConfig, TrainingDiverged, _split_data, fit
 
 
@@ -54,6 +62,11 @@ class Selection:
         score and no curve, and cannot be the choice.
     search_epochs / epochs: the truncated and the full schedule's length.
     heldout_images / train_images: the sizes of the split.
+    best: the candidate with the best held-out score (the choice unless the fallback test kept the fallback).
+    fallback / alpha: the fallback candidate and the test's level (None: no fallback, the best is the choice).
+    mcnemar: the fallback test, when it ran (``best`` is not the fallback): ``{"candidate", "fallback",
+        "candidate_only", "fallback_only", "p_value"}``, the counts of held-out images only one of the two gets
+        right and the exact one-sided p-value (:func:`mcnemar_greater`).
     """
 
     choice: str
@@ -67,6 +80,10 @@ class Selection:
     train_images: int
     cached: list[str] = field(default_factory=list)
     diverged: dict[str, str] = field(default_factory=dict)
+    best: str = ""
+    fallback: str | None = None
+    alpha: float | None = None
+    mcnemar: dict | None = None
 
     def ranking(self) -> list[str]:
         """The scored candidates from best to worst held-out score (ties in candidate order); diverged ones are not ranked."""
@@ -134,6 +151,8 @@ def select_strategy(
     search_epochs: int,
     heldout_fraction: float = 0.1,
     cache_dir=None,
+    fallback: str | None = None,
+    alpha: float = 0.05,
     **options,
 ) -> Selection:
     """Choose among ``candidates`` by held-out accuracy after the first ``search_epochs`` epochs.
@@ -149,12 +168,21 @@ def select_strategy(
         heldout_fraction: share of the training images kept aside to score the candidates.
         cache_dir: write each candidate's result here as it finishes, and read back results that
             match (same teacher and student weights, split, options).
+        fallback: a candidate's name (e.g. ``"hinton"``). The best candidate replaces it only if it gets
+            significantly more held-out images right (exact one-sided McNemar test at level ``alpha``).
+            None: the best held-out score is the choice.
+        alpha: the fallback test's level, in (0, 1).
         **options: fit() options shared by every candidate (``epochs``, ``seed``, ``lr``, ...).
 
     Returns:
         A :class:`Selection`.
     """
     named = _candidate_options(candidates, options)
+    if fallback is not None and fallback not in named:
+        raise ValueError(f"Expected `fallback` to be one of the candidates {list(named)} but got {fallback!r}. "
+                         f"Add it to the candidates (e.g. candidates=[..., {fallback!r}]) or pass fallback=None.")
+    if not isinstance(alpha, float | int) or not 0 < alpha < 1:
+        raise ValueError(f"Expected `alpha` (the fallback test's level) in (0, 1), e.g. 0.05, but got {alpha!r}.")
     lengths = {name: _config(opts).epochs for name, opts in named.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"Expected every candidate to run the same schedule length, so that the truncated runs are "
@@ -173,37 +201,103 @@ def select_strategy(
                 "heldout_images": heldout_images, "data": tensor_digest([("images", train_loader.images), ("labels", train_loader.labels)]),
                 "data_tag": train_loader.data_tag}
     folder = None if cache_dir is None else Path(cache_dir)
-    scores, curves, seconds, cached, diverged = {}, {}, {}, [], {}
+
+    def train(name: str, opts: dict) -> dict:
+        """Run one candidate on the split and write its result (curve, plan, which held-out images it gets right)."""
+        start = time.perf_counter()
+        done = {"key": cache_key(identity, opts), "name": name, "options": opts}
+        try:
+            result = fit(teacher, copy.deepcopy(student), (split_train, heldout), stop_after_epochs=search_epochs, **opts)
+            model = ChannelsLastInput(result.student) if _config(opts).channels_last else result.student  # as fit() evaluates
+            done.update(curve=[h["test_acc"] for h in result.history], plan=result.plan.tolist(),
+                        heldout_correct=pack_mask(correct_mask(model, heldout)))
+        except TrainingDiverged as err:  # deterministic for these options and data: cached like a finished run
+            done.update(diverged=str(err), first_step=err.first_step, step=err.step)
+        done.update(seconds=time.perf_counter() - start, **identity)
+        return write(name, done)
+
+    def write(name: str, done: dict) -> dict:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / f"{name}.json", json.dumps(done, indent=1, default=str))
+        return done
+
+    runs, cached = {}, []
     for name, opts in named.items():
-        key = cache_key(identity, opts)
-        file = None if folder is None else folder / f"{name}.json"
-        done = _read_cached(file, key)
-        if done is None:
-            start = time.perf_counter()
-            done = {"key": key, "name": name, "options": opts}
-            try:
-                result = fit(teacher, copy.deepcopy(student), (split_train, heldout), stop_after_epochs=search_epochs, **opts)
-                done.update(curve=[h["test_acc"] for h in result.history], plan=result.plan.tolist())
-            except TrainingDiverged as err:  # deterministic for these options and data: cached like a finished run
-                done.update(diverged=str(err), first_step=err.first_step, step=err.step)
-            done.update(seconds=time.perf_counter() - start, **identity)
-            if file is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(file, json.dumps(done, indent=1, default=str))
+        runs[name] = _read_cached(None if folder is None else folder / f"{name}.json", cache_key(identity, opts))
+        if runs[name] is None:
+            runs[name] = train(name, opts)
         else:
             cached.append(name)
-        seconds[name] = done["seconds"]
-        if "diverged" in done:
-            diverged[name] = done["diverged"]
-        else:
-            curves[name], scores[name] = done["curve"], done["curve"][-1]
+    def top(scores: dict) -> str:  # the best held-out score, ties to the earlier candidate
+        return max(scores, key=lambda name: (scores[name], -list(named).index(name)))
+
+    scores = {name: run["curve"][-1] for name, run in runs.items() if "diverged" not in run}
     if not scores:
         raise RuntimeError("Every candidate's search run diverged, so there is nothing to choose from. "
-                           + " ".join(f"{name}: {msg}" for name, msg in diverged.items()))
-    choice = max(scores, key=lambda name: (scores[name], -list(named).index(name)))
-    return Selection(choice=choice, scores=scores, curves=curves, options=named, seconds=seconds,
-                     search_epochs=search_epochs, epochs=epochs, heldout_images=heldout_images,
-                     train_images=len(split_train.labels), cached=cached, diverged=diverged)
+                           + " ".join(f"{name}: {run['diverged']}" for name, run in runs.items()))
+    best, test = top(scores), None
+    while fallback in scores and best != fallback:
+        stale = [name for name in (best, fallback) if "heldout_correct" not in runs[name]]
+        if not stale:
+            mine, theirs = (unpack_mask(runs[name]["heldout_correct"], heldout_images) for name in (best, fallback))
+            only_mine, only_theirs = int((mine & ~theirs).sum()), int((~mine & theirs).sum())
+            test = {"candidate": best, "fallback": fallback, "candidate_only": only_mine, "fallback_only": only_theirs,
+                    "p_value": mcnemar_greater(only_mine, only_theirs)}
+            break
+        for name in stale:  # cached before per-image results were kept: train it again
+            first = runs[name]
+            runs[name] = train(name, named[name])
+            cached.remove(name)
+            if runs[name].get("curve") == first["curve"]:  # the same run: its seconds stay those of its first training
+                runs[name] = write(name, {**runs[name], "seconds": first["seconds"]})
+            else:
+                warnings.warn(f"Candidate {name!r}, trained again for its per-image held-out results, gave the held-out "
+                              f"curve {runs[name].get('curve')} where its cached run gave {first['curve']} (another "
+                              "machine or library version); the new run counts.", stacklevel=2)
+        scores = {name: run["curve"][-1] for name, run in runs.items() if "diverged" not in run}
+        best = top(scores)
+    choice = fallback if fallback in scores and (test is None or test["p_value"] >= alpha) else best
+    return Selection(choice=choice, scores=scores,
+                     curves={name: run["curve"] for name, run in runs.items() if "diverged" not in run}, options=named,
+                     seconds={name: run["seconds"] for name, run in runs.items()}, search_epochs=search_epochs,
+                     epochs=epochs, heldout_images=heldout_images, train_images=len(split_train.labels), cached=cached,
+                     diverged={name: run["diverged"] for name, run in runs.items() if "diverged" in run}, best=best,
+                     fallback=fallback, alpha=alpha if fallback is not None else None, mcnemar=test)
+
+
+def mcnemar_greater(only_a: int, only_b: int) -> float:
+    """Exact one-sided McNemar p-value that a gets more samples right than b, from the discordant counts.
+
+    ``only_a`` / ``only_b``: samples a gets right and b wrong / the reverse. Under the null (neither is
+    better), each of the ``only_a + only_b`` discordant samples favours a with probability 1/2, so the
+    p-value is P(X >= only_a) for X ~ Binomial(only_a + only_b, 1/2); 1.0 when there is no discordant sample.
+    """
+    from scipy.stats import binomtest
+
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"Expected non-negative counts of discordant samples but got {only_a} and {only_b}.")
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5, alternative="greater").pvalue)
+
+
+def pack_mask(mask: Tensor) -> str:
+    """A (N,) bool tensor as a hex string (8 samples a byte, first sample in the highest bit); :func:`unpack_mask` inverts it."""
+    import numpy as np
+
+    return np.packbits(mask.cpu().numpy().astype(bool)).tobytes().hex()
+
+
+def unpack_mask(packed: str, n: int) -> Tensor:
+    """The (n,) bool tensor :func:`pack_mask` wrote as ``packed``."""
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))
+    if len(bits) < n or bits[n:].any():
+        raise ValueError(f"Expected a packed mask of {n} samples but got {len(bits)} bits"
+                         + (" with bits set past the end." if len(bits) >= n else "."))
+    return torch.from_numpy(bits[:n].astype(bool))
 
 
 def cache_key(identity: dict, options: dict) -> str:

@@ -68,12 +68,19 @@ def _diff(a: list, b: list) -> str:
     return format_diff(p) + (f" ({p['n']} of {len(a)} seeds)" if p and p["n"] < len(a) else "")
 
 
-def _result_stem(settings: list[str], labels: set[str], candidate_lists: set[tuple]) -> str:
-    """What a result file is named after: ``<settings joined by +>_<search labels>[_<candidates>]`` (the default
-    candidate list left out), so that searches of other settings, lengths or candidates never overwrite each other."""
+def _fallback_label(fallback: str | None, alpha: float) -> str:
+    """``fallback-hinton`` (level 0.05), ``fallback-hinton-a0.01``; "" without a fallback."""
+    return "" if fallback is None else f"fallback-{fallback}" + ("" if alpha == 0.05 else f"-a{alpha:g}")
+
+
+def _result_stem(settings: list[str], labels: set[str], candidate_lists: set[tuple], fallbacks: set[str] = frozenset({""})) -> str:
+    """What a result file is named after: ``<settings joined by +>_<search labels>[_<candidates>][_<fallback>]`` (the
+    default candidate list and no fallback left out), so that searches of other settings, lengths, candidates or
+    fallback rules never overwrite each other."""
     chosen = "" if candidate_lists == {tuple(DEFAULT_CANDIDATES)} else \
         "_" + ("-".join(next(iter(candidate_lists))) if len(candidate_lists) == 1 else "mixed")
-    return "+".join(settings) + "_" + "-".join(sorted(labels)) + chosen
+    rule = "" if fallbacks == {""} else "_" + (next(iter(fallbacks)) if len(fallbacks) == 1 else "mixed-fallbacks")
+    return "+".join(settings) + "_" + "-".join(sorted(labels)) + chosen + rule
 
 
 def _final_record(out: Path, setting, row: str, seed: int):
@@ -104,7 +111,8 @@ def pool(files: list[str]) -> None:
         n = summary[r]["n"] if summary[r] else 0
         print(f"| {r} | {format_diff(summary[r])}{f' ({n} pairs; {len(pairs) - n} diverged)' if n < len(pairs) else ''} | "
               + " | ".join(f"{100 * p['mean']:+.2f} ({p['n']})" if p else "" for p in per) + " |")
-    stem = _result_stem([run["setting"] for run in runs], labels, {tuple(run["candidates"]) for run in runs})
+    stem = _result_stem([run["setting"] for run in runs], labels, {tuple(run["candidates"]) for run in runs},
+                        {_fallback_label(run.get("fallback"), run.get("alpha", 0.05)) for run in runs})
     write_json({"files": files, "pairs": [[name, s["seed"]] for name, s in pairs], "vs_row": summary, "versions": versions()},
                RESULTS / f"select_strategy_pooled_{stem}.json")
 
@@ -120,6 +128,10 @@ def main() -> None:
     ap.add_argument("--schedule", choices=["truncated", "short"], default="truncated",
                     help="truncated: the first search epochs of the full schedule; short: a full schedule of search epochs")
     ap.add_argument("--heldout-fraction", type=float, default=0.1)
+    ap.add_argument("--fallback", default=None, metavar="ROW",
+                    help="a candidate (e.g. hinton) the best one replaces only if it gets significantly more held-out images "
+                         "right (exact one-sided McNemar test at --alpha); writes its own JSON, named after it")
+    ap.add_argument("--alpha", type=float, default=0.05, help="the fallback test's level")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--progress", action="store_true")
@@ -136,13 +148,16 @@ def main() -> None:
     for seed in args.seeds:
         start = time.perf_counter()
         sel, tinfo = select_for_setting(setting, seed, args.candidates, search_epochs=args.search_epochs, schedule=args.schedule,
-                                        heldout_fraction=args.heldout_fraction, out_dir=args.results, data_root=default_root(),
+                                        heldout_fraction=args.heldout_fraction, fallback=args.fallback, alpha=args.alpha,
+                                        out_dir=args.results, data_root=default_root(),
                                         progress=args.progress)
         final = {row: _final_record(out, setting, row, seed) for row in dict.fromkeys(["hinton", "pairwise", *args.candidates])}
         missing = sorted(row for row, rec in final.items() if rec is None)
         print(f"seed {seed}: held-out after {args.search_epochs} epochs "
               + ", ".join([f"{r} {sel.scores[r]:.4f}" for r in sel.ranking()] + [f"{r} diverged" for r in sel.diverged])
               + f" -> {sel.choice}" + (f" (read back: {', '.join(sel.cached)})" if sel.cached else "")
+              + (f"; {sel.best} vs {sel.fallback}: {sel.mcnemar['candidate_only']} against {sel.mcnemar['fallback_only']} "
+                 f"held-out images only one of them gets right, p = {sel.mcnemar['p_value']:.4f}" if sel.mcnemar else "")
               + f" [{time.perf_counter() - start:.0f} s]")
         if missing:
             print(f"  no current record for {missing} on seed {seed} in {out}: run "
@@ -153,7 +168,7 @@ def main() -> None:
         oracle = max((r for r in args.candidates if test_acc[r] is not None), key=lambda r: test_acc[r])
         if test_acc[sel.choice] is None:
             print(f"  the choice, {sel.choice}, diverged in its full run on seed {seed}: the select row has no result there")
-        per_seed.append({"seed": seed, "choice": sel.choice, "oracle": oracle, "heldout": sel.scores,
+        per_seed.append({"seed": seed, "choice": sel.choice, "best": sel.best, "mcnemar": sel.mcnemar, "oracle": oracle, "heldout": sel.scores,
                          "heldout_curves": sel.curves, "search_diverged": sel.diverged, "search_seconds": sel.seconds,
                          "test_acc": test_acc, "select": test_acc[sel.choice], "oracle_acc": test_acc[oracle],
                          "heldout_images": sel.heldout_images, "train_images": sel.train_images})
@@ -161,8 +176,9 @@ def main() -> None:
     rows = list(dict.fromkeys(["select", "oracle", "hinton", *args.candidates]))
     acc = {"select": [s["select"] for s in per_seed], "oracle": [s["oracle_acc"] for s in per_seed],
            **{r: [s["test_acc"][r] for s in per_seed] for r in dict.fromkeys(["hinton", *args.candidates])}}
+    rule = f", {args.fallback} unless the best beats it at p < {args.alpha}" if args.fallback else ""
     print(f"\n### {setting.name}: strategy chosen by held-out accuracy after {args.search_epochs} of "
-          f"{setting.epochs} epochs ({args.schedule} schedule, {len(per_seed)} seeds)\n")
+          f"{setting.epochs} epochs ({args.schedule} schedule{rule}, {len(per_seed)} seeds)\n")
     print("| row | test acc (mean ± std) | vs hinton (points, 95% CI) | vs pairwise | vs select |")
     print("|---|---|---|---|---|")
     rows = [r for r in rows if any(a is not None for a in acc[r])]
@@ -185,13 +201,14 @@ def main() -> None:
               f"on {per_seed[0]['train_images']} images, as first trained)")
     write_json({"setting": setting.name, "protocol": setting.protocol, "candidates": args.candidates,
                 "search_epochs": args.search_epochs, "schedule": args.schedule, "epochs": setting.epochs, "heldout_fraction": args.heldout_fraction,
+                "fallback": args.fallback, "alpha": args.alpha,
                 "seeds": args.seeds, "threads": args.threads, "teacher": tinfo["path"], "teacher_acc": tinfo["test_acc"],
                 "per_seed": per_seed, "versions": versions(),
                 "summary": {r: {**dict(zip(("mean", "std"), mean_std(a for a in acc[r] if a is not None))),
                                 "diverged": sum(a is None for a in acc[r]),
                                 **{f"vs_{ref}": _interval(acc[r], acc[ref]) if r != ref else None for ref in ("hinton", "pairwise")}}
                             for r in rows}},
-               RESULTS / f"select_strategy_{_result_stem([setting.name], {search_label(args.schedule, args.search_epochs)}, {tuple(args.candidates)})}.json")
+               RESULTS / f"select_strategy_{_result_stem([setting.name], {search_label(args.schedule, args.search_epochs)}, {tuple(args.candidates)}, {_fallback_label(args.fallback, args.alpha)})}.json")
 
 
 if __name__ == "__main__":

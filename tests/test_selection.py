@@ -4,9 +4,14 @@ Oracles: a truncated run resumed to the end is bit for bit the uninterrupted run
 is the prefix of the full one, on the full schedule); each candidate's score is recomputed by hand
 (the same split, a fit of a copy, align_kd.evaluate on the held-out images); identical candidates
 tie and the earlier one wins in either order; the cache gives back what was trained and retrains
-only a candidate whose options changed; the user's student is left untouched.
+only a candidate whose options changed; the user's student is left untouched. The fallback test:
+the exact McNemar p-value against the binomial tail summed by hand, each candidate's per-image
+held-out results recomputed by hand, a planted clear winner (a fallback that cannot learn), a
+planted tie (the same candidate twice) and a cache written before per-image results were kept.
 """
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -16,7 +21,8 @@ torch.set_num_threads(1)
 
 from align_kd import FitConfig, evaluate, fit, select_strategy  # noqa: E402
 from align_kd.data import TensorLoader, load_cifar10, split_heldout  # noqa: E402
-from align_kd.selection import _fingerprint  # noqa: E402
+from align_kd.evaluation import correct_mask  # noqa: E402
+from align_kd.selection import _fingerprint, mcnemar_greater, pack_mask, unpack_mask  # noqa: E402
 from shared_archive import ARCHIVE  # noqa: E402
 from test_heldout import student8, student8_bn, teacher8  # noqa: E402
 
@@ -124,6 +130,9 @@ def test_a_diverging_candidate_is_listed_not_chosen_and_cached(loader, tmp_path)
     ({"pairwise": {"stop_after_epochs": 1}, "uniform": {}}, {}, ValueError, "truncates every run itself"),
     (["pairwise", "nonsense"], {}, ValueError, "strategy"),
     ({"pairwise": "sinkhorn", "uniform": {}}, {}, TypeError, "mapping of fit"),
+    (["pairwise", "uniform"], {"fallback": "hinton"}, ValueError, "`fallback` to be one of the candidates"),
+    (["pairwise", "hinton"], {"fallback": "hinton", "alpha": 1.0}, ValueError, r"`alpha`.*in \(0, 1\)"),
+    (["pairwise", "hinton"], {"fallback": "hinton", "alpha": 0}, ValueError, r"`alpha`.*in \(0, 1\)"),
 ])
 def test_bad_searches_fail_before_any_training(loader, candidates, kwargs, error, match, tmp_path):
     options = {"search_epochs": 1, "cache_dir": tmp_path / "cache", **COMMON, **kwargs}
@@ -142,3 +151,96 @@ def test_the_split_needs_a_tensor_loader(loader):
 def test_stop_after_epochs_is_checked(value):
     with pytest.raises(ValueError, match=r"stop_after_epochs.*\[1, epochs=3\]"):
         FitConfig(epochs=3, stop_after_epochs=value)
+
+
+@pytest.mark.parametrize("only_a, only_b", [(0, 0), (1, 0), (0, 3), (5, 5), (9, 2), (2, 9), (40, 21), (130, 95)])
+def test_mcnemar_p_value_is_the_binomial_tail(only_a, only_b):
+    n = only_a + only_b
+    by_hand = 1.0 if n == 0 else sum(math.comb(n, k) for k in range(only_a, n + 1)) / 2 ** n
+    assert mcnemar_greater(only_a, only_b) == pytest.approx(by_hand, rel=1e-12, abs=1e-300)
+    with pytest.raises(ValueError, match="non-negative"):
+        mcnemar_greater(-1, only_b)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 5000])
+def test_packed_masks_read_back(n):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.7
+    packed = pack_mask(mask)
+    assert len(packed) == 2 * math.ceil(n / 8)
+    assert torch.equal(unpack_mask(packed, n), mask)
+    with pytest.raises(ValueError, match=f"packed mask of {n + 8} samples"):
+        unpack_mask(packed, n + 8)
+    if n % 8:
+        with pytest.raises(ValueError, match="bits set past the end"):
+            unpack_mask(pack_mask(torch.ones(n, dtype=torch.bool)), n - 1)
+
+
+#: a candidate that cannot learn (its steps change nothing measurable): a fallback any real candidate beats
+STUCK = {"strategy": "hinton", "lr": 1e-9}
+
+
+def test_the_fallback_stays_unless_the_best_beats_it_significantly(loader, tmp_path):
+    candidates = {"pairwise": {}, "sinkhorn": {}, "stuck": STUCK}
+    teacher, student = teacher8(), student8_bn()
+    sel = select_strategy(teacher, student, loader, candidates=candidates, search_epochs=2, heldout_fraction=0.25,
+                          fallback="stuck", cache_dir=tmp_path, **COMMON)
+    # each candidate's per-image held-out results, recomputed by hand (the same split, a fit of a copy)
+    train, heldout = split_heldout(loader, 0.25, seed=COMMON["seed"])
+    masks = {}
+    for name, opts in candidates.items():
+        copy_ = copy.deepcopy(student)
+        fit(teacher, copy_, train, stop_after_epochs=2, **{**COMMON, "strategy": name, **opts})
+        masks[name] = correct_mask(copy_, heldout)
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert torch.equal(unpack_mask(record["heldout_correct"], 128), masks[name]), name
+        assert masks[name].float().mean().item() == sel.scores[name], name
+    best = max(["pairwise", "sinkhorn"], key=lambda n: (sel.scores[n], n == "pairwise"))
+    assert sel.best == best and sel.fallback == "stuck" and sel.alpha == 0.05
+    only_best, only_stuck = int((masks[best] & ~masks["stuck"]).sum()), int((~masks[best] & masks["stuck"]).sum())
+    assert sel.mcnemar == {"candidate": best, "fallback": "stuck", "candidate_only": only_best, "fallback_only": only_stuck,
+                           "p_value": mcnemar_greater(only_best, only_stuck)}
+    assert sel.scores[best] - sel.scores["stuck"] > 0.1  # planted: the stuck fallback stays near chance
+    assert sel.mcnemar["p_value"] < 0.01 and sel.choice == best
+    # the same search at a level below its p-value keeps the fallback (nothing trains: all read back)
+    strict = select_strategy(teacher, student, loader, candidates=candidates, search_epochs=2, heldout_fraction=0.25,
+                             fallback="stuck", alpha=sel.mcnemar["p_value"] / 2, cache_dir=tmp_path, **COMMON)
+    assert strict.cached == list(candidates) and strict.best == best and strict.choice == "stuck"
+    # the fallback as the best candidate: no test, it is the choice
+    own = select_strategy(teacher, student, loader, candidates=candidates, search_epochs=2, heldout_fraction=0.25,
+                          fallback=best, cache_dir=tmp_path, **COMMON)
+    assert own.choice == best and own.mcnemar is None
+
+
+def test_a_tie_with_the_fallback_keeps_the_fallback(loader):
+    same = {"strategy": "uniform", "tau": 0.5}
+    sel = select_strategy(teacher8(), student8(), loader, candidates={"a": same, "b": same}, search_epochs=1,
+                          fallback="b", **COMMON)
+    assert sel.best == "a"  # ties go to the earlier candidate
+    assert sel.mcnemar == {"candidate": "a", "fallback": "b", "candidate_only": 0, "fallback_only": 0, "p_value": 1.0}
+    assert sel.choice == "b"
+    assert select_strategy(teacher8(), student8(), loader, candidates={"a": same, "b": same}, search_epochs=1,
+                           **COMMON).choice == "a"  # without a fallback
+
+
+def test_a_cache_without_per_image_results_retrains_only_what_the_test_needs(loader, tmp_path):
+    candidates = {"pairwise": {}, "uniform": {}, "stuck": STUCK}
+    args = dict(candidates=candidates, search_epochs=2, heldout_fraction=0.25, cache_dir=tmp_path, **COMMON)
+    first = select_strategy(teacher8(), student8_bn(), loader, **args)
+    assert first.choice != "stuck"
+    files = {name: tmp_path / f"{name}.json" for name in candidates}
+    for file in files.values():  # as written before per-image results were kept
+        record = json.loads(file.read_text())
+        del record["heldout_correct"]
+        file.write_text(json.dumps(record))
+    old = {name: json.loads(file.read_text()) for name, file in files.items()}
+    plain = select_strategy(teacher8(), student8_bn(), loader, **args)  # no fallback: no per-image results needed
+    assert plain.cached == list(candidates) and plain.choice == first.choice
+    tested = select_strategy(teacher8(), student8_bn(), loader, fallback="stuck", **args)
+    loser = next(name for name in ("pairwise", "uniform") if name != first.choice)
+    assert tested.cached == [loser] and tested.best == first.choice
+    assert "heldout_correct" not in json.loads(files[loser].read_text())
+    for name in (first.choice, "stuck"):  # trained again: the same run, its first seconds kept, now with its results
+        record = json.loads(files[name].read_text())
+        assert record["curve"] == old[name]["curve"] and record["seconds"] == old[name]["seconds"]
+        assert unpack_mask(record["heldout_correct"], tested.heldout_images).float().mean().item() == tested.scores[name]
+    assert tested.scores == first.scores and tested.mcnemar["candidate"] == first.choice
