@@ -120,10 +120,7 @@ def cmd_select(args) -> int:
     for name, message in sel.diverged.items():
         print(f"{name} diverged: {message}")
     if sel.mcnemar:
-        test = sel.mcnemar
-        print(f"\n{test['candidate']} against the fallback {test['fallback']}: {test['candidate_only']} held-out images only "
-              f"{test['candidate']} gets right, {test['fallback_only']} only {test['fallback']}; one-sided exact McNemar "
-              f"p = {test['p_value']:.4f} ({'<' if test['p_value'] < args.alpha else '>='} {args.alpha})")
+        print(f"\n{sel.fallback_summary()}")
     print(f"\nchoice: {sel.choice} ({time.perf_counter() - start:.0f} s; each candidate's result in {folder}/)")
     atomic_write_text(folder / "selection.json", json.dumps({
         "setting": setting.name, "seed": args.seed, "schedule": args.schedule, "search_epochs": args.search_epochs,

@@ -85,6 +85,15 @@ class Selection:
     alpha: float | None = None
     mcnemar: dict | None = None
 
+    def fallback_summary(self) -> str:
+        """One line on the fallback test ("" when it did not run), as the command line and the benchmark print it."""
+        if self.mcnemar is None:
+            return ""
+        t = self.mcnemar
+        return (f"{t['candidate']} against the fallback {t['fallback']}: {t['candidate_only']} held-out images only "
+                f"{t['candidate']} gets right, {t['fallback_only']} only {t['fallback']}; one-sided exact McNemar "
+                f"p = {t['p_value']:.4f} ({'<' if t['p_value'] < self.alpha else '>='} {self.alpha})")
+
     def ranking(self) -> list[str]:
         """The scored candidates from best to worst held-out score (ties in candidate order); diverged ones are not ranked."""
         order = list(self.scores)
@@ -229,21 +238,18 @@ def select_strategy(
             runs[name] = train(name, opts)
         else:
             cached.append(name)
-    def top(scores: dict) -> str:  # the best held-out score, ties to the earlier candidate
-        return max(scores, key=lambda name: (scores[name], -list(named).index(name)))
 
-    scores = {name: run["curve"][-1] for name, run in runs.items() if "diverged" not in run}
-    if not scores:
-        raise RuntimeError("Every candidate's search run diverged, so there is nothing to choose from. "
-                           + " ".join(f"{name}: {run['diverged']}" for name, run in runs.items()))
-    best, test = top(scores), None
+    def scored() -> tuple[dict, str]:
+        """candidate -> held-out score (diverged ones left out), and the best (ties go to the earlier candidate)."""
+        scores = {name: run["curve"][-1] for name, run in runs.items() if "diverged" not in run}
+        return scores, max(scores, key=lambda name: (scores[name], -list(named).index(name)), default="")
+
+    scores, best = scored()
+    test = None
     while fallback in scores and best != fallback:
         stale = [name for name in (best, fallback) if "heldout_correct" not in runs[name]]
         if not stale:
-            mine, theirs = (unpack_mask(runs[name]["heldout_correct"], heldout_images) for name in (best, fallback))
-            only_mine, only_theirs = int((mine & ~theirs).sum()), int((~mine & theirs).sum())
-            test = {"candidate": best, "fallback": fallback, "candidate_only": only_mine, "fallback_only": only_theirs,
-                    "p_value": mcnemar_greater(only_mine, only_theirs)}
+            test = _fallback_test(best, runs[best], fallback, runs[fallback], heldout_images)
             break
         for name in stale:  # cached before per-image results were kept: train it again
             first = runs[name]
@@ -255,8 +261,10 @@ def select_strategy(
                 warnings.warn(f"Candidate {name!r}, trained again for its per-image held-out results, gave the held-out "
                               f"curve {runs[name].get('curve')} where its cached run gave {first['curve']} (another "
                               "machine or library version); the new run counts.", stacklevel=2)
-        scores = {name: run["curve"][-1] for name, run in runs.items() if "diverged" not in run}
-        best = top(scores)
+        scores, best = scored()
+    if not scores:
+        raise RuntimeError("Every candidate's search run diverged, so there is nothing to choose from. "
+                           + " ".join(f"{name}: {run['diverged']}" for name, run in runs.items()))
     choice = fallback if fallback in scores and (test is None or test["p_value"] >= alpha) else best
     return Selection(choice=choice, scores=scores,
                      curves={name: run["curve"] for name, run in runs.items() if "diverged" not in run}, options=named,
@@ -264,6 +272,15 @@ def select_strategy(
                      epochs=epochs, heldout_images=heldout_images, train_images=len(split_train.labels), cached=cached,
                      diverged={name: run["diverged"] for name, run in runs.items() if "diverged" in run}, best=best,
                      fallback=fallback, alpha=alpha if fallback is not None else None, mcnemar=test)
+
+
+def _fallback_test(best: str, best_run: dict, fallback: str, fallback_run: dict, n: int) -> dict:
+    """Does ``best`` get significantly more of the ``n`` held-out images right than ``fallback``? Their discordant
+    counts and the exact one-sided McNemar p-value, from the candidates' kept per-image results."""
+    mine, theirs = (unpack_mask(run["heldout_correct"], n) for run in (best_run, fallback_run))
+    only_mine, only_theirs = int((mine & ~theirs).sum()), int((~mine & theirs).sum())
+    return {"candidate": best, "fallback": fallback, "candidate_only": only_mine, "fallback_only": only_theirs,
+            "p_value": mcnemar_greater(only_mine, only_theirs)}
 
 
 def mcnemar_greater(only_a: int, only_b: int) -> float:

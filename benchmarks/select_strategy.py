@@ -156,8 +156,7 @@ def main() -> None:
         print(f"seed {seed}: held-out after {args.search_epochs} epochs "
               + ", ".join([f"{r} {sel.scores[r]:.4f}" for r in sel.ranking()] + [f"{r} diverged" for r in sel.diverged])
               + f" -> {sel.choice}" + (f" (read back: {', '.join(sel.cached)})" if sel.cached else "")
-              + (f"; {sel.best} vs {sel.fallback}: {sel.mcnemar['candidate_only']} against {sel.mcnemar['fallback_only']} "
-                 f"held-out images only one of them gets right, p = {sel.mcnemar['p_value']:.4f}" if sel.mcnemar else "")
+              + (f"; {sel.fallback_summary()}" if sel.mcnemar else "")
               + f" [{time.perf_counter() - start:.0f} s]")
         if missing:
             print(f"  no current record for {missing} on seed {seed} in {out}: run "

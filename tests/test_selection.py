@@ -201,14 +201,17 @@ def test_the_fallback_stays_unless_the_best_beats_it_significantly(loader, tmp_p
                            "p_value": mcnemar_greater(only_best, only_stuck)}
     assert sel.scores[best] - sel.scores["stuck"] > 0.1  # planted: the stuck fallback stays near chance
     assert sel.mcnemar["p_value"] < 0.01 and sel.choice == best
+    assert f"{only_best} held-out images only {best} gets right, {only_stuck} only stuck" in sel.fallback_summary()
+    assert sel.fallback_summary().endswith("(< 0.05)")
     # the same search at a level below its p-value keeps the fallback (nothing trains: all read back)
     strict = select_strategy(teacher, student, loader, candidates=candidates, search_epochs=2, heldout_fraction=0.25,
                              fallback="stuck", alpha=sel.mcnemar["p_value"] / 2, cache_dir=tmp_path, **COMMON)
     assert strict.cached == list(candidates) and strict.best == best and strict.choice == "stuck"
+    assert f"(>= {strict.alpha})" in strict.fallback_summary()
     # the fallback as the best candidate: no test, it is the choice
     own = select_strategy(teacher, student, loader, candidates=candidates, search_epochs=2, heldout_fraction=0.25,
                           fallback=best, cache_dir=tmp_path, **COMMON)
-    assert own.choice == best and own.mcnemar is None
+    assert own.choice == best and own.mcnemar is None and own.fallback_summary() == ""
 
 
 def test_a_tie_with_the_fallback_keeps_the_fallback(loader):
