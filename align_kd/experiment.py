@@ -631,9 +631,6 @@ def select_for_setting(setting: Setting, seed: int, candidates, *, search_epochs
                                                            if derived else "") + ".")
     if len(set(candidates)) != len(candidates):
         raise ValueError(f"Expected distinct candidates but got {list(candidates)} (a row appears twice).")
-    if fallback is not None and fallback not in candidates:
-        raise ValueError(f"Expected the fallback to be one of the candidates {list(candidates)} but got {fallback!r}; "
-                         f"add it to the candidates.")
     if schedule not in ("truncated", "short"):
         raise ValueError(f"Expected schedule 'truncated' or 'short' but got {schedule!r}.")
     train, _, teacher, tinfo = _data_and_teacher(setting, data_root, progress)

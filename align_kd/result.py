@@ -32,6 +32,8 @@ class FitResult:
     history: one dict per epoch: losses, accuracies, plan, mi, wall time, skipped steps, share of pairs evaluated.
     solves: for "exact", one record per solve (step, method, solver, status, seconds).
     config: the options used (JSON-able).
+    eval_model: the student as fit() evaluated it (its batches converted to channels_last where fit()
+        trained that way; the student itself otherwise); None for a run read from disk. Not saved, not compared.
     path / display_name: where a run read from disk lives and its folder name (set by
     :func:`align_kd.graph.load_run`; display only: not in :meth:`to_dict`, not compared).
     """
@@ -48,6 +50,7 @@ class FitResult:
     config: dict = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
     display_name: str = field(default="", compare=False)
+    eval_model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
     def T(self) -> int:

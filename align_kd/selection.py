@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from ._io import atomic_write_text
 from .checkpoint import tensor_digest
 from .data import split_heldout
-from .distiller import ChannelsLastInput
 from .evaluation import correct_mask
 from .training import FitConfig, TrainingDiverged, _split_data, fit
 
@@ -217,9 +216,8 @@ def select_strategy(
         done = {"key": cache_key(identity, opts), "name": name, "options": opts}
         try:
             result = fit(teacher, copy.deepcopy(student), (split_train, heldout), stop_after_epochs=search_epochs, **opts)
-            model = ChannelsLastInput(result.student) if _config(opts).channels_last else result.student  # as fit() evaluates
             done.update(curve=[h["test_acc"] for h in result.history], plan=result.plan.tolist(),
-                        heldout_correct=pack_mask(correct_mask(model, heldout)))
+                        heldout_correct=pack_mask(correct_mask(result.eval_model, heldout)))
         except TrainingDiverged as err:  # deterministic for these options and data: cached like a finished run
             done.update(diverged=str(err), first_step=err.first_step, step=err.step)
         done.update(seconds=time.perf_counter() - start, **identity)

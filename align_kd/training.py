@@ -454,4 +454,5 @@ def fit(
         history=state.history,
         solves=state.solves,
         config=config,
+        eval_model=distiller.eval_model,
     )
