@@ -228,6 +228,12 @@ REAL_SETTINGS["real-resnet-vit"] = replace(
     REAL_SETTINGS["real-vit"], name="real-resnet-vit",
     **{k: getattr(REAL_SETTINGS["real-resnet"], k) for k in ("teacher", "teacher_kwargs", "teacher_zoo")},
     description="(ii) x (iii): the shipped ResNet-20 into the small ViT student (11 teacher taps into 6)")
+# setting (ii) from the deep teacher at issue 12's 90%: the wide ResNet-20 (zoo `resnet20-w32`, 0.9021, the same 11
+# taps as resnet20's) into the study's student, everything else as real-resnet
+REAL_SETTINGS["real-resnet-w32"] = replace(
+    REAL_SETTINGS["real-resnet"], name="real-resnet-w32", teacher_kwargs={"depth": 20, "width": 32},
+    teacher_zoo="resnet20-w32",
+    description="(ii) from the 90% deep teacher: the wide ResNet-20 (resnet20-w32, 11 taps) into the study's student")
 SETTINGS.update(REAL_SETTINGS)
 SETTINGS["demo"] = Setting(
     "demo", "fastcnn", {}, "cnn", {"width": 16}, teacher_zoo="fastcnn", protocol="real", epochs=4,

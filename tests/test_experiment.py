@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from align_kd import experiment
+from align_kd import experiment, zoo
 from align_kd.experiment import SETTINGS, paired_interval, quick, report, run_setting, run_states, summarise
 from shared_archive import ARCHIVE
 
@@ -486,6 +486,10 @@ def test_run_keys_of_recorded_runs_survive_new_setting_fields():
     teacher_of = lambda s: {k: getattr(s, k) for k in ("teacher", "teacher_kwargs", "teacher_zoo")}  # noqa: E731
     assert teacher_of(resnet_vit) == teacher_of(experiment.REAL_SETTINGS["real-resnet"]) != teacher_of(vit)
     assert replace(resnet_vit, name="real-vit", description="", **teacher_of(vit)) == replace(vit, description="")
+    # (ii) from the 90% deep teacher: only the teacher differs from (ii), and it is the shipped recipe's net
+    resnet, w32 = experiment.REAL_SETTINGS["real-resnet"], experiment.REAL_SETTINGS["real-resnet-w32"]
+    assert replace(w32, name="real-resnet", description="", **teacher_of(resnet)) == replace(resnet, description="")
+    assert (w32.teacher, w32.teacher_kwargs) == (zoo.RECIPES[w32.teacher_zoo].model, zoo.RECIPES[w32.teacher_zoo].model_kwargs)
     vit_records = list((results.parent / "real-resnet-vit").glob("*-s*/record.json"))
     assert len(vit_records) >= 8
     for file in vit_records:
