@@ -121,7 +121,7 @@ RECIPES["fastcnn-lookahead"] = replace(
 # about 2 hours on this 2-core CPU). setting (ii)'s records hang on resnet20
 RECIPES["resnet56"] = replace(
     RECIPES["resnet20"], model_kwargs={**RECIPES["resnet20"].model_kwargs, "depth": 56}, epochs=50, lookahead=True,
-    description="CIFAR ResNet-56 (He et al. 2016), 0.86M parameters, 50 epochs with Lookahead: the strongest deep teacher")
+    description="CIFAR ResNet-56 (He et al. 2016), 0.86M parameters, 50 epochs with Lookahead")
 
 # resnet56 then stochastic weight averaging: 12 more epochs (a quarter of the first stage's) at a constant lr of 0.05
 # (a quarter of the peak), the weights averaged at every epoch's end, BatchNorm recomputed. `zoo train resnet56-swa
