@@ -69,9 +69,8 @@ VARIANTS = {
     "resnet32-50ep+lookahead": replace(RESNET_50EP, model_kwargs={**RESNET_50EP.model_kwargs, "depth": 32},
                                        description="CIFAR ResNet-32 (He et al. 2016)"),
     "resnet56-50ep+lookahead": zoo.RECIPES["resnet56"],  # shipped as `resnet56`
-    # width instead of depth: ResNet-20 at twice the channels (32/64/128, 1.08M parameters; about ResNet-56's
-    # cost per step here), resnet56's recipe unchanged, so the pair differs only in the net. Shipped as `resnet20-w32`
-    # (its variant is that zoo recipe; the run's record carries the description it had before it shipped)
+    # width instead of depth (why: the zoo recipe's comment); shipped as `resnet20-w32`, its record keeps the
+    # description it had before it shipped
     "resnet20w32-50ep+lookahead": zoo.RECIPES["resnet20-w32"],
     # airbench's remaining training details, together: reflected borders for the translation,
     # alternating flips, the whitening bias at the base lr for 3 epochs and then fixed
